@@ -1,0 +1,103 @@
+"""Miner configuration: one typed dataclass, built from defaults < config file < environment < flags."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import yaml
+
+from miner_service.ivf import IvfConfig
+
+DEFAULT_MAX_SIMILARITY = 0.98  # the paper's code drops candidates above this similarity as near-duplicates
+ENV_PREFIX = "HELIP_MINER_"
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    device: str = "auto"  # "auto" (cuda when visible), "cpu", "cuda", "cuda:N"
+    storage_dtype: str = "auto"  # "auto" (float16 on cuda, float32 on cpu), "float32", "float16"
+    block_rows: int = 0  # rows scored per block; 0 picks by device
+    max_k: int = 1024
+    max_anchors: int = 8192
+    default_max_similarity: float = DEFAULT_MAX_SIMILARITY
+    ivf: IvfConfig = field(default_factory=IvfConfig)
+
+
+@dataclass(frozen=True)
+class MinerConfig:
+    dim: int = 256
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9464  # 0 disables the /metrics endpoint
+    metrics_host: str = "127.0.0.1"
+    max_rows: int = 0  # 0: no limit
+    workers: int = 16  # gRPC handler threads
+    # 4096 x 1024 fp32 rows per modality is 32 MiB for the pair; leave room for ids and framing.
+    max_message_bytes: int = 64 * 1024 * 1024
+    grace_s: float = 10.0  # on SIGTERM, in-flight requests get this long to finish
+    log_level: str = "INFO"
+    search: SearchConfig = field(default_factory=SearchConfig)
+
+
+def _coerce(kind, text: str):
+    if kind is bool or kind == "bool":
+        return text.strip().lower() in {"1", "true", "yes", "on"}
+    for python_type in (int, float, str):
+        if kind is python_type or kind == python_type.__name__:
+            return python_type(text)
+    raise TypeError(f"cannot read {kind} from text")
+
+
+def _apply(obj, values: dict, source: str):
+    """Return a copy of dataclass `obj` with `values` (nested dicts for nested configs) applied."""
+    known = {f.name: f for f in fields(obj)}
+    changes = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ValueError(f"{source}: unknown setting '{key}' (known: {', '.join(sorted(known))})")
+        current = getattr(obj, name)
+        if hasattr(current, "__dataclass_fields__"):
+            if not isinstance(value, dict):
+                raise ValueError(f"{source}: '{key}' must be a mapping")
+            changes[name] = _apply(current, value, f"{source}.{key}")
+        else:
+            changes[name] = _coerce(type(current), value) if isinstance(value, str) else type(current)(value)
+    return replace(obj, **changes)
+
+
+def load_file(path: str | Path, base: MinerConfig | None = None) -> MinerConfig:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return _apply(base or MinerConfig(), data, str(path))
+
+
+def from_environment(base: MinerConfig, environ=os.environ) -> MinerConfig:
+    """HELIP_MINER_PORT=..., HELIP_MINER_SEARCH__MAX_K=... (double underscore = nesting)."""
+    values: dict = {}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        path = key[len(ENV_PREFIX):].lower().split("__")
+        node = values
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return _apply(base, values, "environment") if values else base
+
+
+def with_overrides(base: MinerConfig, overrides: dict) -> MinerConfig:
+    """Apply flat or dotted overrides such as {"port": 1, "search.max_k": 64}; None values are skipped."""
+    nested: dict = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return _apply(base, nested, "flags")
