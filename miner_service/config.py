@@ -30,7 +30,7 @@ class MinerConfig:
     dim: int = 256
     host: str = "127.0.0.1"
     port: int = 50051
-    metrics_port: int = 9464  # 0 disables the /metrics endpoint
+    metrics_port: int = 9464  # 0: pick a free port, -1: no /metrics endpoint
     metrics_host: str = "127.0.0.1"
     max_rows: int = 0  # 0: no limit
     workers: int = 16  # gRPC handler threads

@@ -32,6 +32,7 @@ class MineResult:
     size: int
     unknown_anchor_ids: np.ndarray  # uint64
     used_ivf: bool
+    newest_step: int  # the largest step written so far, to measure the neighbours' staleness against
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class HardPairMiner:
         self.block_rows = config.block_rows or (1 << 20 if self.device.type == "cuda" else 1 << 15)
         self.store = PairStore(dim, self.device, self.dtype, max_rows=max_rows)
         self._lock = ReadWriteLock()
+        self._newest_step = 0
         # IVF state: the index, the ids written since its snapshot (searched exactly), and a build in flight.
         self._ivf: IvfCandidates | None = None
         self._fresh_ids: set[int] = set()
@@ -94,6 +96,7 @@ class HardPairMiner:
         """Insert or overwrite rows. Returns (accepted, size). Raises ResourceExhausted past max_rows."""
         with self._lock.write():
             self.store.upsert(ids, image, text, step)
+            self._newest_step = max(self._newest_step, int(step))
             self._note_written(ids)
             size = self.store.size
         self._maybe_rebuild_ivf()
@@ -172,7 +175,7 @@ class HardPairMiner:
             steps_out = np.zeros((n_anchors, k), dtype=np.uint64)
             ids_out[known], scores_out[known], steps_out[known] = found_ids, scores, found_steps
             found_ids, scores, found_steps = ids_out, scores_out, steps_out
-        return MineResult(found_ids, scores, found_steps, size, unknown, used_ivf)
+        return MineResult(found_ids, scores, found_steps, size, unknown, used_ivf, self._newest_step)
 
     def _ivf_search(self, query: SearchQuery, view) -> tuple[torch.Tensor, torch.Tensor]:
         q_image = query.image.float().cpu().numpy()

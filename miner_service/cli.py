@@ -1,0 +1,78 @@
+"""`helip-miner`: run the miner service.
+
+Settings come from defaults < `--config FILE` (YAML) < environment (HELIP_MINER_*) < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from miner_service.config import MinerConfig, from_environment, load_file, with_overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="helip-miner", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the Miner gRPC API and /metrics")
+    serve.add_argument("--config", help="YAML file with MinerConfig fields (nested 'search:' and 'search.ivf:')")
+    serve.add_argument("--host", help="address to bind gRPC on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="gRPC port (0: pick a free one)")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0: pick a free one, -1: off)")
+    serve.add_argument("--metrics-host", help="address to bind /metrics on (default 127.0.0.1)")
+    serve.add_argument("--dim", type=int, help="embedding dimension per modality")
+    serve.add_argument("--max-rows", type=int, help="refuse upserts past this many rows (0: no limit)")
+    serve.add_argument("--workers", type=int, help="gRPC handler threads")
+    serve.add_argument("--device", dest="search.device", metavar="DEVICE", help="auto | cpu | cuda | cuda:N")
+    serve.add_argument("--storage-dtype", dest="search.storage_dtype", metavar="STORAGE_DTYPE", help="auto | float32 | float16")
+    serve.add_argument("--max-k", dest="search.max_k", metavar="MAX_K", type=int, help="largest k a Mine may ask for")
+    serve.add_argument("--ivf-min-rows", dest="search.ivf.min_rows", metavar="MIN_ROWS", type=int,
+                       help="use the IVF candidate index from this many rows on (0: exact only)")
+    serve.add_argument("--ivf-nprobe", dest="search.ivf.nprobe", metavar="NPROBE", type=int, help="IVF lists probed per query")
+    serve.add_argument("--port-file", help="write the bound gRPC and metrics ports here (JSON) once serving")
+    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> MinerConfig:
+    config = load_file(args.config) if args.config else MinerConfig()
+    config = from_environment(config)
+    flags = {k: v for k, v in vars(args).items() if k not in {"command", "config", "port_file"}}
+    return with_overrides(config, flags)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+        if config.dim <= 0:
+            raise ValueError(f"--dim must be positive, got {config.dim}")
+        if config.port < 0 or config.port > 65535:
+            raise ValueError(f"--port must be in 0..65535, got {config.port}")
+    except (ValueError, TypeError, OSError) as error:
+        parser.error(str(error))  # exit code 2
+    logging.basicConfig(level=config.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from miner_service.server import MinerServer  # heavy imports (torch, grpc) after argument checks
+
+    try:
+        server = MinerServer(config)
+    except (OSError, ValueError) as error:
+        logging.getLogger("helip-miner").error("cannot start: %s", error)
+        return 1
+    server.install_signal_handlers()
+    server.start()
+    if args.port_file:
+        import json
+        from pathlib import Path
+
+        Path(args.port_file).write_text(json.dumps({"port": server.port, "metrics_port": server.metrics_port}))
+    server.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""MinerClient: the Python client of the miner (numpy or torch in, numpy out).
+
+Embeddings travel as FLOAT32 unless `wire_dtype` says otherwise; the trainer sends FLOAT16 (its embeddings are
+fp16 already and half the bytes cross the wire). Retries: reads (Mine, Stats)
+retry on UNAVAILABLE; Upsert and Delete are idempotent (an upsert overwrites with the same value), so they retry
+too; UpsertStream does not (the server may have applied a prefix).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import grpc
+import numpy as np
+
+from helip.miner.v1 import miner_pb2 as pb
+from helip.miner.v1 import miner_pb2_grpc as pb_grpc
+from miner_service.tensors import encode
+
+log = logging.getLogger(__name__)
+
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    address: str = "127.0.0.1:50051"
+    timeout_s: float = 30.0
+    retries: int = 2
+    retry_backoff_s: float = 0.05
+    wire_dtype: int = pb.FLOAT32
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    ids: np.ndarray  # [anchors, k] int64, -1 padding
+    scores: np.ndarray  # [anchors, k] float32
+    steps: np.ndarray  # [anchors, k] uint64
+    size: int
+    unknown_anchor_ids: np.ndarray
+
+
+def _ids(values) -> np.ndarray:
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=np.uint64).ravel()
+
+
+class MinerClient:
+    def __init__(self, config: ClientConfig | str = ClientConfig()):
+        if isinstance(config, str):
+            config = ClientConfig(address=config)
+        self.config = config
+        self.channel = grpc.insecure_channel(
+            config.address,
+            options=[("grpc.max_receive_message_length", config.max_message_bytes),
+                     ("grpc.max_send_message_length", config.max_message_bytes)])
+        self.stub = pb_grpc.MinerStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "MinerClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
+
+    def _invoke(self, rpc, request, timeout_s: float | None, retry: bool):
+        attempts = 1 + (self.config.retries if retry else 0)
+        for attempt in range(attempts):
+            try:
+                return rpc(request, timeout=timeout_s or self.config.timeout_s)
+            except grpc.RpcError as error:
+                if attempt + 1 == attempts or error.code() not in _RETRYABLE:
+                    raise
+                time.sleep(self.config.retry_backoff_s * (2 ** attempt))
+                log.debug("retrying after %s", error.code().name)
+
+    def upsert_request(self, ids, image, text, step: int = 0) -> pb.UpsertRequest:
+        dtype = self.config.wire_dtype
+        return pb.UpsertRequest(ids=_ids(ids).tolist(), image=encode(image, dtype), text=encode(text, dtype),
+                                step=int(step))
+
+    def upsert(self, ids, image, text, step: int = 0, timeout_s: float | None = None) -> pb.UpsertReply:
+        return self._invoke(self.stub.Upsert, self.upsert_request(ids, image, text, step), timeout_s, retry=True)
+
+    def upsert_stream(self, requests: Iterable[pb.UpsertRequest], timeout_s: float | None = None) -> pb.UpsertReply:
+        return self._invoke(self.stub.UpsertStream, iter(requests), timeout_s, retry=False)
+
+    def mine(self, k: int, anchor_ids=None, image=None, text=None, exclude_ids: Sequence[int] = (),
+             max_similarity: float = 0.0, scoring: int = pb.PRODUCT, strict_anchors: bool = False,
+             timeout_s: float | None = None) -> Neighbours:
+        request = pb.MineRequest(k=k, exclude_ids=_ids(exclude_ids).tolist(), max_similarity=max_similarity,
+                                 scoring=scoring, strict_anchors=strict_anchors)
+        if anchor_ids is not None:
+            request.anchor_ids.extend(_ids(anchor_ids).tolist())
+        if image is not None:
+            request.image.CopyFrom(encode(image, self.config.wire_dtype))
+        if text is not None:
+            request.text.CopyFrom(encode(text, self.config.wire_dtype))
+        reply = self._invoke(self.stub.Mine, request, timeout_s, retry=True)
+        return decode_neighbours(reply)
+
+    def delete(self, ids, timeout_s: float | None = None) -> pb.DeleteReply:
+        return self._invoke(self.stub.Delete, pb.DeleteRequest(ids=_ids(ids).tolist()), timeout_s, retry=True)
+
+    def stats(self, timeout_s: float | None = None) -> pb.StatsReply:
+        return self._invoke(self.stub.Stats, pb.StatsRequest(), timeout_s, retry=True)
+
+
+def decode_neighbours(reply: pb.MineReply) -> Neighbours:
+    k = max(reply.k, 1)
+    ids = np.array(reply.neighbour_ids, dtype=np.int64).reshape(-1, k)
+    return Neighbours(ids=ids,
+                      scores=np.array(reply.scores, dtype=np.float32).reshape(ids.shape),
+                      steps=np.array(reply.neighbour_steps, dtype=np.uint64).reshape(ids.shape),
+                      size=reply.size,
+                      unknown_anchor_ids=np.array(reply.unknown_anchor_ids, dtype=np.uint64))

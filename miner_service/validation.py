@@ -1,0 +1,113 @@
+"""Request validation at the service boundary: protobuf in, checked numpy out, errors naming the field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from helip.miner.v1 import miner_pb2 as pb
+from miner_service.errors import InvalidArgument
+from miner_service.search import Scoring
+from miner_service.tensors import decode
+
+
+@dataclass(frozen=True)
+class UpsertBatch:
+    ids: np.ndarray  # uint64 [n], unique
+    image: np.ndarray  # [n, dim] float
+    text: np.ndarray
+    step: int
+
+
+@dataclass(frozen=True)
+class MineQuery:
+    k: int
+    anchor_ids: np.ndarray | None
+    image: np.ndarray | None
+    text: np.ndarray | None
+    exclude_ids: np.ndarray
+    max_similarity: float
+    scoring: Scoring
+    strict_anchors: bool
+
+    @property
+    def n_anchors(self) -> int:
+        return len(self.anchor_ids) if self.anchor_ids is not None else len(self.image)
+
+
+def _ids(values, field: str) -> np.ndarray:
+    return np.fromiter(values, dtype=np.uint64, count=len(values))
+
+
+def _rows(tensor: pb.Tensor, field: str, dim: int, n_rows: int | None = None) -> np.ndarray:
+    rows = decode(tensor, field)
+    if rows.shape[1] != dim:
+        raise InvalidArgument(f"{field}.shape", f"dim is {rows.shape[1]} but this miner stores dim {dim}")
+    if n_rows is not None and rows.shape[0] != n_rows:
+        raise InvalidArgument(f"{field}.shape", f"has {rows.shape[0]} rows for {n_rows} ids")
+    if not np.isfinite(rows).all():
+        bad = int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
+        raise InvalidArgument(f"{field}.data", f"row {bad} holds NaN or Inf")
+    return rows
+
+
+def _unique(ids: np.ndarray, field: str) -> None:
+    if len(np.unique(ids)) != len(ids):
+        values, counts = np.unique(ids, return_counts=True)
+        raise InvalidArgument(field, f"duplicate ids in one request, e.g. {values[counts > 1][:5].tolist()}")
+
+
+def upsert_batch(request: pb.UpsertRequest, dim: int, max_rows_per_request: int) -> UpsertBatch:
+    if not request.ids:
+        raise InvalidArgument("ids", "empty: an upsert needs at least one id")
+    if len(request.ids) > max_rows_per_request:
+        raise InvalidArgument("ids", f"{len(request.ids)} rows exceed the per-request limit {max_rows_per_request}")
+    if not request.HasField("image"):
+        raise InvalidArgument("image", "missing")
+    if not request.HasField("text"):
+        raise InvalidArgument("text", "missing")
+    ids = _ids(request.ids, "ids")
+    _unique(ids, "ids")
+    image = _rows(request.image, "image", dim, len(ids))
+    text = _rows(request.text, "text", dim, len(ids))
+    return UpsertBatch(ids, image, text, int(request.step))
+
+
+def mine_query(request: pb.MineRequest, dim: int, max_k: int, max_anchors: int) -> MineQuery:
+    if request.k == 0 or request.k > max_k:
+        raise InvalidArgument("k", f"must be in 1..{max_k}, got {request.k}")
+    if request.scoring not in (pb.SCORING_UNSPECIFIED, pb.PRODUCT, pb.SUM, pb.IMAGE, pb.TEXT):
+        raise InvalidArgument("scoring", f"unknown scoring {request.scoring}")
+    scoring = Scoring(request.scoring or pb.PRODUCT)
+    if not np.isfinite(request.max_similarity) or request.max_similarity < 0:
+        raise InvalidArgument("max_similarity", f"must be a finite value >= 0, got {request.max_similarity}")
+    by_embedding = request.HasField("image") or request.HasField("text")
+    anchor_ids = image = text = None
+    if request.anchor_ids and by_embedding:
+        raise InvalidArgument("anchor_ids", "give anchors either by id or by embedding (image, text), not both")
+    if request.anchor_ids:
+        anchor_ids = _ids(request.anchor_ids, "anchor_ids")
+        n_anchors = len(anchor_ids)
+    elif by_embedding:
+        if not (request.HasField("image") and request.HasField("text")):
+            raise InvalidArgument("text" if request.HasField("image") else "image",
+                                  "anchors by embedding need both image and text")
+        image = _rows(request.image, "image", dim)
+        text = _rows(request.text, "text", dim, image.shape[0])
+        n_anchors = len(image)
+    else:
+        raise InvalidArgument("anchor_ids", "empty: give anchor_ids or anchor embeddings (image, text)")
+    if n_anchors == 0:
+        raise InvalidArgument("image.shape", "no anchor rows")
+    if n_anchors > max_anchors:
+        raise InvalidArgument("anchor_ids" if anchor_ids is not None else "image.shape",
+                              f"{n_anchors} anchors exceed the per-request limit {max_anchors}")
+    return MineQuery(int(request.k), anchor_ids, image, text, _ids(request.exclude_ids, "exclude_ids"),
+                     float(request.max_similarity), scoring, bool(request.strict_anchors))
+
+
+def delete_ids(request: pb.DeleteRequest) -> np.ndarray:
+    if not request.ids:
+        raise InvalidArgument("ids", "empty: a delete needs at least one id")
+    return _ids(request.ids, "ids")
