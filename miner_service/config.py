@@ -19,6 +19,7 @@ class SearchConfig:
     device: str = "auto"  # "auto" (cuda when visible), "cpu", "cuda", "cuda:N"
     storage_dtype: str = "auto"  # "auto" (float16 on cuda, float32 on cpu), "float32", "float16"
     block_rows: int = 0  # rows scored per block; 0 picks by device
+    topk: str = "auto"  # running top-k: "auto" (FAISS heaps on the CPU, torch.topk on a GPU), "heap", "torch"
     max_k: int = 1024
     max_anchors: int = 8192
     default_max_similarity: float = DEFAULT_MAX_SIMILARITY

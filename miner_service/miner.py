@@ -17,8 +17,8 @@ from miner_service.config import SearchConfig
 from miner_service.errors import NotFound
 from miner_service.ivf import IvfCandidates
 from miner_service.rwlock import ReadWriteLock
-from miner_service.search import (NEG_INF, Scoring, SearchQuery, candidate_search, exact_search, mask_slots,
-                                  merge_topk, score_block)
+from miner_service.search import (NEG_INF, Scoring, SearchQuery, candidate_search, exact_search, make_topk,
+                                  mask_slots, score_block)
 from miner_service.store import PairStore
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class HardPairMiner:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.storage_dtype, self.device)
-        self.block_rows = config.block_rows or (1 << 20 if self.device.type == "cuda" else 1 << 15)
+        self.block_rows = config.block_rows or (1 << 20 if self.device.type == "cuda" else 1 << 13)
         self.store = PairStore(dim, self.device, self.dtype, max_rows=max_rows)
         self._lock = ReadWriteLock()
         self._newest_step = 0
@@ -161,7 +161,7 @@ class HardPairMiner:
             elif used_ivf:
                 scores, slots = self._ivf_search(query, view)
             else:
-                scores, slots = exact_search(query, view.image, view.text, self.block_rows)
+                scores, slots = exact_search(query, view.image, view.text, self.block_rows, self.config.topk)
             slots = slots.cpu().numpy()
             scores = scores.cpu().numpy().astype(np.float32, copy=False)
             valid = slots >= 0
@@ -190,17 +190,15 @@ class HardPairMiner:
         fresh_slots = fresh_slots[fresh_slots >= 0]
         # A rewritten row is searched among the fresh rows only, so it cannot be returned twice.
         candidate_slots[np.isin(candidate_slots, fresh_slots)] = -1
-        candidates = torch.from_numpy(candidate_slots).to(self.device)
-        scores, slots = candidate_search(query, view.image, view.text, candidates)
-        if len(fresh_slots):
-            fresh = torch.from_numpy(fresh_slots).to(self.device)
-            for first in range(0, len(fresh), self.block_rows):
-                block = fresh[first:first + self.block_rows]
-                block_scores = score_block(query, view.image[block], view.text[block])
-                mask_slots(block_scores, query, 0, slot_of_column=block)
-                scores, slots = merge_topk(scores, slots, block_scores, block, query.k)
-            slots[scores == NEG_INF] = -1
-        return scores, slots
+        topk = make_topk(query.image.shape[0], query.k, self.device, self.config.topk)
+        candidate_search(query, view.image, view.text, torch.from_numpy(candidate_slots).to(self.device), topk)
+        fresh = torch.from_numpy(fresh_slots).to(self.device)
+        for first in range(0, len(fresh), self.block_rows):
+            block = fresh[first:first + self.block_rows]
+            block_scores = score_block(query, view.image[block], view.text[block])
+            mask_slots(block_scores, query, 0, slot_of_column=block)
+            topk.add(block_scores, block)
+        return topk.result()
 
     # ---- IVF maintenance ----------------------------------------------------------------------------------
     def _maybe_rebuild_ivf(self) -> None:

@@ -1,7 +1,7 @@
 """Exact hard-pair search over the stored rows: blocked matrix products, filters, and a running top-k.
 
-Pure torch on whatever device the rows live on, so the CPU and GPU paths are one code path (DESIGN §2, "GPU
-first, CPU always"). Scores are computed block by block over the rows so that memory stays at
+Torch matrix products on whatever device the rows live on, so the CPU and GPU paths are one code path (DESIGN
+§2, "GPU first, CPU always"); only the running top-k differs (FAISS heaps on the CPU, torch.topk on the GPU). Scores are computed block by block over the rows so that memory stays at
 O(anchors × block_rows) however many rows are stored.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
+import faiss
+import numpy as np
 import torch
 
 
@@ -90,42 +92,88 @@ def mask_slots(scores: torch.Tensor, query: SearchQuery, first_slot: int, slot_o
     scores.masked_fill_(own, NEG_INF)
 
 
-def merge_topk(best_scores: torch.Tensor, best_slots: torch.Tensor, scores: torch.Tensor,
-               slots: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge a block's candidates into the running top-k. `slots` is [rows] or [anchors, rows]."""
-    take = min(k, scores.shape[1])
-    top_scores, top_cols = torch.topk(scores, take, dim=1)
-    top_slots = slots[top_cols] if slots.dim() == 1 else torch.gather(slots, 1, top_cols)
-    merged_scores = torch.cat([best_scores, top_scores], dim=1)
-    merged_slots = torch.cat([best_slots, top_slots], dim=1)
-    keep_scores, keep = torch.topk(merged_scores, k, dim=1)
-    return keep_scores, torch.gather(merged_slots, 1, keep)
+class TorchTopK:
+    """Running top-k by concatenate-and-select; the GPU path (torch.topk is fast there)."""
+
+    def __init__(self, n_anchors: int, k: int, device):
+        self.k = k
+        self.scores = torch.full((n_anchors, k), NEG_INF, device=device)
+        self.slots = torch.full((n_anchors, k), -1, dtype=torch.int64, device=device)
+
+    def add(self, scores: torch.Tensor, slots: torch.Tensor) -> None:
+        """Offer a block of candidates; `slots` is [cols] (shared by all anchors) or [anchors, cols]."""
+        take = min(self.k, scores.shape[1])
+        top_scores, top_cols = torch.topk(scores, take, dim=1)
+        top_slots = slots[top_cols] if slots.dim() == 1 else torch.gather(slots, 1, top_cols)
+        merged_scores = torch.cat([self.scores, top_scores], dim=1)
+        merged_slots = torch.cat([self.slots, top_slots], dim=1)
+        self.scores, keep = torch.topk(merged_scores, self.k, dim=1)
+        self.slots = torch.gather(merged_slots, 1, keep)
+
+    def add_range(self, scores: torch.Tensor, first_slot: int) -> None:
+        self.add(scores, torch.arange(first_slot, first_slot + scores.shape[1], device=scores.device))
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.slots[self.scores == NEG_INF] = -1
+        return self.scores, self.slots
 
 
-def empty_topk(n_anchors: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.full((n_anchors, k), NEG_INF, device=device),
-            torch.full((n_anchors, k), -1, dtype=torch.int64, device=device))
+class HeapTopK:
+    """Running top-k in FAISS' per-anchor min-heaps; the CPU path.
+
+    Selecting 16 of 2^20 scores per anchor with torch.topk costs more than the matrix products on a CPU; the
+    heaps scan each block once (OpenMP over anchors) and keep only what beats the current k-th best.
+    """
+
+    def __init__(self, n_anchors: int, k: int):
+        self.k = k
+        self.scores = np.empty((n_anchors, k), dtype=np.float32)
+        self.slots = np.empty((n_anchors, k), dtype=np.int64)
+        self.heaps = faiss.float_minheap_array_t()
+        self.heaps.nh, self.heaps.k = n_anchors, k
+        self.heaps.val, self.heaps.ids = faiss.swig_ptr(self.scores), faiss.swig_ptr(self.slots)
+        self.heaps.heapify()  # values -FLT_MAX, ids -1: a -inf (filtered) score never enters
+
+    def add(self, scores: torch.Tensor, slots: torch.Tensor) -> None:
+        values = scores.contiguous().numpy()
+        ids = np.ascontiguousarray(slots.numpy(), dtype=np.int64)
+        stride = 0 if ids.ndim == 1 else ids.shape[1]  # stride 0: the same slots for every anchor
+        self.heaps.addn_with_ids(values.shape[1], faiss.swig_ptr(values), faiss.swig_ptr(ids), stride, 0,
+                                 values.shape[0])
+
+    def add_range(self, scores: torch.Tensor, first_slot: int) -> None:
+        values = scores.contiguous().numpy()
+        self.heaps.addn(values.shape[1], faiss.swig_ptr(values), first_slot, 0, values.shape[0])
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.heaps.reorder()
+        self.scores[self.slots < 0] = NEG_INF
+        return torch.from_numpy(self.scores), torch.from_numpy(self.slots)
+
+
+def make_topk(n_anchors: int, k: int, device: torch.device, kind: str = "auto"):
+    """kind: "auto" (heaps on the CPU, torch elsewhere), "heap" (CPU only) or "torch"."""
+    if kind == "heap" or (kind == "auto" and device.type == "cpu"):
+        return HeapTopK(n_anchors, k)
+    return TorchTopK(n_anchors, k, device)
 
 
 def exact_search(query: SearchQuery, image_rows: torch.Tensor, text_rows: torch.Tensor,
-                 block_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 block_rows: int, topk_kind: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k (scores float32, slots int64; both [anchors, k], best first, -inf / -1 padding) over all rows."""
     n_rows = image_rows.shape[0]
-    device = image_rows.device
-    best_scores, best_slots = empty_topk(query.image.shape[0], query.k, device)
+    topk = make_topk(query.image.shape[0], query.k, image_rows.device, topk_kind)
     for first in range(0, n_rows, block_rows):
         last = min(first + block_rows, n_rows)
         scores = score_block(query, image_rows[first:last], text_rows[first:last])
         mask_slots(scores, query, first)
-        slots = torch.arange(first, last, device=device)
-        best_scores, best_slots = merge_topk(best_scores, best_slots, scores, slots, query.k)
-    best_slots[best_scores == NEG_INF] = -1
-    return best_scores, best_slots
+        topk.add_range(scores, first)
+    return topk.result()
 
 
 def candidate_search(query: SearchQuery, image_rows: torch.Tensor, text_rows: torch.Tensor,
-                     candidate_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k re-rank of per-anchor candidates ([anchors, c] slots, -1 = none) with all filters."""
+                     candidate_slots: torch.Tensor, topk) -> None:
+    """Exact re-rank of per-anchor candidates ([anchors, c] slots, -1 = none) with all filters, into `topk`."""
     valid = candidate_slots >= 0
     safe = candidate_slots.clamp(min=0)
     image_c = image_rows[safe]  # [anchors, c, dim]
@@ -140,7 +188,4 @@ def candidate_search(query: SearchQuery, image_rows: torch.Tensor, text_rows: to
     scores.masked_fill_(candidate_slots == query.self_slots.unsqueeze(1), NEG_INF)
     if query.exclude_slots.numel():
         scores.masked_fill_(torch.isin(candidate_slots, query.exclude_slots), NEG_INF)
-    best_scores, best_slots = empty_topk(query.image.shape[0], query.k, scores.device)
-    best_scores, best_slots = merge_topk(best_scores, best_slots, scores, candidate_slots, query.k)
-    best_slots[best_scores == NEG_INF] = -1
-    return best_scores, best_slots
+    topk.add(scores, candidate_slots)

@@ -11,8 +11,8 @@ from tests.reference import reference_mine, random_pairs
 DIM = 16
 
 
-def make_miner(block_rows=37, **kw):
-    return HardPairMiner(DIM, SearchConfig(device="cpu", block_rows=block_rows), **kw)
+def make_miner(block_rows=37, topk="auto", **kw):
+    return HardPairMiner(DIM, SearchConfig(device="cpu", block_rows=block_rows, topk=topk), **kw)
 
 
 def fill(miner, rng, n, first_id=0, step=1):
@@ -22,10 +22,11 @@ def fill(miner, rng, n, first_id=0, step=1):
     return {int(i): (image[j], text[j]) for j, i in enumerate(ids)}
 
 
+@pytest.mark.parametrize("topk", ["heap", "torch"])  # torch: the GPU path's selection, run on the CPU
 @pytest.mark.parametrize("scoring", list(Scoring))
-def test_mine_by_id_matches_reference(scoring):
+def test_mine_by_id_matches_reference(scoring, topk):
     rng = np.random.default_rng(1)
-    miner = make_miner()
+    miner = make_miner(topk=topk)
     rows = fill(miner, rng, 200)
     anchors = np.array([3, 50, 199, 0], dtype=np.uint64)
     exclude = [7, 8, 9, 120]
@@ -107,9 +108,10 @@ def test_sparse_large_ids():
     assert miner.size == 2
 
 
-def test_ivf_path_recall_and_fresh_rows():
+@pytest.mark.parametrize("topk", ["heap", "torch"])
+def test_ivf_path_recall_and_fresh_rows(topk):
     rng = np.random.default_rng(7)
-    config = SearchConfig(device="cpu", ivf=IvfConfig(min_rows=3000, nprobe=16, rebuild_fraction=0.5))
+    config = SearchConfig(device="cpu", topk=topk, ivf=IvfConfig(min_rows=3000, nprobe=16, rebuild_fraction=0.5))
     miner = HardPairMiner(DIM, config)
     # Real embeddings cluster (that is what an IVF exploits); i.i.d. Gaussian rows would not.
     centres = rng.standard_normal((40, DIM)).astype(np.float32)

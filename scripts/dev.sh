@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: install into .venv, then run the demo, the tests or a benchmark.
+#   bash scripts/dev.sh install | demo | test [pytest args] | bench NAME [args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${HELIP_VENV:-.venv}
+PY="$VENV/bin/python"
+
+install() {
+  # Reinstall only when what the install depends on changed (pyproject, setup.py, the .proto contract).
+  local stamp="$VENV/.helip-install-stamp"
+  local want
+  want=$(cat pyproject.toml setup.py protos/helip/miner/v1/*.proto | sha256sum | cut -d' ' -f1)
+  if [[ -x "$PY" && -f "$stamp" && "$(cat "$stamp")" == "$want" && -f helip/miner/v1/miner_pb2.py ]]; then
+    return 0
+  fi
+  [[ -x "$PY" ]] || python3 -m venv "$VENV"
+  "$PY" -m pip install -q --upgrade pip setuptools wheel
+  # The CPU/CUDA torch pair served from this machine's disk; nothing below may pull another torch.
+  "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
+  DS_BUILD_OPS=0 "$PY" -m pip install -q -e ".[train,dev]"
+  echo "$want" > "$stamp"
+}
+
+case "${1:-}" in
+  install) install ;;
+  demo)
+    install
+    shift
+    exec "$VENV/bin/helip-train" --config configs/demo.yaml "$@" ;;
+  test)
+    install
+    shift
+    set +e
+    "$PY" -m pytest -m "not gpu" "$@"
+    rc=$?
+    # pytest's 5 means "no tests collected", which must not pass as green.
+    exit $rc ;;
+  bench)
+    install
+    shift
+    name=$1; shift
+    exec "$PY" "bench/$name.py" "$@" ;;
+  *)
+    echo "usage: bash scripts/dev.sh install | demo | test [pytest args] | bench NAME [args]" >&2
+    exit 2 ;;
+esac
