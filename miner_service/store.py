@@ -56,8 +56,10 @@ class PairStore:
     def new_row_count(self, ids: np.ndarray) -> int:
         return int(np.count_nonzero(self._slots.lookup(ids) == MISSING))
 
-    def upsert(self, ids: np.ndarray, image: np.ndarray, text: np.ndarray, step: int) -> int:
-        """Write rows (ids unique within the call, already validated). Returns the number of new ids."""
+    def upsert(self, ids: np.ndarray, image, text, step: int) -> int:
+        """Write rows (ids unique within the call, already validated; image/text numpy or torch, any device).
+
+        Returns the number of new ids."""
         slots = self._slots.lookup(ids)
         new = slots == MISSING
         n_new = int(np.count_nonzero(new))
@@ -69,8 +71,8 @@ class PairStore:
         self.size += n_new
         self._slots.assign(ids[new], slots[new])
         index = torch.from_numpy(slots).to(self.device)
-        self._image[index] = torch.from_numpy(np.ascontiguousarray(image)).to(self.device, self.dtype)
-        self._text[index] = torch.from_numpy(np.ascontiguousarray(text)).to(self.device, self.dtype)
+        self._image[index] = _as_tensor(image).to(self.device, self.dtype)
+        self._text[index] = _as_tensor(text).to(self.device, self.dtype)
         self._ids[slots] = ids
         self._steps[slots] = step
         return n_new
@@ -109,3 +111,7 @@ class PairStore:
             grown = np.zeros(capacity, dtype=np.uint64)
             grown[: self.size] = old[: self.size]
             setattr(self, name, grown)
+
+
+def _as_tensor(rows) -> torch.Tensor:
+    return rows if isinstance(rows, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(rows))

@@ -1,0 +1,86 @@
+"""Helpers shared by the benchmarks: timing summaries, a miner subprocess, JSON + table output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def summarize(seconds: list[float]) -> dict:
+    values = np.asarray(seconds)
+    return {"median_ms": float(np.median(values) * 1e3), "p99_ms": float(np.percentile(values, 99) * 1e3),
+            "mean_ms": float(values.mean() * 1e3), "n": int(len(values))}
+
+
+def machine() -> dict:
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def unit_pairs(rng: np.random.Generator, n: int, dim: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Correlated, L2-normalised image/text rows, generated in chunks to bound temporary memory."""
+    image = np.empty((n, dim), dtype=np.float32)
+    text = np.empty((n, dim), dtype=np.float32)
+    for first in range(0, n, chunk):
+        block = rng.standard_normal((min(chunk, n - first), dim), dtype=np.float32)
+        image[first:first + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+        block = block + 0.5 * rng.standard_normal(block.shape, dtype=np.float32)
+        text[first:first + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return image, text
+
+
+class MinerSubprocess:
+    """`helip-miner serve` in its own process on a free port (torn down on exit)."""
+
+    def __init__(self, *args: str):
+        self.dir = tempfile.TemporaryDirectory()
+        port_file = Path(self.dir.name) / "ports.json"
+        self.log = open(Path(self.dir.name) / "miner.log", "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "miner_service.cli", "serve", "--port", "0", "--metrics-port", "-1",
+             "--port-file", str(port_file), *args], stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + 120
+        while not port_file.exists() or not port_file.read_text():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"miner did not start: {(Path(self.dir.name) / 'miner.log').read_text()}")
+            time.sleep(0.05)
+        self.address = f"127.0.0.1:{json.loads(port_file.read_text())['port']}"
+
+    def __enter__(self) -> "MinerSubprocess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+        self.dir.cleanup()
+
+
+def report(name: str, results: dict, rows: list[tuple[str, str]], json_out: str | None) -> None:
+    """Print the results as JSON (one line, machine-readable) and as a table; optionally save the JSON."""
+    payload = {"benchmark": name, "machine": machine(), **results}
+    print(json.dumps(payload))
+    width = max(len(label) for label, _ in rows)
+    print()
+    print(f"| {'metric'.ljust(width)} | value |")
+    print(f"|{'-' * (width + 2)}|-------|")
+    for label, value in rows:
+        print(f"| {label.ljust(width)} | {value} |")
+    if json_out:
+        Path(json_out).write_text(json.dumps(payload, indent=2))

@@ -1,0 +1,167 @@
+"""Building the tiny CLIP offline, and saving/loading our checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.model import ModelConfig, build_model, load_checkpoint, resolve_model, save_checkpoint
+
+REPO_TINY = Path(__file__).resolve().parents[2] / "configs" / "models" / "helip-tiny.json"
+TINY = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 128, "patch_size": 8},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> ModelConfig:
+    """The repo's tiny model config, or the same architecture written to a temporary file."""
+    if REPO_TINY.is_file():
+        return ModelConfig(name=str(REPO_TINY))
+    path = tmp_path_factory.mktemp("models") / "helip-tiny.json"
+    path.write_text(json.dumps(TINY))
+    return ModelConfig(name=str(path))
+
+
+def build_seeded(config: ModelConfig, seed: int):
+    torch.manual_seed(seed)
+    model, _, preprocess_val, tokenizer = build_model(config)
+    return model.eval(), preprocess_val, tokenizer
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_config):
+    _, _, tokenizer = build_seeded(tiny_config, 0)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    texts = tokenizer(["a photo of a cat", "a dog", "two birds on a wire", "an empty street"])
+    return images, texts
+
+
+def encode(model, batch):
+    with torch.no_grad():
+        return model(*batch)
+
+
+def test_tiny_model_encodes_a_batch_to_unit_vectors(tiny_config, batch):
+    model, preprocess_val, tokenizer = build_seeded(tiny_config, 0)
+    images, texts = batch
+    assert texts.shape == (4, 32) and texts.dtype == torch.long  # the config's context_length, not CLIP's 77
+    out = encode(model, batch)
+    for name in ("image_features", "text_features"):
+        assert out[name].shape == (4, 64)
+        torch.testing.assert_close(out[name].norm(dim=1), torch.ones(4))
+    assert out["logit_scale"].dim() == 0
+    torch.testing.assert_close(out["logit_scale"], torch.tensor(1 / 0.07))  # open_clip's init, exponentiated
+
+
+def test_resolve_model_registers_json_configs_and_accepts_open_clip_names(tiny_config):
+    name, model_config = resolve_model(tiny_config)
+    assert name == Path(tiny_config.name).stem
+    assert model_config == json.loads(Path(tiny_config.name).read_text())
+    assert resolve_model(ModelConfig(name="ViT-B-32")) == ("ViT-B-32", None)
+
+
+@pytest.mark.parametrize(
+    ("config", "error", "message"),
+    [
+        (ModelConfig(name="no-such-model"), ValueError, "neither"),
+        (ModelConfig(name="configs/models/absent.json"), FileNotFoundError, "absent.json"),
+        (ModelConfig(name="ViT-B-32", pretrained="openai"), FileNotFoundError, "downloads are disabled"),
+    ],
+)
+def test_build_model_refuses_unknown_models_and_downloads(config, error, message):
+    with pytest.raises(error, match=message):
+        build_model(config)
+
+
+def test_json_that_is_not_a_model_config_is_refused(tmp_path):
+    path = tmp_path / "not-a-model.json"
+    path.write_text(json.dumps({"embed_dim": 8}))
+    with pytest.raises(ValueError, match="vision_cfg"):
+        resolve_model(ModelConfig(name=str(path)))
+
+
+def test_save_load_round_trip_reproduces_outputs(tiny_config, batch, tmp_path):
+    source, _, _ = build_seeded(tiny_config, 0)
+    target, _, _ = build_seeded(tiny_config, 1)
+    assert not torch.equal(encode(source, batch)["image_features"], encode(target, batch)["image_features"])
+
+    path = tmp_path / "ckpt" / "step-10.pt"
+    save_checkpoint(source, path, {"step": 10, "note": "test"}, config=tiny_config)
+    meta = load_checkpoint(target, path)
+
+    expected, actual = encode(source, batch), encode(target, batch)
+    for name in ("image_features", "text_features", "logit_scale"):
+        assert torch.equal(actual[name], expected[name])
+    assert meta == {
+        "model_name": Path(tiny_config.name).stem,
+        "model_config": json.loads(Path(tiny_config.name).read_text()),
+        "step": 10,
+        "note": "test",
+    }
+    saved = torch.load(path, weights_only=True)
+    assert set(saved) == {"state_dict", "model_name", "model_config", "step", "note"}
+    assert not any(name.startswith("module.") for name in saved["state_dict"])
+
+
+class Wrapper(torch.nn.Module):
+    """Stands for DDP / a DeepSpeed engine: the real model under `.module`, names prefixed "module."."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+def test_plain_state_dict_with_module_prefix_loads(tiny_config, batch, tmp_path):
+    source, _, _ = build_seeded(tiny_config, 0)
+    target, _, _ = build_seeded(tiny_config, 1)
+    prefixed = Wrapper(source).state_dict()
+    assert all(name.startswith("module.") for name in prefixed)
+    path = tmp_path / "open_clip.pt"
+    torch.save(prefixed, path)
+
+    assert load_checkpoint(Wrapper(target), path) == {}
+    assert torch.equal(encode(target, batch)["text_features"], encode(source, batch)["text_features"])
+
+
+def test_saving_a_wrapped_model_drops_the_prefix(tiny_config, tmp_path):
+    model, _, _ = build_seeded(tiny_config, 0)
+    path = tmp_path / "wrapped.pt"
+    save_checkpoint(Wrapper(model), path, config=tiny_config)
+    assert set(torch.load(path, weights_only=True)["state_dict"]) == set(model.state_dict())
+
+
+def test_checkpoint_of_another_architecture_is_refused_with_the_keys(tiny_config, tmp_path):
+    model, _, _ = build_seeded(tiny_config, 0)
+    state = model.state_dict()
+    state["text_projection"] = torch.zeros(128, 32)  # another embed_dim
+    del state["positional_embedding"]
+    state["visual.extra_head.weight"] = torch.zeros(3)
+    path = tmp_path / "other.pt"
+    torch.save({"state_dict": state, "model_name": "other"}, path)
+    with pytest.raises(ValueError) as raised:
+        load_checkpoint(model, path)
+    message = str(raised.value)
+    assert "missing keys 1 ['positional_embedding']" in message
+    assert "unexpected keys 1 ['visual.extra_head.weight']" in message
+    assert "text_projection (128, 32) vs model (128, 64)" in message
+    assert "other" in message
+
+
+def test_checkpoint_that_is_not_a_state_dict_is_refused(tiny_config, tmp_path):
+    model, _, _ = build_seeded(tiny_config, 0)
+    path = tmp_path / "junk.pt"
+    torch.save({"weights": [1, 2, 3]}, path)
+    with pytest.raises(ValueError, match="neither a state dict"):
+        load_checkpoint(model, path)
+
+
+def test_extra_must_not_overwrite_checkpoint_keys(tiny_config, tmp_path):
+    model, _, _ = build_seeded(tiny_config, 0)
+    with pytest.raises(ValueError, match="state_dict"):
+        save_checkpoint(model, tmp_path / "x.pt", {"state_dict": {}}, config=tiny_config)

@@ -1,0 +1,194 @@
+"""The CLIP model: built by open_clip from a model name or a JSON model config, and our checkpoints.
+
+Nothing here downloads: a named open_clip architecture is built with random weights, and `pretrained` may
+only name a local weights file. open_clip's BPE vocabulary ships inside the package, so the tokenizer
+works offline too.
+
+Checkpoint format (`save_checkpoint`), a `torch.save`d dict:
+    {"state_dict": {name: tensor}, "model_name": str, "model_config": dict | None, **extra}
+`model_config` is the JSON model config when the model was built from a file (so a checkpoint can be
+rebuilt without the file), else None. `load_checkpoint` also reads a plain open_clip state dict.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Keys of our checkpoint format that `extra` must not overwrite.
+CHECKPOINT_KEYS = ("state_dict", "model_name", "model_config")
+# Wrappers (DDP, DeepSpeed) prefix every parameter name with this.
+WRAPPER_PREFIX = "module."
+
+
+@dataclass
+class ModelConfig:
+    """Which CLIP to build.
+
+    name: an open_clip architecture name (e.g. "ViT-B-32", random init) or the path of a JSON open_clip
+        model config ({"embed_dim", "vision_cfg", "text_cfg"}); the file's stem becomes the model name.
+    pretrained: None, or the path of a local open_clip weights file (never a download tag).
+    precision: open_clip precision ("fp32", "fp16", "bf16", "amp", ...).
+    device: where the model is placed.
+    """
+
+    name: str = "configs/models/helip-tiny.json"
+    pretrained: str | None = None
+    precision: str = "fp32"
+    device: str = "cpu"
+
+
+def resolve_model(config: ModelConfig) -> tuple[str, dict[str, Any] | None]:
+    """Return (open_clip model name, JSON model config or None), registering a JSON config with open_clip.
+
+    Raises FileNotFoundError for a missing .json path and ValueError for an unknown name or a JSON file
+    that is not an open_clip model config.
+    """
+    path = Path(config.name)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise FileNotFoundError(f"ModelConfig.name: model config file {path} does not exist")
+        with open(path, encoding="utf-8") as f:
+            model_config = json.load(f)
+        missing = [key for key in ("embed_dim", "vision_cfg", "text_cfg") if key not in model_config]
+        if missing:
+            raise ValueError(f"ModelConfig.name: {path} is not an open_clip model config (no {missing})")
+        registered = open_clip.get_model_config(path.stem)
+        if registered != model_config:
+            # open_clip keys its registry by file stem, so a file may shadow a built-in of the same name.
+            if registered is not None:
+                logger.warning("model config %s replaces open_clip's %r", path, path.stem)
+            open_clip.add_model_config(path)
+        return path.stem, model_config
+    if config.name not in open_clip.list_models():
+        raise ValueError(
+            f"ModelConfig.name: {config.name!r} is neither a .json model config nor an open_clip model "
+            f"(see open_clip.list_models())"
+        )
+    return config.name, None
+
+
+def build_model(
+    config: ModelConfig,
+) -> tuple[torch.nn.Module, Callable[..., Any], Callable[..., Any], Callable[..., torch.Tensor]]:
+    """Build (model, preprocess_train, preprocess_val, tokenizer).
+
+    model: open_clip CLIP whose forward(images [B,3,H,W], texts [B,L] int64) returns a dict with
+        "image_features" [B,E] and "text_features" [B,E] (L2-normalised) and "logit_scale" (exp'd scalar).
+    preprocess_*: PIL image -> float tensor [3,H,W] (train adds augmentation).
+    tokenizer: list[str] -> int64 [N, context_length], context_length taken from the model config.
+    """
+    model_name, _ = resolve_model(config)
+    if config.pretrained is not None and not Path(config.pretrained).is_file():
+        raise FileNotFoundError(
+            f"ModelConfig.pretrained must be a local weights file (downloads are disabled), got "
+            f"{config.pretrained!r}"
+        )
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        model_name,
+        pretrained=config.pretrained,
+        precision=config.precision,
+        device=config.device,
+        # Never fetch base tower weights (timm / Hugging Face) either.
+        pretrained_image=False,
+        pretrained_text=False,
+        output_dict=True,
+    )
+    tokenizer = open_clip.get_tokenizer(model_name)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("built %s (%.1fM parameters, %s on %s)", model_name, n_params / 1e6, config.precision,
+                config.device)
+    return model, preprocess_train, preprocess_val, tokenizer
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    # DDP and DeepSpeed engines keep the real model in `.module`.
+    return getattr(model, "module", model)
+
+
+def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load weights from `path` into `model` (unwrapped if it is a DDP/DeepSpeed wrapper), strictly.
+
+    Accepts our format ({"state_dict": ..., ...}) or a plain open_clip state dict; a leading "module." on
+    the names is dropped. Raises ValueError naming the missing, unexpected and mis-shaped keys when the
+    checkpoint does not fit the model. Returns the checkpoint's other entries (model_name, model_config,
+    the `extra` it was saved with; empty for a plain state dict).
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"checkpoint {path}: expected a dict, got {type(checkpoint).__name__}")
+    if isinstance(checkpoint.get("state_dict"), dict):
+        state_dict = checkpoint["state_dict"]
+        meta = {k: v for k, v in checkpoint.items() if k != "state_dict"}
+    elif checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        state_dict, meta = checkpoint, {}
+    else:
+        raise ValueError(
+            f"checkpoint {path}: neither a state dict of tensors nor a dict with 'state_dict' "
+            f"(keys: {sorted(checkpoint)[:10]})"
+        )
+    state_dict = {
+        (name[len(WRAPPER_PREFIX):] if name.startswith(WRAPPER_PREFIX) else name): tensor
+        for name, tensor in state_dict.items()
+    }
+
+    target = _unwrap(model)
+    expected = target.state_dict()
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    mismatched = sorted(
+        f"{name} {tuple(state_dict[name].shape)} vs model {tuple(expected[name].shape)}"
+        for name in expected.keys() & state_dict.keys()
+        if state_dict[name].shape != expected[name].shape
+    )
+    if missing or unexpected or mismatched:
+        def show(names: list[str]) -> str:
+            return f"{len(names)} {names[:8]}{' ...' if len(names) > 8 else ''}"
+
+        raise ValueError(
+            f"checkpoint {path} does not fit the model ({meta.get('model_name', 'unknown model')}): "
+            f"missing keys {show(missing)}; unexpected keys {show(unexpected)}; shape mismatches "
+            f"{show(mismatched)}"
+        )
+    target.load_state_dict(state_dict, strict=True)
+    logger.info("loaded checkpoint %s (%d tensors)", path, len(state_dict))
+    return meta
+
+
+def save_checkpoint(
+    model: torch.nn.Module,
+    path: str | os.PathLike[str],
+    extra: dict[str, Any] | None = None,
+    *,
+    config: ModelConfig,
+) -> None:
+    """Write `model`'s weights in our checkpoint format (see the module docstring) to `path`, atomically.
+
+    model: the model or its DDP/DeepSpeed wrapper (names are saved without "module.").
+    extra: more entries (e.g. {"step": 100}); plain Python values and tensors only, since loading uses
+        torch.load(weights_only=True). Must not use the keys "state_dict", "model_name", "model_config".
+    config: the ModelConfig the model was built from; gives model_name and model_config.
+    """
+    extra = dict(extra or {})
+    clashes = sorted(set(extra) & set(CHECKPOINT_KEYS))
+    if clashes:
+        raise ValueError(f"save_checkpoint: extra must not contain the reserved keys {clashes}")
+    model_name, model_config = resolve_model(config)
+    state_dict = {name: tensor.detach().cpu() for name, tensor in _unwrap(model).state_dict().items()}
+    checkpoint = {"state_dict": state_dict, "model_name": model_name, "model_config": model_config, **extra}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write then rename, so a crash mid-write never leaves a truncated checkpoint under the final name.
+    tmp_path = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, tmp_path)
+    os.replace(tmp_path, path)
+    logger.info("saved checkpoint %s", path)
