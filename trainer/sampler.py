@@ -1,0 +1,71 @@
+"""Which anchors each rank trains on, batch by batch, known in advance (so mining can run ahead).
+
+Every epoch is a seeded permutation of all sample ids, dealt to ranks in contiguous stripes; each rank cuts its
+stripe into batches of `anchors_per_batch`. Batch b of epoch e is a pure function of (seed, e, rank, b), which
+makes resuming at a step exact and lets the prefetcher ask for batch b+P while b trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    n_samples: int
+    batch_size: int  # per rank, anchors + hard pairs
+    hard_ratio: float = 0.5  # fraction of each batch's slots given to hard pairs (the paper's code alternates: 0.5)
+    world_size: int = 1
+    rank: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.hard_ratio < 1.0:
+            raise ValueError(f"hard_ratio must be in [0, 1), got {self.hard_ratio}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world of {self.world_size}")
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{self.n_samples} samples are too few for {self.world_size} ranks x "
+                             f"{self.anchors_per_batch} anchors per batch")
+
+    @property
+    def hard_per_batch(self) -> int:
+        return int(round(self.batch_size * self.hard_ratio))
+
+    @property
+    def anchors_per_batch(self) -> int:
+        return self.batch_size - self.hard_per_batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n_samples // (self.world_size * self.anchors_per_batch)
+
+
+class AnchorSampler:
+    def __init__(self, config: SamplerConfig):
+        self.config = config
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.config.steps_per_epoch
+
+    @lru_cache(maxsize=2)
+    def _stripe(self, epoch: int) -> np.ndarray:
+        c = self.config
+        order = np.random.default_rng([c.seed, epoch]).permutation(c.n_samples)
+        per_rank = c.steps_per_epoch * c.anchors_per_batch  # drop the tail so every rank has as many steps
+        return order[c.rank * per_rank:(c.rank + 1) * per_rank]
+
+    def anchors(self, step: int) -> np.ndarray:
+        """Anchor ids (int64) of this rank's batch at global step `step` (steps run on across epochs)."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        n = self.config.anchors_per_batch
+        return self._stripe(epoch)[index * n:(index + 1) * n]
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
