@@ -34,6 +34,8 @@ class ClientConfig:
     retry_backoff_s: float = 0.05
     wire_dtype: int = pb.FLOAT32
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # gRPC's default reconnect backoff grows to 2 minutes; a trainer wants a restarted miner back in seconds.
+    max_reconnect_backoff_ms: int = 1000
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,10 @@ class MinerClient:
         self.channel = grpc.insecure_channel(
             config.address,
             options=[("grpc.max_receive_message_length", config.max_message_bytes),
-                     ("grpc.max_send_message_length", config.max_message_bytes)])
+                     ("grpc.max_send_message_length", config.max_message_bytes),
+                     ("grpc.initial_reconnect_backoff_ms", min(200, config.max_reconnect_backoff_ms)),
+                     ("grpc.min_reconnect_backoff_ms", min(200, config.max_reconnect_backoff_ms)),
+                     ("grpc.max_reconnect_backoff_ms", config.max_reconnect_backoff_ms)])
         self.stub = pb_grpc.MinerStub(self.channel)
 
     def close(self) -> None:

@@ -110,6 +110,26 @@ def build_model(
     return model, preprocess_train, preprocess_val, tokenizer
 
 
+# Scalar parameters that open_clip keeps 0-dimensional (the learned temperature and bias).
+SCALAR_PARAMETERS = ("logit_scale", "logit_bias")
+
+
+def vectorize_scalar_parameters(model: torch.nn.Module) -> list[str]:
+    """Give every 0-dim parameter the shape [1], in place; returns their names.
+
+    DeepSpeed broadcasts parameters as byte views, which a 0-dim tensor cannot give. Shape [1] broadcasts the
+    same in open_clip's forward and loss; checkpoints still store these as scalars (see save_checkpoint).
+    """
+    names = []
+    for name, param in list(model.named_parameters()):
+        if param.dim() == 0:
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            setattr(owner, attr, torch.nn.Parameter(param.detach().reshape(1), requires_grad=param.requires_grad))
+            names.append(name)
+    return names
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     # DDP and DeepSpeed engines keep the real model in `.module`.
     return getattr(model, "module", model)
@@ -145,6 +165,10 @@ def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike[str]) -> dic
     expected = target.state_dict()
     missing = sorted(expected.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - expected.keys())
+    for name in expected.keys() & state_dict.keys():
+        # A scalar saved as [] loads into a model whose scalars were vectorised to [1], and back.
+        if state_dict[name].numel() == 1 and expected[name].numel() == 1:
+            state_dict[name] = state_dict[name].reshape(expected[name].shape)
     mismatched = sorted(
         f"{name} {tuple(state_dict[name].shape)} vs model {tuple(expected[name].shape)}"
         for name in expected.keys() & state_dict.keys()
@@ -184,6 +208,9 @@ def save_checkpoint(
         raise ValueError(f"save_checkpoint: extra must not contain the reserved keys {clashes}")
     model_name, model_config = resolve_model(config)
     state_dict = {name: tensor.detach().cpu() for name, tensor in _unwrap(model).state_dict().items()}
+    for name in SCALAR_PARAMETERS:  # open_clip's own layout, whatever vectorize_scalar_parameters did
+        if name in state_dict and state_dict[name].numel() == 1:
+            state_dict[name] = state_dict[name].reshape(())
     checkpoint = {"state_dict": state_dict, "model_name": model_name, "model_config": model_config, **extra}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

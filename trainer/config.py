@@ -1,0 +1,117 @@
+"""The trainer's configuration: one dataclass per component, read from YAML, then flags (`--set a.b=c` too)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from trainer.losses import LossConfig
+from trainer.mining import MiningConfig
+from trainer.model import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # CSV/TSV (open_clip format) or webdataset shards; empty with synth: generated
+    eval_dir: str = ""  # a directory in the synth layout (zeroshot.json, retrieval.csv); empty: no eval
+    img_key: str = "filepath"
+    caption_key: str = "title"
+    separator: str = "\t"
+    synth_dir: str = ""  # generate the synthetic set here when it is missing (the one-box default)
+    synth_train: int = 4000
+    synth_test: int = 600
+    loader_threads: int = 2
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 200  # optimizer steps
+    batch_size: int = 64  # per rank, per micro-step: anchors + hard pairs
+    hard_ratio: float = 0.5  # fraction of the batch given to hard pairs (0: plain CLIP batches)
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/demo"
+    deepspeed_config: str = "configs/deepspeed/zero0_fp32.json"
+    checkpoint_every: int = 100  # optimizer steps; 0: only at the end
+    eval_every: int = 0  # optimizer steps; 0: only at the end
+    log_every: int = 10
+    resume: str = ""  # "", "latest", or a checkpoint tag
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _coerce(current, value, where: str):
+    if isinstance(value, str) and not isinstance(current, str):
+        if isinstance(current, bool):
+            return value.strip().lower() in {"1", "true", "yes", "on"}
+        if current is None:
+            return value or None
+        try:
+            return type(current)(value)
+        except ValueError as error:
+            raise ValueError(f"{where}: cannot read {value!r} as {type(current).__name__}") from error
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def apply(config, values: dict, where: str = "config"):
+    """A copy of dataclass `config` with nested `values` applied; unknown keys are errors naming the key."""
+    known = {f.name for f in fields(config)}
+    changes = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ValueError(f"{where}.{key}: unknown setting (known: {', '.join(sorted(known))})")
+        current = getattr(config, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}.{key}: expected a mapping")
+            changes[name] = apply(current, value, f"{where}.{key}")
+        else:
+            changes[name] = _coerce(current, value, f"{where}.{key}")
+    return dataclasses.replace(config, **changes)
+
+
+def load(path: str | None, overrides: dict[str, object]) -> TrainConfig:
+    """Defaults < YAML file < dotted overrides ({"optim.steps": 10, ...}; None values skipped)."""
+    config = TrainConfig()
+    if path:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        config = apply(config, data, Path(path).name)
+    nested: dict = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return apply(config, nested, "flags")
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
