@@ -48,6 +48,7 @@ class RunConfig:
     log_every: int = 10
     resume: str = ""  # "", "latest", or a checkpoint tag
     progress: bool = True
+    record_ids: bool = False  # write the sample ids each rank trained on (seen-ids-rank{r}.npy), for checks
 
 
 @dataclass

@@ -178,7 +178,11 @@ class Trainer:
         eval_every = config.run.eval_every * self.accumulation
         progress = tqdm(total=total_micro, initial=start_micro, desc="train", unit="step",
                         disable=not (self.is_main and config.run.progress))
-        window = {"samples": 0, "compute_s": 0.0, "hard": 0, "fallback": 0, "slots": 0, "wait_s": 0.0}
+        if self.pusher is not None and config.mining.bootstrap_index and start_micro == 0:
+            self._bootstrap_index()
+        window = {"samples": 0, "steps": 0, "compute_s": 0.0, "hard": 0, "fallback": 0, "slots": 0, "wait_s": 0.0}
+        losses_log = open(self.output_dir / "losses.jsonl", "a") if self.is_main else None
+        seen: set[int] = set()
         window_started = time.perf_counter()
         last: dict[str, float] = {}
         eval_json = None
@@ -192,7 +196,14 @@ class Trainer:
             window["fallback"] += batch.composed.n_fallback
             window["slots"] += len(batch.ids)
             window["wait_s"] += batch.mining_wait_s
+            window["steps"] += 1
             last = {k: float(v.detach()) for k, v in losses.items()}
+            if losses_log is not None:
+                losses_log.write(json.dumps({"micro_step": micro, **last, "n_hard": batch.composed.n_hard,
+                                             "n_fallback": batch.composed.n_fallback}) + "\n")
+                losses_log.flush()
+            if config.run.record_ids:
+                seen.update(batch.composed.ids.tolist())
             progress.update(1)
             progress.set_postfix(loss=f"{last['total']:.3f}", hard=f"{batch.composed.hard_fraction:.2f}")
             done = micro + 1
@@ -206,6 +217,10 @@ class Trainer:
             if eval_every and done % eval_every == 0 and done != total_micro:
                 self._evaluate(f"step_{done // self.accumulation}")
         progress.close()
+        if losses_log is not None:
+            losses_log.close()
+        if config.run.record_ids:
+            np.save(self.output_dir / f"seen-ids-rank{self.rank}.npy", np.array(sorted(seen), dtype=np.int64))
         self._save(total_micro)
         final = None
         if self.is_main:
@@ -213,6 +228,30 @@ class Trainer:
             save_checkpoint(self.engine.module, final, extra={"step": config.optim.steps}, config=config.model)
         eval_json = self._evaluate("final")
         return self._finish(final, eval_json, last)
+
+    def _bootstrap_index(self) -> None:
+        """Embed this rank's share of the training set once and push it (see MiningConfig.bootstrap_index)."""
+        from tqdm import tqdm
+
+        from trainer.data import collate
+
+        started = time.perf_counter()
+        ids = np.arange(self.rank, len(self.dataset), self.world_size)
+        batch_size = self.config.optim.batch_size * 4
+        self.engine.module.eval()
+        with torch.no_grad():
+            for first in tqdm(range(0, len(ids), batch_size), desc="bootstrap index", unit="batch",
+                              disable=not (self.is_main and self.config.run.progress)):
+                chunk = ids[first:first + batch_size].tolist()
+                _, images, tokens = collate([self.dataset[i] for i in chunk])
+                out = self.engine.module(images.to(self.device, self.input_dtype), tokens.to(self.device))
+                self.pusher.push(np.asarray(chunk, dtype=np.uint64),
+                                 out["image_features"].to(torch.float16).cpu().numpy(),
+                                 out["text_features"].to(torch.float16).cpu().numpy(), 0)
+        self.engine.module.train()
+        self.pusher.flush(120)
+        dist.barrier()  # every rank's rows are in before anyone mines
+        log.info("bootstrapped the index with %d rows in %.1f s", len(ids), time.perf_counter() - started)
 
     def _step(self, batch) -> dict[str, torch.Tensor]:
         images = batch.images.to(self.device, self.input_dtype, non_blocking=True)
@@ -225,7 +264,7 @@ class Trainer:
         self.engine.step()
         with torch.no_grad():  # open_clip clamps the learned temperature at 100, as CLIP does
             self.engine.module.logit_scale.clamp_(0, np.log(100))
-        if self.pusher is not None:
+        if self.pusher is not None and self.config.mining.update_index:
             self.pusher.push(batch.composed.ids.astype(np.uint64),
                              image_features.detach().to(torch.float16).cpu().numpy(),
                              text_features.detach().to(torch.float16).cpu().numpy(),
@@ -242,7 +281,7 @@ class Trainer:
             "mining/fallbacks": window["fallback"],
             "mining/wait_s": window["wait_s"],
             "perf/samples_per_s": window["samples"] / max(elapsed, 1e-9),
-            "perf/step_compute_s": window["compute_s"] / max(1, window["slots"] // max(1, self.config.optim.batch_size)),
+            "perf/step_compute_s": window["compute_s"] / max(1, window["steps"]),
             "lr": self.scheduler.get_last_lr()[0] if self.scheduler else self.config.optim.lr,
         }
         for name, value in scalars.items():

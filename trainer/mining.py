@@ -34,6 +34,12 @@ class MiningConfig:
     max_similarity: float = 0.0  # 0: the miner's default near-duplicate cut
     push_queue: int = 64  # upserts waiting to be sent before new ones are dropped
     wire_dtype: str = "FLOAT16"
+    # Before the first step, embed the whole training set once with the starting model and push it, so that
+    # epoch one already has hard pairs (the paper's offline pass, streamed). Off: epoch one mostly falls back.
+    bootstrap_index: bool = False
+    # Push each step's embeddings (online HELIP). Off with bootstrap_index on: the index stays as the starting
+    # model saw the data, i.e. the paper's offline mining.
+    update_index: bool = True
 
 
 @dataclass
