@@ -183,6 +183,7 @@ class Trainer:
         window = {"samples": 0, "steps": 0, "compute_s": 0.0, "hard": 0, "fallback": 0, "slots": 0, "wait_s": 0.0}
         losses_log = open(self.output_dir / "losses.jsonl", "a") if self.is_main else None
         seen: set[int] = set()
+        totals = {"hard": 0, "fallback": 0, "samples": 0}
         window_started = time.perf_counter()
         last: dict[str, float] = {}
         eval_json = None
@@ -197,10 +198,14 @@ class Trainer:
             window["slots"] += len(batch.ids)
             window["wait_s"] += batch.mining_wait_s
             window["steps"] += 1
+            totals["hard"] += batch.composed.n_hard
+            totals["fallback"] += batch.composed.n_fallback
+            totals["samples"] += len(batch.ids)
             last = {k: float(v.detach()) for k, v in losses.items()}
             if losses_log is not None:
                 losses_log.write(json.dumps({"micro_step": micro, **last, "n_hard": batch.composed.n_hard,
-                                             "n_fallback": batch.composed.n_fallback}) + "\n")
+                                             "n_fallback": batch.composed.n_fallback,
+                                             "time": time.time()}) + "\n")
                 losses_log.flush()
             if config.run.record_ids:
                 seen.update(batch.composed.ids.tolist())
@@ -227,7 +232,7 @@ class Trainer:
             final = self.output_dir / "final.pt"
             save_checkpoint(self.engine.module, final, extra={"step": config.optim.steps}, config=config.model)
         eval_json = self._evaluate("final")
-        return self._finish(final, eval_json, last)
+        return self._finish(final, eval_json, last, totals)
 
     def _bootstrap_index(self) -> None:
         """Embed this rank's share of the training set once and push it (see MiningConfig.bootstrap_index)."""
@@ -324,13 +329,14 @@ class Trainer:
         log.info("eval %s: %s", name, ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
         return path
 
-    def _finish(self, final: Path | None, eval_json: Path | None, last: dict) -> TrainResult:
+    def _finish(self, final: Path | None, eval_json: Path | None, last: dict, totals: dict) -> TrainResult:
         self.batches.close()
         if self.pusher is not None:
             self.pusher.close()
         if self.prefetcher is not None:
             self.prefetcher.close()
         counters = {k: v for k, v in vars(self.counters).items() if k != "lock"}
+        (self.output_dir / f"rank{self.rank}.json").write_text(json.dumps({**totals, "mining": counters}))
         summary = self.output_dir / "summary.json"
         if self.is_main:
             summary.write_text(json.dumps({"steps": self.config.optim.steps, "world_size": self.world_size,

@@ -1,0 +1,94 @@
+"""Whole training runs as real processes: one rank, two ranks with torchrun, save and resume, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from miner_service.client import MinerClient
+from tests.conftest import ROOT
+from trainer.synth import SynthConfig, generate
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synth")
+    generate(SynthConfig(out_dir=root, train_size=320, test_size=80, seed=0))
+    return root
+
+
+def train_command(synth: Path, out: Path, *extra: str) -> list[str]:
+    return ["--config", str(ROOT / "configs/demo.yaml"), "--train-data", str(synth / "train.csv"),
+            "--eval-dir", str(synth), "--output-dir", str(out), "--batch-size", "16",
+            "--set", "run.progress=false", "--set", "data.synth_dir=", "--set", "run.log_every=5",
+            "--set", "mining.bootstrap_index=false", *extra]
+
+
+def run(command: list[str], timeout_s: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+def losses(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+
+
+def test_two_ranks_push_and_receive_hard_pairs(synth, tmp_path, miner_factory):
+    miner = miner_factory("--dim", "64")
+    out = tmp_path / "ddp"
+    # 320 samples, 2 ranks x 8 anchors: an epoch is 20 steps; from epoch two on every anchor is indexed.
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "trainer.cli", *train_command(synth, out, "--miner", miner.address, "--steps", "28",
+                                             "--set", "run.record_ids=true", "--checkpoint-every", "0")])
+    seen = set()
+    for rank in range(2):
+        record = json.loads((out / f"rank{rank}.json").read_text())
+        assert record["mining"]["pushed_rows"] >= 28 * 16  # every rank pushed every step
+        assert record["hard"] > 0, record  # and got hard pairs back
+        seen |= set(np.load(out / f"seen-ids-rank{rank}.npy").tolist())
+    with MinerClient(miner.address) as client:
+        assert client.stats().size == len(seen)
+    assert (out / "final.pt").exists() and json.loads((out / "eval" / "final.json").read_text())
+
+
+def test_resume_continues_at_the_same_step_with_the_same_loss(synth, tmp_path):
+    first = tmp_path / "first"
+    # Mining off: the answers of a miner (and so the batches) depend on its state, a run without one does not.
+    plain = ["--hard-ratio", "0", "--hnml-weight", "0", "--steps", "6", "--checkpoint-every", "3",
+             "--set", "optim.warmup_steps=2"]
+    run([sys.executable, "-m", "trainer.cli", *train_command(synth, first, *plain)])
+    uninterrupted = losses(first)
+    assert [r["micro_step"] for r in uninterrupted] == list(range(6))
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(first / "checkpoints", resumed / "checkpoints")
+    run([sys.executable, "-m", "trainer.cli", *train_command(synth, resumed, *plain, "--resume", "step_3")])
+    again = losses(resumed)
+    assert [r["micro_step"] for r in again] == [3, 4, 5]
+    for a, b in zip(uninterrupted[3:], again):
+        assert b["total"] == pytest.approx(a["total"], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--steps", "many"], "optim.steps"),
+    (["--set", "optim.nosuch=1"], "nosuch"),
+    (["--set", "optim.hard_ratio=1.5"], "hard_ratio"),
+    (["--set", "novalue"], "KEY=VALUE"),
+])
+def test_cli_rejects_bad_settings_with_exit_2(args, field):
+    result = subprocess.run([sys.executable, "-m", "trainer.cli", "--config", str(ROOT / "configs/demo.yaml"),
+                             *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2
+    assert field in result.stderr
