@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from miner_service.config import MinerConfig, from_environment, load_file, with_overrides
+from miner_service.sharding import parse_shard
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ivf-min-rows", dest="search.ivf.min_rows", metavar="MIN_ROWS", type=int,
                        help="use the IVF candidate index from this many rows on (0: exact only)")
     serve.add_argument("--ivf-nprobe", dest="search.ivf.nprobe", metavar="NPROBE", type=int, help="IVF lists probed per query")
+    serve.add_argument("--redis-url", dest="durability.redis_url", metavar="URL",
+                       help="durable log in this Redis (default: $REDIS_URL if --durable, else none)")
+    serve.add_argument("--durable", action="store_true", help="use $REDIS_URL as the durable log")
+    serve.add_argument("--key-prefix", dest="durability.key_prefix", metavar="PREFIX",
+                       help="Redis key prefix of the log stream (default helip)")
+    serve.add_argument("--snapshot-dir", dest="durability.snapshot_dir", metavar="DIR",
+                       help="write snapshots here, and restore from the newest on start")
+    serve.add_argument("--snapshot-interval-s", dest="durability.snapshot_interval_s", type=float,
+                       metavar="SECONDS", help="seconds between scheduled snapshots (0: only on shutdown)")
+    serve.add_argument("--follow", dest="durability.follow", action="store_const", const=True,
+                       help="a read-only follower: tail the leader's log, serve Mine, refuse writes")
+    serve.add_argument("--shard", metavar="I/S", help="own the ids with shard_of(id) == I among S shards")
     serve.add_argument("--port-file", help="write the bound gRPC and metrics ports here (JSON) once serving")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
     return parser
@@ -39,7 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> MinerConfig:
     config = load_file(args.config) if args.config else MinerConfig()
     config = from_environment(config)
-    flags = {k: v for k, v in vars(args).items() if k not in {"command", "config", "port_file"}}
+    flags = {k: v for k, v in vars(args).items() if k not in {"command", "config", "port_file", "durable", "shard"}}
+    if args.durable and not args.__dict__.get("durability.redis_url"):
+        flags["durability.redis_url"] = os.environ.get("REDIS_URL") or None
+        if not flags["durability.redis_url"]:
+            raise ValueError("--durable needs $REDIS_URL (or give --redis-url)")
+    if args.shard:
+        flags["durability.shard_index"], flags["durability.shard_count"] = parse_shard(args.shard)
     return with_overrides(config, flags)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from helip.miner.v1 import miner_pb2 as pb
 from helip.miner.v1 import miner_pb2_grpc as pb_grpc
-from miner_service.tensors import encode
+from miner_service.tensors import decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,13 @@ class MinerClient:
 
     def delete(self, ids, timeout_s: float | None = None) -> pb.DeleteReply:
         return self._invoke(self.stub.Delete, pb.DeleteRequest(ids=_ids(ids).tolist()), timeout_s, retry=True)
+
+    def fetch(self, ids, timeout_s: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(found mask, image [found, dim], text [found, dim]) of the stored rows of `ids`."""
+        ids = _ids(ids)
+        reply = self._invoke(self.stub.Fetch, pb.FetchRequest(ids=ids.tolist()), timeout_s, retry=True)
+        found = np.isin(ids, np.array(reply.found_ids, dtype=np.uint64))
+        return found, decode(reply.image, "image"), decode(reply.text, "text")
 
     def stats(self, timeout_s: float | None = None) -> pb.StatsReply:
         return self._invoke(self.stub.Stats, pb.StatsRequest(), timeout_s, retry=True)

@@ -27,6 +27,23 @@ class SearchConfig:
 
 
 @dataclass(frozen=True)
+class DurabilityConfig:
+    redis_url: str = ""  # empty: no log, rows live in memory only (the embedded default)
+    key_prefix: str = "helip"
+    snapshot_dir: str = ""  # empty: no snapshots (a restart replays the whole log)
+    snapshot_interval_s: float = 300.0  # 0: only on shutdown
+    keep_snapshots: int = 2
+    follow: bool = False  # a read-only follower tailing the leader's log
+    shard_index: int = 0
+    shard_count: int = 1
+    follow_poll_ms: int = 200
+
+    @property
+    def stream(self) -> str:
+        return f"{self.key_prefix}:miner:log:shard-{self.shard_index}-of-{self.shard_count}"
+
+
+@dataclass(frozen=True)
 class MinerConfig:
     dim: int = 256
     host: str = "127.0.0.1"
@@ -40,6 +57,7 @@ class MinerConfig:
     grace_s: float = 10.0  # on SIGTERM, in-flight requests get this long to finish
     log_level: str = "INFO"
     search: SearchConfig = field(default_factory=SearchConfig)
+    durability: DurabilityConfig = field(default_factory=DurabilityConfig)
 
 
 def _coerce(kind, text: str):

@@ -24,3 +24,7 @@ class ResourceExhausted(MinerError):
 
 class Unavailable(MinerError):
     """A dependency the request needs (the durable log) cannot be reached; nothing was applied."""
+
+
+class FailedPrecondition(MinerError):
+    """The request cannot be served by this miner in its role (e.g. a write sent to a read-only follower)."""

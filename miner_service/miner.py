@@ -92,11 +92,13 @@ class HardPairMiner:
         return self.store.size
 
     # ---- writes -------------------------------------------------------------------------------------------
-    def upsert(self, ids: np.ndarray, image: np.ndarray, text: np.ndarray, step: int) -> tuple[int, int]:
-        """Insert or overwrite rows. Returns (accepted, size). Raises ResourceExhausted past max_rows."""
+    def upsert(self, ids: np.ndarray, image, text, step) -> tuple[int, int]:
+        """Insert or overwrite rows; `step` is one step for all rows or one per row (restores from snapshots).
+
+        Returns (accepted, size). Raises ResourceExhausted past max_rows."""
         with self._lock.write():
             self.store.upsert(ids, image, text, step)
-            self._newest_step = max(self._newest_step, int(step))
+            self._newest_step = max(self._newest_step, int(np.max(step)) if len(ids) else 0)
             self._note_written(ids)
             size = self.store.size
         self._maybe_rebuild_ivf()
@@ -129,8 +131,10 @@ class HardPairMiner:
     def mine(self, k: int, anchor_ids: np.ndarray | None = None, image: np.ndarray | None = None,
              text: np.ndarray | None = None, exclude_ids: np.ndarray | None = None,
              max_similarity: float | None = None, scoring: Scoring = Scoring.PRODUCT,
-             strict_anchors: bool = False) -> MineResult:
-        """Hard neighbours of anchors given by id (stored rows) or by embedding ([anchors, dim] each)."""
+             strict_anchors: bool = False, self_ids: np.ndarray | None = None) -> MineResult:
+        """Hard neighbours of anchors given by id (stored rows) or by embedding ([anchors, dim] each).
+
+        self_ids: with anchors by embedding, their sample ids (their own rows are then never returned)."""
         cut = self.config.default_max_similarity if not max_similarity else float(max_similarity)
         exclude_ids = np.zeros(0, dtype=np.uint64) if exclude_ids is None else exclude_ids
         with self._lock.read():
@@ -147,7 +151,8 @@ class HardPairMiner:
             else:
                 known = None
                 unknown = np.zeros(0, dtype=np.uint64)
-                search_slots = torch.full((len(image),), -1, dtype=torch.int64, device=self.device)
+                own = self.store.slots_of(self_ids) if self_ids is not None else np.full(len(image), -1)
+                search_slots = torch.from_numpy(own.astype(np.int64)).to(self.device)
                 q_image = torch.from_numpy(np.ascontiguousarray(image)).to(self.device, self.dtype)
                 q_text = torch.from_numpy(np.ascontiguousarray(text)).to(self.device, self.dtype)
                 n_anchors = len(image)
@@ -199,6 +204,16 @@ class HardPairMiner:
             mask_slots(block_scores, query, 0, slot_of_column=block)
             topk.add(block_scores, block)
         return topk.result()
+
+    def fetch(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(found mask [n], image [found, dim] float32, text, steps [found]) of the stored rows of `ids`."""
+        with self._lock.read():
+            slots = self.store.slots_of(ids)
+            found = slots >= 0
+            view = self.store.view()
+            index = torch.from_numpy(slots[found]).to(self.device)
+            return (found, view.image[index].float().cpu().numpy(), view.text[index].float().cpu().numpy(),
+                    view.steps[slots[found]].copy())
 
     # ---- IVF maintenance ----------------------------------------------------------------------------------
     def _maybe_rebuild_ivf(self) -> None:

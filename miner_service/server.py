@@ -18,9 +18,13 @@ from helip.miner.v1 import miner_pb2 as pb
 from helip.miner.v1 import miner_pb2_grpc as pb_grpc
 from miner_service import validation
 from miner_service.config import MinerConfig
-from miner_service.errors import InvalidArgument, MinerError, NotFound, ResourceExhausted, Unavailable
+from miner_service.durable import DurableMiner
+from miner_service.errors import (FailedPrecondition, InvalidArgument, MinerError, NotFound, ResourceExhausted,
+                                  Unavailable)
 from miner_service.metrics import MinerMetrics
 from miner_service.miner import HardPairMiner
+from miner_service.sharding import shard_of
+from miner_service.tensors import encode
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +34,14 @@ _STATUS_OF_ERROR = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
 class MinerServicer(pb_grpc.MinerServicer):
-    def __init__(self, miner: HardPairMiner, config: MinerConfig, metrics: MinerMetrics):
+    """miner: the core (HardPairMiner) or the core behind its durable log (DurableMiner); same interface."""
+
+    def __init__(self, miner, config: MinerConfig, metrics: MinerMetrics):
         self.miner = miner
         self.config = config
         self.metrics = metrics
@@ -59,9 +66,19 @@ class MinerServicer(pb_grpc.MinerServicer):
         else:
             self.metrics.requests.labels(method, "OK").inc()
 
+    def _check_owned(self, ids: np.ndarray) -> None:
+        shards = self.config.durability.shard_count
+        if shards > 1:
+            owner = shard_of(ids, shards)
+            stray = owner != self.config.durability.shard_index
+            if stray.any():
+                raise InvalidArgument("ids", f"id {int(ids[stray][0])} belongs to shard {int(owner[stray][0])} of "
+                                             f"{shards}, not to this one ({self.config.durability.shard_index})")
+
     def _apply_upsert(self, request: pb.UpsertRequest) -> int:
         started = time.perf_counter()
         batch = validation.upsert_batch(request, self.miner.dim, self.max_rows_per_request)
+        self._check_owned(batch.ids)
         _, size = self.miner.upsert(batch.ids, batch.image, batch.text, batch.step)
         self.metrics.upsert_seconds.observe(time.perf_counter() - started)
         self.metrics.upserted_rows.inc(len(batch.ids))
@@ -92,7 +109,8 @@ class MinerServicer(pb_grpc.MinerServicer):
             query = validation.mine_query(request, self.miner.dim, search.max_k, search.max_anchors)
             result = self.miner.mine(query.k, anchor_ids=query.anchor_ids, image=query.image, text=query.text,
                                      exclude_ids=query.exclude_ids, max_similarity=query.max_similarity,
-                                     scoring=query.scoring, strict_anchors=query.strict_anchors)
+                                     scoring=query.scoring, strict_anchors=query.strict_anchors,
+                                     self_ids=query.self_ids)
             reply = pb.MineReply(k=query.k, size=result.size)
             reply.neighbour_ids.extend(result.neighbour_ids.ravel().tolist())
             reply.scores.extend(result.scores.ravel().tolist())
@@ -111,19 +129,33 @@ class MinerServicer(pb_grpc.MinerServicer):
     def Delete(self, request, context):
         with self._call("Delete", context):
             started = time.perf_counter()
-            deleted, size = self.miner.delete(validation.delete_ids(request))
+            ids = validation.delete_ids(request)
+            self._check_owned(ids)
+            deleted, size = self.miner.delete(ids)
             self.metrics.delete_seconds.observe(time.perf_counter() - started)
             self.metrics.deleted_rows.inc(deleted)
             self.metrics.rows.set(size)
             return pb.DeleteReply(deleted=deleted, size=size)
 
+    def Fetch(self, request, context):
+        with self._call("Fetch", context):
+            ids = validation.fetch_ids(request, self.max_rows_per_request)
+            found, image, text, steps = self.miner.fetch(ids)
+            return pb.FetchReply(found_ids=ids[found].tolist(), image=encode(image), text=encode(text),
+                                 steps=steps.tolist())
+
     def Stats(self, request, context):
         with self._call("Stats", context):
             s = self.miner.stats()
             self.metrics.ivf_rows.set(s.ivf_rows)
+            durability = self.config.durability
+            durable = isinstance(self.miner, DurableMiner)
+            role = ("follower" if durability.follow else "leader") if durable else "standalone"
             return pb.StatsReply(size=s.size, dim=s.dim, device=s.device, min_step=s.min_step,
                                  max_step=s.max_step, capacity=s.capacity, max_rows=s.max_rows,
-                                 ivf_ready=s.ivf_ready, ivf_rows=s.ivf_rows, max_k=s.max_k)
+                                 ivf_ready=s.ivf_ready, ivf_rows=s.ivf_rows, max_k=s.max_k, role=role,
+                                 log_offset=str(self.miner.applied) if durable else "",
+                                 shard_index=durability.shard_index, shard_count=durability.shard_count)
 
 
 def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -136,7 +168,14 @@ class MinerServer:
 
     def __init__(self, config: MinerConfig, miner: HardPairMiner | None = None):
         self.config = config
-        self.miner = miner or HardPairMiner(config.dim, config.search, max_rows=config.max_rows)
+        core = miner or HardPairMiner(config.dim, config.search, max_rows=config.max_rows)
+        self.durable = None
+        if config.durability.redis_url:
+            self.durable = DurableMiner(core, config.durability)
+            self.durable.recover()  # snapshot + log replay, before the port opens
+        elif config.durability.follow:
+            raise ValueError("--follow needs --redis-url: a follower tails the leader's log")
+        self.miner = self.durable or core
         self.metrics = MinerMetrics.create()
         self.servicer = MinerServicer(self.miner, config, self.metrics)
         self.health = health.HealthServicer()
@@ -157,6 +196,8 @@ class MinerServer:
                                                         registry=self.metrics.registry)
             self.metrics_port = self._metrics_server.server_port
         self.server.start()
+        if self.durable is not None:
+            self.durable.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("miner serving on %s:%d (metrics on %s), dim=%d, device=%s", self.config.host, self.port,
@@ -171,6 +212,8 @@ class MinerServer:
         self._stopped.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(self.config.grace_s if grace_s is None else grace_s).wait()
+        if self.durable is not None:
+            self.durable.stop()  # after the last write finished: the final snapshot covers every ack
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         log.info("miner stopped")

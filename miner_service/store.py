@@ -56,7 +56,7 @@ class PairStore:
     def new_row_count(self, ids: np.ndarray) -> int:
         return int(np.count_nonzero(self._slots.lookup(ids) == MISSING))
 
-    def upsert(self, ids: np.ndarray, image, text, step: int) -> int:
+    def upsert(self, ids: np.ndarray, image, text, step) -> int:
         """Write rows (ids unique within the call, already validated; image/text numpy or torch, any device).
 
         Returns the number of new ids."""

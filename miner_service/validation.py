@@ -30,6 +30,7 @@ class MineQuery:
     max_similarity: float
     scoring: Scoring
     strict_anchors: bool
+    self_ids: np.ndarray | None = None  # with anchors by embedding: their ids, to drop their own rows
 
     @property
     def n_anchors(self) -> int:
@@ -84,9 +85,8 @@ def mine_query(request: pb.MineRequest, dim: int, max_k: int, max_anchors: int) 
         raise InvalidArgument("max_similarity", f"must be a finite value >= 0, got {request.max_similarity}")
     by_embedding = request.HasField("image") or request.HasField("text")
     anchor_ids = image = text = None
-    if request.anchor_ids and by_embedding:
-        raise InvalidArgument("anchor_ids", "give anchors either by id or by embedding (image, text), not both")
-    if request.anchor_ids:
+    self_ids = None
+    if request.anchor_ids and not by_embedding:
         anchor_ids = _ids(request.anchor_ids, "anchor_ids")
         n_anchors = len(anchor_ids)
     elif by_embedding:
@@ -96,6 +96,10 @@ def mine_query(request: pb.MineRequest, dim: int, max_k: int, max_anchors: int) 
         image = _rows(request.image, "image", dim)
         text = _rows(request.text, "text", dim, image.shape[0])
         n_anchors = len(image)
+        if request.anchor_ids:  # embeddings of known ids: the ids only drop each anchor's own row
+            self_ids = _ids(request.anchor_ids, "anchor_ids")
+            if len(self_ids) != n_anchors:
+                raise InvalidArgument("anchor_ids", f"{len(self_ids)} ids for {n_anchors} anchor embeddings")
     else:
         raise InvalidArgument("anchor_ids", "empty: give anchor_ids or anchor embeddings (image, text)")
     if n_anchors == 0:
@@ -104,10 +108,18 @@ def mine_query(request: pb.MineRequest, dim: int, max_k: int, max_anchors: int) 
         raise InvalidArgument("anchor_ids" if anchor_ids is not None else "image.shape",
                               f"{n_anchors} anchors exceed the per-request limit {max_anchors}")
     return MineQuery(int(request.k), anchor_ids, image, text, _ids(request.exclude_ids, "exclude_ids"),
-                     float(request.max_similarity), scoring, bool(request.strict_anchors))
+                     float(request.max_similarity), scoring, bool(request.strict_anchors), self_ids)
 
 
 def delete_ids(request: pb.DeleteRequest) -> np.ndarray:
     if not request.ids:
         raise InvalidArgument("ids", "empty: a delete needs at least one id")
+    return _ids(request.ids, "ids")
+
+
+def fetch_ids(request: pb.FetchRequest, max_ids: int) -> np.ndarray:
+    if not request.ids:
+        raise InvalidArgument("ids", "empty: a fetch needs at least one id")
+    if len(request.ids) > max_ids:
+        raise InvalidArgument("ids", f"{len(request.ids)} ids exceed the per-request limit {max_ids}")
     return _ids(request.ids, "ids")

@@ -79,7 +79,7 @@ BAD_MINES = {
     "k = 0": (pb.MineRequest(anchor_ids=[1000], k=0), INVALID, "k"),
     "k above limit": (pb.MineRequest(anchor_ids=[1000], k=65), INVALID, "k"),
     "no anchors": (pb.MineRequest(k=3), INVALID, "anchor_ids"),
-    "ids and embeddings": (pb.MineRequest(k=3, anchor_ids=[1000], image=good_tensor(), text=good_tensor()),
+    "ids vs embeddings": (pb.MineRequest(k=3, anchor_ids=[1000], image=good_tensor(), text=good_tensor()),
                            INVALID, "anchor_ids"),
     "image without text": (pb.MineRequest(k=3, image=good_tensor()), INVALID, "text"),
     "anchor wrong dim": (pb.MineRequest(k=3, image=good_tensor(dim=4), text=good_tensor(dim=4)), INVALID,
