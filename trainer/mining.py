@@ -19,13 +19,14 @@ import numpy as np
 
 from helip.miner.v1 import miner_pb2 as pb
 from miner_service.client import ClientConfig, MinerClient
+from miner_service.sharding import ShardedMinerClient
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class MiningConfig:
-    address: str = ""  # host:port of the miner; empty: the trainer starts a local one
+    address: str = ""  # host:port of the miner, or of every shard comma-separated; empty: start a local one
     k: int = 50  # neighbours asked per anchor; the composer draws one of them (the paper's code: top 50)
     prefetch: int = 2  # batches mined ahead of the one training
     deadline_s: float = 2.0  # how long a step waits for a Mine answer that is not in yet
@@ -61,11 +62,16 @@ class MiningCounters:
                 setattr(self, name, getattr(self, name) + delta)
 
 
-def make_client(config: MiningConfig) -> MinerClient:
+def make_client(config: MiningConfig):
+    """A MinerClient, or a ShardedMinerClient when `address` lists several shards ("host:a,host:b,...")."""
     # Retries are off: a failed Mine falls back at once, and a failed push is counted; the channel reconnects
     # by itself (its backoff is capped low so that a restarted miner is used again within a second or two).
-    return MinerClient(ClientConfig(address=config.address, timeout_s=config.rpc_timeout_s, retries=0,
-                                    wire_dtype=pb.DType.Value(config.wire_dtype)))
+    client_config = ClientConfig(address=config.address, timeout_s=config.rpc_timeout_s, retries=0,
+                                 wire_dtype=pb.DType.Value(config.wire_dtype))
+    addresses = [a.strip() for a in config.address.split(",") if a.strip()]
+    if len(addresses) > 1:
+        return ShardedMinerClient(addresses, client_config)
+    return MinerClient(client_config)
 
 
 class MiningPrefetcher:
