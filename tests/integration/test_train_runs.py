@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from miner_service.client import MinerClient
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 from trainer.synth import SynthConfig, generate
 
 pytestmark = pytest.mark.slow
@@ -92,3 +94,37 @@ def test_cli_rejects_bad_settings_with_exit_2(args, field):
                              *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 2
     assert field in result.stderr
+
+
+def test_training_survives_a_miner_restart(synth, tmp_path, miner_factory, redis_url, key_prefix):
+    port = free_port()
+    args = ("--dim", "64", "--port", str(port), "--redis-url", redis_url, "--key-prefix", key_prefix)
+    miner = miner_factory(*args)
+    out = tmp_path / "restart"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "trainer.cli", *train_command(synth, out, "--miner", f"127.0.0.1:{port}",
+                                                             "--steps", "150", "--checkpoint-every", "0",
+                                                             "--set", "mining.bootstrap_index=true",
+                                                             "--set", "mining.deadline_s=0.5")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_path = out / "losses.jsonl"
+    deadline = time.monotonic() + 300
+    while not (log_path.exists() and len(log_path.read_text().splitlines()) >= 20):
+        assert trainer.poll() is None and time.monotonic() < deadline, trainer.stdout.read()[-4000:]
+        time.sleep(0.1)
+    miner.process.send_signal(signal.SIGKILL)
+    miner.process.wait()
+    killed_at = len(log_path.read_text().splitlines())
+    time.sleep(2.0)
+    miner_factory(*args)  # same port, same log: it comes back with every acknowledged row
+    output, _ = trainer.communicate(timeout=600)
+    assert trainer.returncode == 0, output[-4000:]
+    records = losses(out)
+    assert len(records) == 150
+    before, after = records[:killed_at], records[killed_at:]
+    assert all(r["n_hard"] == 8 for r in before[2:])  # bootstrapped: hard pairs from the start
+    assert sum(r["n_fallback"] for r in after) > 0  # the outage was felt and counted...
+    assert after[-1]["n_hard"] == 8 and after[-1]["n_fallback"] == 0  # ...and hard pairs came back
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mining"]["mine_failures"] + summary["mining"]["mine_late"] > 0
