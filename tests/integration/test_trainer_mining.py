@@ -121,4 +121,4 @@ def test_batch_source_mines_ahead(miner_factory):
         assert {step + 1, step + 2, step + 3} <= set(prefetcher._pending) | {step + 1}
     source.close()
     prefetcher.close()
-    assert counters.mine_calls == 5 and counters.mine_failures == 0
+    assert counters.mine_calls >= 5 and counters.mine_failures == 0  # step 5 may already be loading
