@@ -10,8 +10,14 @@ import logging
 import os
 import sys
 
-from miner_service.config import MinerConfig, from_environment, load_file, with_overrides
-from miner_service.sharding import parse_shard
+# gRPC handler threads each call torch, and each such thread gets its own OpenMP team whose idle workers spin
+# after every parallel region by default: on a small box they take the cores from gRPC's I/O threads (upserts
+# ran about 3x slower on 2 cores). Sleeping idle workers cost little next to a search's long parallel regions.
+# libgomp reads this once, when torch loads it, so it must be set before the first import of torch (below).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from miner_service.config import MinerConfig, from_environment, load_file, with_overrides  # noqa: E402
+from miner_service.sharding import parse_shard  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--follow", dest="durability.follow", action="store_const", const=True,
                        help="a read-only follower: tail the leader's log, serve Mine, refuse writes")
     serve.add_argument("--shard", metavar="I/S", help="own the ids with shard_of(id) == I among S shards")
+    serve.add_argument("--tls-cert-file", dest="security.tls_cert_file", metavar="PEM",
+                       help="serve TLS with this certificate chain (needs --tls-key-file)")
+    serve.add_argument("--tls-key-file", dest="security.tls_key_file", metavar="PEM", help="TLS private key")
+    serve.add_argument("--tls-client-ca-file", dest="security.tls_client_ca_file", metavar="PEM",
+                       help="require client certificates signed by this CA (mutual TLS)")
+    serve.add_argument("--token-file", dest="security.token_file", metavar="FILE",
+                       help="require 'authorization: Bearer <token>' on every RPC (else $HELIP_AUTH_TOKEN)")
     serve.add_argument("--port-file", help="write the bound gRPC and metrics ports here (JSON) once serving")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
     return parser
@@ -72,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--dim must be positive, got {config.dim}")
         if config.port < 0 or config.port > 65535:
             raise ValueError(f"--port must be in 0..65535, got {config.port}")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "token_file"):
+            path = getattr(config.security, name)
+            if path and not os.access(path, os.R_OK):
+                raise ValueError(f"--{name.replace('_', '-')} ({name}): cannot read {path}")
     except (ValueError, TypeError, OSError) as error:
         parser.error(str(error))  # exit code 2
     logging.basicConfig(level=config.log_level.upper(),

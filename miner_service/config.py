@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from miner_service.ivf import IvfConfig
+from miner_service.security import SecurityConfig
 
 DEFAULT_MAX_SIMILARITY = 0.98  # the paper's code drops candidates above this similarity as near-duplicates
 ENV_PREFIX = "HELIP_MINER_"
@@ -58,6 +59,7 @@ class MinerConfig:
     log_level: str = "INFO"
     search: SearchConfig = field(default_factory=SearchConfig)
     durability: DurabilityConfig = field(default_factory=DurabilityConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
 def _coerce(kind, text: str):

@@ -23,6 +23,7 @@ from miner_service.errors import (FailedPrecondition, InvalidArgument, MinerErro
                                   Unavailable)
 from miner_service.metrics import MinerMetrics
 from miner_service.miner import HardPairMiner
+from miner_service.security import TokenInterceptor, load_token, server_credentials
 from miner_service.sharding import shard_of
 from miner_service.tensors import encode
 
@@ -179,11 +180,21 @@ class MinerServer:
         self.metrics = MinerMetrics.create()
         self.servicer = MinerServicer(self.miner, config, self.metrics)
         self.health = health.HealthServicer()
+        token = load_token(config.security.token_file)
+        interceptors = []
+        if token:
+            interceptors.append(TokenInterceptor(
+                token, on_refused=lambda method: self.metrics.requests.labels(method, "UNAUTHENTICATED").inc()))
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
-                                  options=grpc_options(config.max_message_bytes))
+                                  options=grpc_options(config.max_message_bytes), interceptors=interceptors)
         pb_grpc.add_MinerServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        credentials = server_credentials(config.security)
+        address = f"{config.host}:{config.port}"
+        self.port = (self.server.add_secure_port(address, credentials) if credentials
+                     else self.server.add_insecure_port(address))
+        self.security_summary = f"tls={'mutual' if config.security.tls_client_ca_file else 'on' if credentials else 'off'}" \
+                                f", token={'on' if token else 'off'}"
         if self.port == 0:
             raise OSError(f"could not bind {config.host}:{config.port}")
         self.metrics_port = None
@@ -200,9 +211,9 @@ class MinerServer:
             self.durable.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("miner serving on %s:%d (metrics on %s), dim=%d, device=%s", self.config.host, self.port,
+        log.info("miner serving on %s:%d (metrics on %s), dim=%d, device=%s, %s", self.config.host, self.port,
                  f"{self.config.metrics_host}:{self.metrics_port}" if self.metrics_port else "off",
-                 self.miner.dim, self.miner.device)
+                 self.miner.dim, self.miner.device, self.security_summary)
         return self
 
     def stop(self, grace_s: float | None = None) -> None:

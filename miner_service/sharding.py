@@ -8,6 +8,7 @@ answer exactly what one unsharded miner over the same rows gives.
 
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -49,7 +50,7 @@ class ShardedMinerClient:
     def __init__(self, addresses: Sequence[str], config: ClientConfig = ClientConfig()):
         if not addresses:
             raise ValueError("ShardedMinerClient needs at least one address")
-        self.clients = [MinerClient(ClientConfig(**{**config.__dict__, "address": a})) for a in addresses]
+        self.clients = [MinerClient(dataclasses.replace(config, address=a)) for a in addresses]
         self._pool = ThreadPoolExecutor(max_workers=len(self.clients), thread_name_prefix="shard")
 
     @property

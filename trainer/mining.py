@@ -41,6 +41,14 @@ class MiningConfig:
     # Push each step's embeddings (online HELIP). Off with bootstrap_index on: the index stays as the starting
     # model saw the data, i.e. the paper's offline mining.
     update_index: bool = True
+    # Security towards the miner: TLS (trusting tls_ca_file, else the system roots), a client certificate for
+    # mutual TLS, and a bearer token read from token_file (else $HELIP_AUTH_TOKEN).
+    tls: bool = False
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_server_name: str = ""
+    token_file: str = ""
 
 
 @dataclass
@@ -66,8 +74,11 @@ def make_client(config: MiningConfig):
     """A MinerClient, or a ShardedMinerClient when `address` lists several shards ("host:a,host:b,...")."""
     # Retries are off: a failed Mine falls back at once, and a failed push is counted; the channel reconnects
     # by itself (its backoff is capped low so that a restarted miner is used again within a second or two).
-    client_config = ClientConfig(address=config.address, timeout_s=config.rpc_timeout_s, retries=0,
-                                 wire_dtype=pb.DType.Value(config.wire_dtype))
+    client_config = ClientConfig.with_token_from(
+        config.token_file, address=config.address, timeout_s=config.rpc_timeout_s, retries=0,
+        wire_dtype=pb.DType.Value(config.wire_dtype), tls=config.tls, tls_ca_file=config.tls_ca_file,
+        tls_cert_file=config.tls_cert_file, tls_key_file=config.tls_key_file,
+        tls_server_name=config.tls_server_name)
     addresses = [a.strip() for a in config.address.split(",") if a.strip()]
     if len(addresses) > 1:
         return ShardedMinerClient(addresses, client_config)

@@ -1,0 +1,96 @@
+"""Transport security and authentication: TLS (optionally mutual) and a bearer token on every RPC.
+
+Secrets (token, private keys) are read from files or the environment, held in memory, and never logged.
+The standard health service stays open without a token, so that orchestrators' gRPC probes work.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+TOKEN_ENV = "HELIP_AUTH_TOKEN"  # outside HELIP_MINER_*, which maps onto config fields
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    tls_cert_file: str = ""  # server certificate chain (PEM); with tls_key_file: TLS on
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""  # when set, clients must present a certificate signed by this CA (mutual TLS)
+    token_file: str = ""  # bearer token required on every RPC (else $HELIP_AUTH_TOKEN, else none)
+
+    def __repr__(self) -> str:  # file names only; never contents
+        return (f"SecurityConfig(tls={'on' if self.tls_cert_file else 'off'}, "
+                f"mutual={'on' if self.tls_client_ca_file else 'off'}, token={'on' if self.token_file else 'env/off'})")
+
+
+def read_secret(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise ValueError(f"{what}: cannot read {path} ({error.strerror})") from None
+
+
+def load_token(token_file: str, environ=os.environ) -> str | None:
+    """The bearer token from `token_file` (stripped), else $HELIP_AUTH_TOKEN, else None."""
+    if token_file:
+        token = read_secret(token_file, "token_file").decode().strip()
+        if not token:
+            raise ValueError(f"token_file: {token_file} is empty")
+        return token
+    return environ.get(TOKEN_ENV) or None
+
+
+def server_credentials(config: SecurityConfig) -> grpc.ServerCredentials | None:
+    if not (config.tls_cert_file or config.tls_key_file):
+        if config.tls_client_ca_file:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        return None
+    if not (config.tls_cert_file and config.tls_key_file):
+        raise ValueError("TLS needs both tls_cert_file and tls_key_file")
+    key = read_secret(config.tls_key_file, "tls_key_file")
+    cert = read_secret(config.tls_cert_file, "tls_cert_file")
+    client_ca = read_secret(config.tls_client_ca_file, "tls_client_ca_file") if config.tls_client_ca_file else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """Refuses every call whose `authorization` metadata is not `Bearer <token>` with UNAUTHENTICATED."""
+
+    def __init__(self, token: str, on_refused=None):
+        self._expected = f"Bearer {token}".encode()
+        self._on_refused = on_refused
+
+        def refuse(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "authorization: missing or wrong bearer token")
+
+        self._refuse_unary = grpc.unary_unary_rpc_method_handler(refuse)
+        self._refuse_stream = grpc.stream_unary_rpc_method_handler(refuse)
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if method.startswith(HEALTH_PREFIX):
+            return continuation(handler_call_details)
+        presented = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(presented.encode(), self._expected):
+            return continuation(handler_call_details)
+        if self._on_refused is not None:
+            self._on_refused(method.rsplit("/", 1)[-1])
+        return self._refuse_stream if method.endswith("/UpsertStream") else self._refuse_unary
+
+
+def channel_credentials(ca_file: str = "", cert_file: str = "", key_file: str = "") -> grpc.ChannelCredentials:
+    """Client TLS: trust `ca_file` (else the system roots); present cert/key for mutual TLS."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=read_secret(ca_file, "tls_ca_file") if ca_file else None,
+        private_key=read_secret(key_file, "tls_key_file") if key_file else None,
+        certificate_chain=read_secret(cert_file, "tls_cert_file") if cert_file else None)
