@@ -48,6 +48,8 @@ class RunConfig:
     log_every: int = 10
     resume: str = ""  # "", "latest", or a checkpoint tag
     progress: bool = True
+    metrics_port: int = 0  # Prometheus /metrics of rank r on metrics_port + local rank (0: off)
+    metrics_host: str = "127.0.0.1"
     record_ids: bool = False  # write the sample ids each rank trained on (seen-ids-rank{r}.npy), for checks
 
 

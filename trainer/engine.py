@@ -22,6 +22,7 @@ from trainer.config import TrainConfig, to_dict
 from trainer.data import open_pairs
 from trainer.local_miner import LocalMiner
 from trainer.losses import HelipLoss
+from trainer.metrics import TrainerMetrics
 from trainer.mining import EmbeddingPusher, MiningCounters, MiningPrefetcher, make_client
 from trainer.model import build_model, save_checkpoint, vectorize_scalar_parameters
 from trainer.sampler import AnchorSampler, SamplerConfig
@@ -142,6 +143,11 @@ class Trainer:
         self.batches = BatchSource(self.dataset, self.sampler, self.prefetcher, optim.batch_size, optim.seed,
                                    self.rank, top=config.mining.k, prefetch=config.mining.prefetch,
                                    threads=config.data.loader_threads)
+        self.metrics = TrainerMetrics.create(self.rank)
+        self._counted = {"pushed_rows": 0, "dropped_pushes": 0, "failures": 0}
+        if config.run.metrics_port:
+            port = self.metrics.serve(config.run.metrics_port + self.local_rank, config.run.metrics_host)
+            log.info("rank %d metrics on %s:%d/metrics", self.rank, config.run.metrics_host, port)
         self.writer = None
         if self.is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -191,7 +197,9 @@ class Trainer:
             batch = self.batches.take(micro)
             started = time.perf_counter()
             losses = self._step(batch)
-            window["compute_s"] += time.perf_counter() - started
+            step_s = time.perf_counter() - started
+            window["compute_s"] += step_s
+            self._export(batch, step_s)
             window["samples"] += len(batch.ids) * self.world_size
             window["hard"] += batch.composed.n_hard
             window["fallback"] += batch.composed.n_fallback
@@ -275,6 +283,21 @@ class Trainer:
                              text_features.detach().to(torch.float16).cpu().numpy(),
                              self.engine.global_steps)
         return losses
+
+    def _export(self, batch, step_s: float) -> None:
+        m = self.metrics
+        m.step_seconds.observe(step_s)
+        m.mining_wait_seconds.observe(batch.mining_wait_s)
+        m.fallbacks.inc(batch.composed.n_fallback)
+        m.hard_pairs.inc(batch.composed.n_hard)
+        m.samples.inc(len(batch.ids))
+        m.hard_pair_fraction.set(batch.composed.hard_fraction)
+        c = self.counters
+        for name, counter, now in (("pushed_rows", m.pushed_rows, c.pushed_rows),
+                                   ("dropped_pushes", m.dropped_pushes, c.dropped_pushes),
+                                   ("failures", m.mine_failures, c.mine_failures + c.mine_late)):
+            counter.inc(now - self._counted[name])  # the mining threads count; export the increase
+            self._counted[name] = now
 
     def _log(self, opt_step: int, losses: dict, window: dict, elapsed: float) -> None:
         if not self.is_main:

@@ -1,0 +1,56 @@
+"""The trainer's Prometheus metrics, one endpoint per rank (port = run.metrics_port + local rank)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+STEP_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+WAIT_BUCKETS_S = (1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+@dataclass
+class TrainerMetrics:
+    registry: CollectorRegistry
+    step_seconds: Histogram
+    mining_wait_seconds: Histogram
+    fallbacks: Counter
+    hard_pairs: Counter
+    samples: Counter
+    hard_pair_fraction: Gauge
+    pushed_rows: Counter
+    dropped_pushes: Counter
+    mine_failures: Counter
+
+    @classmethod
+    def create(cls, rank: int) -> "TrainerMetrics":
+        r = CollectorRegistry()
+        labels = {"labelnames": ["rank"], "registry": r}
+
+        def one(metric):
+            return metric.labels(str(rank))
+
+        return cls(
+            registry=r,
+            step_seconds=one(Histogram("helip_trainer_step_seconds", "Forward, backward and optimizer step",
+                                       buckets=STEP_BUCKETS_S, **labels)),
+            mining_wait_seconds=one(Histogram("helip_trainer_mining_wait_seconds",
+                                              "Time a batch waited for its Mine answer (in the loader)",
+                                              buckets=WAIT_BUCKETS_S, **labels)),
+            fallbacks=one(Counter("helip_trainer_fallbacks", "Hard-pair slots filled with a random sample",
+                                  **labels)),
+            hard_pairs=one(Counter("helip_trainer_hard_pairs", "Hard-pair slots filled with a mined pair", **labels)),
+            samples=one(Counter("helip_trainer_samples", "Samples trained on", **labels)),
+            hard_pair_fraction=one(Gauge("helip_trainer_hard_pair_fraction",
+                                         "Fraction of the last batch that was mined hard pairs", **labels)),
+            pushed_rows=one(Counter("helip_trainer_pushed_rows", "Embedding rows pushed to the miner", **labels)),
+            dropped_pushes=one(Counter("helip_trainer_dropped_pushes",
+                                       "Embedding batches dropped because the push queue was full", **labels)),
+            mine_failures=one(Counter("helip_trainer_mine_failures", "Mine calls that failed or missed their deadline",
+                                      **labels)),
+        )
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_port
