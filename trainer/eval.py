@@ -161,32 +161,13 @@ def evaluate(
     return metrics
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Model building for the CLI; trainer.model is meant to replace this helper.
-
-
 def build_model(model: str, checkpoint: str | Path | None, device: str | torch.device = "cpu"):
-    """(model, eval transform, tokenizer) for an open_clip model name or a model config JSON (its stem names it),
-    randomly initialised, then loaded from `checkpoint` if given: a state dict or {"state_dict": ...}, keys with
-    or without DeepSpeed/DDP's "module." prefix."""
-    import open_clip  # heavy import, only for the CLI path
+    """(model, eval transform, tokenizer): trainer.model's model, loaded from `checkpoint` when given."""
+    from trainer import model as models  # heavy import (open_clip), only for the CLI path
 
-    name = model
-    if model.endswith(".json"):
-        config_path = Path(model)
-        if not config_path.is_file():
-            raise FileNotFoundError(f"--model: model config not found: {config_path}")
-        open_clip.add_model_config(config_path)
-        name = config_path.stem
-    clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device=device)
-    tokenizer = open_clip.get_tokenizer(name)
+    clip, _, preprocess, tokenizer = models.build_model(models.ModelConfig(name=model, device=str(device)))
     if checkpoint is not None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        clip.load_state_dict(state)
-        log.info("loaded %d tensors from %s", len(state), checkpoint)
+        models.load_checkpoint(clip, checkpoint)
     return clip, preprocess, tokenizer
 
 
