@@ -14,6 +14,14 @@ install() {
   if [[ -x "$PY" && -f "$stamp" && "$(cat "$stamp")" == "$want" && -f helip/miner/v1/miner_pb2.py ]]; then
     return 0
   fi
+  # Prometheus and promtool (Debian's), for the deploy and Prometheus tests.
+  if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+    if [[ $(id -u) -eq 0 ]]; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null
+    else
+      echo "install Debian's prometheus package (prometheus, promtool) for the deploy tests" >&2
+    fi
+  fi
   [[ -x "$PY" ]] || python3 -m venv "$VENV"
   "$PY" -m pip install -q --upgrade pip setuptools wheel
   # The CPU/CUDA torch pair served from this machine's disk; nothing below may pull another torch.

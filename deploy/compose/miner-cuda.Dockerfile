@@ -1,0 +1,31 @@
+# helip-miner, CUDA image (FAISS GPU + CUDA torch). Build from the repository root:
+#   docker build -f deploy/compose/miner-cuda.Dockerfile -t helip/miner-cuda:latest .
+# Run with a GPU: `docker run --gpus 1 ...`, or the `gpu` profile of compose.yaml, or the kubernetes gpu overlay.
+ARG CUDA_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04
+FROM ${CUDA_IMAGE}
+
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
+ENV DEBIAN_FRONTEND=noninteractive PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
+
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv \
+    && useradd --create-home --uid 10001 helip
+WORKDIR /app
+RUN pip install --index-url "$TORCH_INDEX_URL" "torch>=2.4"
+COPY pyproject.toml setup.py README.md ./
+COPY protos/ protos/
+COPY miner_service/ miner_service/
+COPY trainer/ trainer/
+# The `gpu` extra brings faiss-gpu-cu12; faiss-cpu stays installed (same `faiss` module, the GPU build wins
+# because it is installed last), so uninstall it first to keep one FAISS in the image.
+RUN pip install ".[gpu]" && (pip uninstall -y faiss-cpu || true) && pip install --force-reinstall --no-deps \
+    "faiss-gpu-cu12>=1.8" && mkdir -p /snapshots && chown helip /snapshots
+
+USER helip
+EXPOSE 50051 9464
+VOLUME ["/snapshots"]
+ENV HELIP_MINER_HOST=0.0.0.0 HELIP_MINER_METRICS_HOST=0.0.0.0 HELIP_MINER_SEARCH__DEVICE=cuda
+ENTRYPOINT ["helip-miner"]
+CMD ["serve", "--dim", "512"]
