@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 FLAGS = {  # flag -> dotted config key
@@ -72,7 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from trainer.engine import Trainer
 
-    result = Trainer(config).train()
+    # SIGTERM (an orchestrator stopping the pod) unwinds like Ctrl-C, so the local miner is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    trainer = Trainer(config)
+    try:
+        result = trainer.train()
+    finally:
+        trainer.close()
     if result.summary_json and result.final_checkpoint:
         print(f"checkpoint:  {result.final_checkpoint}")
         print(f"tensorboard: {result.tensorboard_dir}")

@@ -352,12 +352,22 @@ class Trainer:
         log.info("eval %s: %s", name, ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
         return path
 
-    def _finish(self, final: Path | None, eval_json: Path | None, last: dict, totals: dict) -> TrainResult:
+    def close(self) -> None:
+        """Stop background work and the local miner (idempotent; also runs when training is interrupted)."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         self.batches.close()
         if self.pusher is not None:
-            self.pusher.close()
+            self.pusher.close(timeout_s=10)
         if self.prefetcher is not None:
             self.prefetcher.close()
+        if self.local_miner is not None:
+            self.local_miner.stop()
+
+    def _finish(self, final: Path | None, eval_json: Path | None, last: dict, totals: dict) -> TrainResult:
+        if self.pusher is not None:
+            self.pusher.flush(30)
         counters = {k: v for k, v in vars(self.counters).items() if k != "lock"}
         (self.output_dir / f"rank{self.rank}.json").write_text(json.dumps({**totals, "mining": counters}))
         summary = self.output_dir / "summary.json"
@@ -368,7 +378,6 @@ class Trainer:
                                            "eval": str(eval_json) if eval_json else None}, indent=2))
             self.writer.close()
         dist.barrier()
-        if self.local_miner is not None:
-            self.local_miner.stop()
+        self.close()
         return TrainResult(self.output_dir, final, eval_json, self.output_dir / "tensorboard", summary, last,
                            self.config.optim.steps, counters)

@@ -183,8 +183,7 @@ def test_every_trainer_metric_named_in_dashboard_and_rules_is_in_the_trainer_lis
 def test_trainer_metric_list_matches_the_exporter():
     """TRAINER_METRICS against the trainer's own registry (trainer/metrics.py, in process).
 
-    The same check against a live `helip-train --set run.metrics_port=N` rank is the lead's to wire (TODO: scrape a
-    running rank of tests/integration/test_train_runs.py and compare with TRAINER_METRICS)."""
+    The same names on a live training rank: tests/integration/test_prometheus.py."""
     if importlib.util.find_spec("trainer.metrics") is None:
         pytest.skip("trainer/metrics.py (the trainer's exporter) is not in this tree yet")
     from prometheus_client import generate_latest

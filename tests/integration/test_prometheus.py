@@ -149,3 +149,46 @@ def test_prometheus_scrapes_a_live_miner_and_sees_mining(miner_factory, promethe
         stop.set()
         load.join(30)
     assert calls and calls[0] > 0
+
+
+@pytest.mark.slow
+def test_prometheus_scrapes_a_miner_and_a_training_rank(miner_factory, prometheus_factory, tmp_path):
+    """A real trainer rank with its miner, both scraped: mining latency has a rate, and the rank exports every
+    trainer metric the dashboard and rules name."""
+    import os
+    import sys
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.integration.test_deploy import TRAINER_METRICS
+    from trainer.synth import SynthConfig, generate
+
+    synth = tmp_path / "synth"
+    generate(SynthConfig(out_dir=synth, train_size=256, test_size=40))
+    miner = miner_factory("--dim", "64")
+    metrics_port = free_port()
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "trainer.cli", "--config", str(ROOT / "configs/demo.yaml"), "--miner", miner.address,
+         "--train-data", str(synth / "train.csv"), "--output-dir", str(tmp_path / "run"), "--steps", "100000",
+         "--batch-size", "16", "--set", "data.synth_dir=", "--set", "run.progress=false",
+         "--set", f"run.metrics_port={metrics_port}", "--set", "run.checkpoint_every=0"],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        prometheus = prometheus_factory([
+            {"job_name": "helip-miner", "static_configs": [{"targets": [f"127.0.0.1:{miner.metrics_port}"]}]},
+            {"job_name": "helip-trainer", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}])
+        prometheus.wait_for('up{job="helip-trainer"}', lambda r: r and r[0]["value"][1] == "1", timeout_s=120)
+        rate = prometheus.wait_for("rate(helip_miner_mine_seconds_count[30s])",
+                                   lambda r: r and float(r[0]["value"][1]) > 0, timeout_s=120)
+        assert rate[0]["metric"]["job"] == "helip-miner"
+        samples = prometheus.wait_for('rate(helip_trainer_samples_total{rank="0"}[30s])',
+                                      lambda r: r and float(r[0]["value"][1]) > 0, timeout_s=120)
+        assert samples[0]["metric"]["job"] == "helip-trainer"
+        prometheus.wait_for("helip_trainer_hard_pairs_total", lambda r: r and float(r[0]["value"][1]) > 0,
+                            timeout_s=120)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        exported = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+        assert TRAINER_METRICS <= exported
+    finally:
+        trainer.terminate()
+        trainer.wait(60)
