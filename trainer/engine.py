@@ -342,7 +342,9 @@ class Trainer:
             return None
         from trainer.eval import evaluate
 
-        metrics = evaluate(self.engine.module, self.tokenizer, self.preprocess_val, eval_dir, device=self.device)
+        # Under bf16/fp16 DeepSpeed holds half-precision weights: autocast feeds them matching inputs.
+        with torch.autocast(self.device.type, dtype=self.input_dtype, enabled=self.input_dtype != torch.float32):
+            metrics = evaluate(self.engine.module, self.tokenizer, self.preprocess_val, eval_dir, device=self.device)
         path = self.output_dir / "eval" / f"{name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(metrics, indent=2))

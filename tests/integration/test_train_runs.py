@@ -128,3 +128,16 @@ def test_training_survives_a_miner_restart(synth, tmp_path, miner_factory, redis
     assert after[-1]["n_hard"] == 8 and after[-1]["n_fallback"] == 0  # ...and hard pairs came back
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mining"]["mine_failures"] + summary["mining"]["mine_late"] > 0
+
+
+def test_zero2_bf16_with_gradient_accumulation(synth, tmp_path):
+    """ZeRO stage 2 in bf16 (the CPU accelerator has it) with two micro-batches per optimizer step."""
+    config = json.loads((ROOT / "configs/deepspeed/zero2_bf16.json").read_text())
+    config["gradient_accumulation_steps"] = 2
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    out = tmp_path / "zero2"
+    run([sys.executable, "-m", "trainer.cli", *train_command(synth, out, "--steps", "3", "--checkpoint-every", "0",
+                                                             "--deepspeed-config", str(tmp_path / "ds.json"))])
+    assert [r["micro_step"] for r in losses(out)] == list(range(6))
+    assert json.loads((out / "eval" / "final.json").read_text())["zero_shot/top1"] >= 0
+    assert (out / "checkpoints" / "step_3").is_dir()
