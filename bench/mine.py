@@ -10,7 +10,12 @@ torch matrix product of the same shape, timed in the same run.
 
 from __future__ import annotations
 
-import argparse
+import os
+
+# The same OpenMP policy as `helip-miner serve` (miner_service/cli.py), so both sides compute alike.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
 import logging
 import time
 
