@@ -170,8 +170,11 @@ class HardPairMiner:
             slots = slots.cpu().numpy()
             scores = scores.cpu().numpy().astype(np.float32, copy=False)
             valid = slots >= 0
-            found_ids = np.where(valid, view.ids[np.where(valid, slots, 0)].astype(np.int64), -1)
-            found_steps = np.where(valid, view.steps[np.where(valid, slots, 0)], 0).astype(np.uint64)
+            # Index with the valid slots only: on an empty store there is no row 0 to gather padding from.
+            found_ids = np.full(slots.shape, -1, dtype=np.int64)
+            found_ids[valid] = view.ids[slots[valid]].astype(np.int64)
+            found_steps = np.zeros(slots.shape, dtype=np.uint64)
+            found_steps[valid] = view.steps[slots[valid]]
             size = view.image.shape[0]
         if known is not None and not known.all():
             # Unknown anchors keep a row of padding so the reply stays aligned with the request.

@@ -60,6 +60,12 @@ class MinerServicer(pb_grpc.MinerServicer):
             log.info("%s refused (%s): %s", method, code.name, error)
             self.metrics.requests.labels(method, code.name).inc()
             context.abort(code, str(error))
+        except grpc.RpcError:
+            # A streaming request's iterator raises this when the client cancelled or vanished mid-stream: not a
+            # miner failure, and nobody is left to answer (grpc ends the call quietly on this very error).
+            log.info("%s cancelled by the client", method)
+            self.metrics.requests.labels(method, "CANCELLED").inc()
+            raise
         except Exception:
             log.exception("%s failed", method)
             self.metrics.requests.labels(method, "INTERNAL").inc()

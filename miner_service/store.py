@@ -80,7 +80,8 @@ class PairStore:
     def delete(self, ids: np.ndarray) -> int:
         """Remove stored ids (unknown ones are ignored). Returns how many were removed."""
         removed = 0
-        for slot in sorted((int(s) for s in self._slots.lookup(ids) if s != MISSING), reverse=True):
+        # A set: an id named twice must not delete twice (the second pass would hit the row moved into its slot).
+        for slot in sorted({int(s) for s in self._slots.lookup(ids) if s != MISSING}, reverse=True):
             # Descending slots: moving the last row never moves a row that is still to be deleted below it.
             last = self.size - 1
             gone_id = self._ids[slot : slot + 1].copy()

@@ -12,6 +12,10 @@ from miner_service.search import Scoring
 from miner_service.tensors import decode
 
 
+# Stored ids must fit MineReply.neighbour_ids (int64, -1 padding); other fields take any uint64.
+MAX_STORED_ID = np.uint64(2**63 - 1)
+
+
 @dataclass(frozen=True)
 class UpsertBatch:
     ids: np.ndarray  # uint64 [n], unique
@@ -73,6 +77,9 @@ def upsert_batch(request: pb.UpsertRequest, dim: int, max_rows_per_request: int)
         raise InvalidArgument("text", "missing")
     ids = _ids(request.ids, "ids")
     _unique(ids, "ids")
+    if (ids > MAX_STORED_ID).any():
+        raise InvalidArgument("ids", f"id {int(ids[ids > MAX_STORED_ID][0])} is above {MAX_STORED_ID}: "
+                                     "MineReply.neighbour_ids is int64")
     image = _rows(request.image, "image", dim, len(ids))
     text = _rows(request.text, "text", dim, len(ids))
     return UpsertBatch(ids, image, text, int(request.step))
