@@ -1,0 +1,159 @@
+"""Training step time with online mining vs mining off: is the miner hidden behind the step?
+
+Same model, batch size and data; the two modes differ only in mining. "Off" is plain CLIP (hard_ratio 0, λ 0: no
+miner process at all, the raw baseline); "on" is online HELIP (hard_ratio 0.5, index bootstrapped and updated every
+step, its own local miner). A step's time is the wall time between the end of one step and the end of the next, as
+`losses.jsonl` stamps them: it holds waiting for the batch (and so for its Mine answer) as well as the step itself.
+The first `--warmup` steps of each run are skipped. With `--repeats 2` the runs go off, on, on, off (ABBA), so a
+drift in the machine's speed hits both modes alike.
+
+    python bench/train_overhead.py [--steps 150] [--warmup 20] [--repeats 2] [--batch-size 64] [--json-out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import ROOT, report
+
+MINING_OFF = {"optim.hard_ratio": 0, "loss.hnml_weight": 0}
+MINING_ON = {"optim.hard_ratio": 0.5, "loss.hnml_weight": 1.0, "mining.bootstrap_index": "true",
+             "mining.update_index": "true"}
+
+
+@dataclass
+class TrainRun:
+    """What one `helip-train` process left in its output directory."""
+
+    output_dir: Path
+    steps: list[dict]  # losses.jsonl, one record per step
+    metrics: dict[str, float]  # eval/final.json ({} without an eval set)
+    summary: dict
+    wall_s: float
+
+
+def train(output_dir: Path, settings: dict[str, object], config: Path = ROOT / "configs" / "demo.yaml",
+          threads: int | None = None) -> TrainRun:
+    """Run `helip-train` in a fresh process (the trainer sets up torch.distributed) and read what it wrote.
+
+    settings: dotted config keys ({"optim.steps": 100, ...}), passed as `--set key=value`.
+    threads: OMP_NUM_THREADS of the process (None: torch's default), for runs that share the machine.
+    """
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    output_dir.mkdir(parents=True, exist_ok=False)  # losses.jsonl is appended to: never reuse a directory
+    command = [sys.executable, "-m", "trainer.cli", "--config", str(config), "--output-dir", str(output_dir),
+               "--log-level", "WARNING", "--set", "run.progress=false"]
+    for key, value in settings.items():
+        command += ["--set", f"{key}={value}"]
+    log_path = output_dir / "train.log"
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    wall_s = time.perf_counter() - started
+    if code != 0:
+        tail = "\n".join(log_path.read_text().splitlines()[-30:])
+        raise RuntimeError(f"helip-train exited with {code} ({' '.join(command)}):\n{tail}")
+    steps = [json.loads(line) for line in (output_dir / "losses.jsonl").read_text().splitlines() if line]
+    eval_json = output_dir / "eval" / "final.json"
+    metrics = json.loads(eval_json.read_text()) if eval_json.exists() else {}
+    summary = json.loads((output_dir / "summary.json").read_text())
+    return TrainRun(output_dir, steps, metrics, summary, wall_s)
+
+
+def step_times(run: TrainRun, warmup: int) -> np.ndarray:
+    """Seconds per step after the first `warmup` steps (differences of the steps' end times)."""
+    ends = np.array([record["time"] for record in run.steps])
+    return np.diff(ends)[max(0, warmup - 1):]
+
+
+def summarize_steps(seconds: np.ndarray) -> dict:
+    return {"median_s": float(np.median(seconds)), "p90_s": float(np.percentile(seconds, 90)),
+            "mean_s": float(seconds.mean()), "n": int(len(seconds))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=150, help="steps per run")
+    parser.add_argument("--warmup", type=int, default=20, help="steps skipped at the start of each run")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per mode, in ABBA order")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--prefetch", type=int, default=2, help="mining.prefetch: batches mined ahead")
+    parser.add_argument("--synth-dir", default=str(ROOT / "data" / "synth"))
+    parser.add_argument("--work-dir", help="keep the runs here (default: a temporary directory)")
+    parser.add_argument("--json-out")
+    args = parser.parse_args()
+    if args.steps - args.warmup < 2:
+        parser.error("--steps must exceed --warmup by at least 2")
+
+    common = {"optim.steps": args.steps, "optim.batch_size": args.batch_size, "optim.seed": 0,
+              "data.synth_dir": args.synth_dir, "mining.prefetch": args.prefetch,
+              "run.checkpoint_every": 0, "run.eval_every": 0}
+    temporary = None if args.work_dir else tempfile.TemporaryDirectory(prefix="helip-overhead-")
+    work = Path(args.work_dir or temporary.name)
+    order = []
+    for repeat in range(args.repeats):
+        order += [("off", "on"), ("on", "off")][repeat % 2]
+    runs: dict[str, list[TrainRun]] = {"off": [], "on": []}
+    for index, mode in enumerate(order):
+        settings = {**common, **(MINING_ON if mode == "on" else MINING_OFF)}
+        print(f"run {index + 1}/{len(order)}: mining {mode}", file=sys.stderr, flush=True)
+        runs[mode].append(train(work / f"{index}-{mode}", settings))
+    if temporary is not None:
+        temporary.cleanup()
+
+    times = {mode: np.concatenate([step_times(run, args.warmup) for run in mode_runs])
+             for mode, mode_runs in runs.items()}
+    off, on = summarize_steps(times["off"]), summarize_steps(times["on"])
+    measured = [record for run in runs["on"] for record in run.steps[args.warmup:]]
+    hard = sum(record["n_hard"] for record in measured)
+    slots = hard + sum(record["n_fallback"] for record in measured)
+    everything = [record for run in runs["on"] for record in run.steps]
+    hard_all = sum(record["n_hard"] for record in everything)
+    slots_all = hard_all + sum(record["n_fallback"] for record in everything)
+    mining = [run.summary["mining"] for run in runs["on"]]
+    calls = sum(m["mine_calls"] for m in mining)
+    waited_s = sum(m["waited_s"] for m in mining)
+    results = {
+        "config": vars(args),
+        "order": list(order),
+        "mining_off": off,
+        "mining_on": on,
+        "on_over_off_median": on["median_s"] / off["median_s"],
+        "on_over_off_p90": on["p90_s"] / off["p90_s"],
+        "hard_slots_filled": hard / max(1, slots),
+        "hard_slots_filled_all_steps": hard_all / max(1, slots_all),
+        "mine_calls": calls,
+        "mine_late": sum(m["mine_late"] for m in mining),
+        "mine_failures": sum(m["mine_failures"] for m in mining),
+        "mining_wait_s_total": waited_s,
+        "mining_wait_ms_per_call": 1e3 * waited_s / max(1, calls),
+        "dropped_pushes": sum(m["dropped_pushes"] for m in mining),
+        "run_wall_s": {mode: [run.wall_s for run in mode_runs] for mode, mode_runs in runs.items()},
+    }
+    rows = [
+        ("step time, mining off: median / p90 (s)", f"{off['median_s']:.3f} / {off['p90_s']:.3f}"),
+        ("step time, online mining: median / p90 (s)", f"{on['median_s']:.3f} / {on['p90_s']:.3f}"),
+        ("on / off, median (target <= 1.05)", f"{results['on_over_off_median']:.3f}"),
+        ("on / off, p90", f"{results['on_over_off_p90']:.3f}"),
+        ("steps measured per mode", f"{off['n']} / {on['n']}"),
+        ("hard slots filled (measured steps / all)",
+         f"{results['hard_slots_filled']:.3f} / {results['hard_slots_filled_all_steps']:.3f}"),
+        ("Mine calls late / failed", f"{results['mine_late']} / {results['mine_failures']} of {calls}"),
+        ("mining wait per call, in the loader (ms)", f"{results['mining_wait_ms_per_call']:.1f}"),
+        ("pushes dropped", f"{results['dropped_pushes']}"),
+    ]
+    report("train_overhead", results, rows, args.json_out)
+
+
+if __name__ == "__main__":
+    main()
