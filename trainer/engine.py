@@ -5,6 +5,7 @@ This module wires the parts (data, sampler, composer, mining, loss, model) toget
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -104,8 +105,7 @@ class Trainer:
         self.dataset = open_pairs(config.data.train, self.preprocess_val, self.tokenizer,
                                   img_key=config.data.img_key, caption_key=config.data.caption_key,
                                   sep=config.data.separator)
-        embed_dim = self.model.text_projection.shape[1] if hasattr(self.model, "text_projection") else None
-        self.embed_dim = int(getattr(self.model, "embed_dim", 0) or embed_dim or 0) or self._probe_dim()
+        self.embed_dim = self._probe_dim()  # the miner's dim: whatever the model's towers project to
 
         optim = config.optim
         self.sampler = AnchorSampler(SamplerConfig(n_samples=len(self.dataset), batch_size=optim.batch_size,
@@ -135,10 +135,8 @@ class Trainer:
             if not address:
                 self.local_miner = LocalMiner(self.output_dir, self.embed_dim, self.local_rank)
                 address = self.local_miner.address
-            mining = type(config.mining)(**{**to_dict(config.mining), "address": address})
-            self.mining_config = mining
-            client = make_client(mining)
-            self.prefetcher = MiningPrefetcher(client, mining, self.counters)
+            mining = dataclasses.replace(config.mining, address=address)
+            self.prefetcher = MiningPrefetcher(make_client(mining), mining, self.counters)
             self.pusher = EmbeddingPusher(make_client(mining), mining, self.counters)
         self.batches = BatchSource(self.dataset, self.sampler, self.prefetcher, optim.batch_size, optim.seed,
                                    self.rank, top=config.mining.k, prefetch=config.mining.prefetch,
