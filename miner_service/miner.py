@@ -131,10 +131,11 @@ class HardPairMiner:
     def mine(self, k: int, anchor_ids: np.ndarray | None = None, image: np.ndarray | None = None,
              text: np.ndarray | None = None, exclude_ids: np.ndarray | None = None,
              max_similarity: float | None = None, scoring: Scoring = Scoring.PRODUCT,
-             strict_anchors: bool = False, self_ids: np.ndarray | None = None) -> MineResult:
+             strict_anchors: bool = False, self_ids: np.ndarray | None = None, cancelled=None) -> MineResult:
         """Hard neighbours of anchors given by id (stored rows) or by embedding ([anchors, dim] each).
 
-        self_ids: with anchors by embedding, their sample ids (their own rows are then never returned)."""
+        self_ids: with anchors by embedding, their sample ids (their own rows are then never returned).
+        cancelled: optional () -> bool; the exact search stops with SearchCancelled once it says True."""
         cut = self.config.default_max_similarity if not max_similarity else float(max_similarity)
         exclude_ids = np.zeros(0, dtype=np.uint64) if exclude_ids is None else exclude_ids
         with self._lock.read():
@@ -166,7 +167,8 @@ class HardPairMiner:
             elif used_ivf:
                 scores, slots = self._ivf_search(query, view)
             else:
-                scores, slots = exact_search(query, view.image, view.text, self.block_rows, self.config.topk)
+                scores, slots = exact_search(query, view.image, view.text, self.block_rows, self.config.topk,
+                                             cancelled)
             slots = slots.cpu().numpy()
             scores = scores.cpu().numpy().astype(np.float32, copy=False)
             valid = slots >= 0

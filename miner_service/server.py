@@ -23,6 +23,7 @@ from miner_service.errors import (FailedPrecondition, InvalidArgument, MinerErro
                                   Unavailable)
 from miner_service.metrics import MinerMetrics
 from miner_service.miner import HardPairMiner
+from miner_service.search import SearchCancelled
 from miner_service.security import TokenInterceptor, load_token, server_credentials
 from miner_service.sharding import shard_of
 from miner_service.tensors import encode
@@ -60,6 +61,11 @@ class MinerServicer(pb_grpc.MinerServicer):
             log.info("%s refused (%s): %s", method, code.name, error)
             self.metrics.requests.labels(method, code.name).inc()
             context.abort(code, str(error))
+        except SearchCancelled:
+            # The caller's deadline passed or it cancelled: nobody waits for an answer, so give none.
+            log.info("%s abandoned by the client; search stopped", method)
+            self.metrics.requests.labels(method, "CANCELLED").inc()
+            context.abort(grpc.StatusCode.CANCELLED, "the client went away")
         except grpc.RpcError:
             # A streaming request's iterator raises this when the client cancelled or vanished mid-stream: not a
             # miner failure, and nobody is left to answer (grpc ends the call quietly on this very error).
@@ -117,7 +123,7 @@ class MinerServicer(pb_grpc.MinerServicer):
             result = self.miner.mine(query.k, anchor_ids=query.anchor_ids, image=query.image, text=query.text,
                                      exclude_ids=query.exclude_ids, max_similarity=query.max_similarity,
                                      scoring=query.scoring, strict_anchors=query.strict_anchors,
-                                     self_ids=query.self_ids)
+                                     self_ids=query.self_ids, cancelled=lambda: not context.is_active())
             reply = pb.MineReply(k=query.k, size=result.size)
             reply.neighbour_ids.extend(result.neighbour_ids.ravel().tolist())
             reply.scores.extend(result.scores.ravel().tolist())

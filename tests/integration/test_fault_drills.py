@@ -75,6 +75,16 @@ def assert_serves(client: MinerClient, new_id: int) -> None:
 
 
 # ---- (a) a client deadline expires mid-request -----------------------------------------------------------------
+def cancelled_mines(miner) -> float:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(miner.metrics_url, timeout=10).read().decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "helip_miner_requests_total" and s.labels == {"method": "Mine", "code": "CANCELLED"})
+
+
 def test_deadline_expiring_mid_request(miner_factory):
     miner = miner_factory("--dim", str(DIM), "--device", "cpu")
     client = client_for(miner.address)
@@ -86,9 +96,14 @@ def test_deadline_expiring_mid_request(miner_factory):
         client.mine(16, anchor_ids=anchors, timeout_s=0.05)  # the search alone takes far longer
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.perf_counter() - started < 2.0, "the client waited past its deadline"
-    # The server is still searching for nobody; the next calls are answered, and alike.
+    # The next calls are answered, and alike.
     again = client.mine(8, anchor_ids=anchors[:4])
     np.testing.assert_array_equal(again.ids, small.ids)
+    # And the abandoned search was stopped between blocks rather than run to its end for nobody.
+    deadline = time.monotonic() + 30
+    while cancelled_mines(miner) < 1:
+        assert time.monotonic() < deadline, "the abandoned Mine was never stopped"
+        time.sleep(0.1)
 
     # A large upsert with a deadline too short to deliver it: applied wholly or not at all.
     ids = np.arange(100_000, 160_000, dtype=np.uint64)

@@ -133,3 +133,19 @@ def test_ivf_path_recall_and_fresh_rows(topk):
     recall = np.mean([len(set(r) & set(g)) / 10 for r, g in zip(result.neighbour_ids, ref_ids)])
     assert recall >= 0.8
     assert (result.neighbour_ids != anchors[:, None].astype(np.int64)).all()
+
+
+def test_search_stops_when_the_caller_is_gone():
+    from miner_service.search import SearchCancelled
+
+    miner = make_miner(block_rows=10)
+    fill(miner, np.random.default_rng(8), 100)
+    asked = []
+
+    def cancelled():
+        asked.append(1)
+        return len(asked) > 3  # the caller leaves while the fourth block is due
+
+    with pytest.raises(SearchCancelled, match="after 30 of 100 rows"):
+        miner.mine(3, anchor_ids=np.array([1], dtype=np.uint64), cancelled=cancelled)
+    assert miner.mine(3, anchor_ids=np.array([1], dtype=np.uint64), cancelled=lambda: False).size == 100
