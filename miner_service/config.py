@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from miner_service.ivf import IvfConfig
 from miner_service.security import SecurityConfig
+from miner_service.settings import nest, overlay
 
 DEFAULT_MAX_SIMILARITY = 0.98  # the paper's code drops candidates above this similarity as near-duplicates
 ENV_PREFIX = "HELIP_MINER_"
@@ -62,63 +63,19 @@ class MinerConfig:
     security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
-def _coerce(kind, text: str):
-    if kind is bool or kind == "bool":
-        return text.strip().lower() in {"1", "true", "yes", "on"}
-    for python_type in (int, float, str):
-        if kind is python_type or kind == python_type.__name__:
-            return python_type(text)
-    raise TypeError(f"cannot read {kind} from text")
-
-
-def _apply(obj, values: dict, source: str):
-    """Return a copy of dataclass `obj` with `values` (nested dicts for nested configs) applied."""
-    known = {f.name: f for f in fields(obj)}
-    changes = {}
-    for key, value in values.items():
-        name = key.replace("-", "_")
-        if name not in known:
-            raise ValueError(f"{source}: unknown setting '{key}' (known: {', '.join(sorted(known))})")
-        current = getattr(obj, name)
-        if hasattr(current, "__dataclass_fields__"):
-            if not isinstance(value, dict):
-                raise ValueError(f"{source}: '{key}' must be a mapping")
-            changes[name] = _apply(current, value, f"{source}.{key}")
-        else:
-            changes[name] = _coerce(type(current), value) if isinstance(value, str) else type(current)(value)
-    return replace(obj, **changes)
-
-
 def load_file(path: str | Path, base: MinerConfig | None = None) -> MinerConfig:
     data = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
-    return _apply(base or MinerConfig(), data, str(path))
+    return overlay(base or MinerConfig(), data, str(path))
 
 
 def from_environment(base: MinerConfig, environ=os.environ) -> MinerConfig:
     """HELIP_MINER_PORT=..., HELIP_MINER_SEARCH__MAX_K=... (double underscore = nesting)."""
-    values: dict = {}
-    for key, value in environ.items():
-        if not key.startswith(ENV_PREFIX):
-            continue
-        path = key[len(ENV_PREFIX):].lower().split("__")
-        node = values
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return _apply(base, values, "environment") if values else base
+    values = {key[len(ENV_PREFIX):].lower(): value for key, value in environ.items() if key.startswith(ENV_PREFIX)}
+    return overlay(base, nest(values, "__"), "environment") if values else base
 
 
 def with_overrides(base: MinerConfig, overrides: dict) -> MinerConfig:
     """Apply flat or dotted overrides such as {"port": 1, "search.max_k": 64}; None values are skipped."""
-    nested: dict = {}
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        node = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return _apply(base, nested, "flags")
+    return overlay(base, nest(overrides), "flags")

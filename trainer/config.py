@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from miner_service.settings import nest, overlay
 from trainer.losses import LossConfig
 from trainer.mining import MiningConfig
 from trainer.model import ModelConfig
@@ -63,39 +64,6 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-def _coerce(current, value, where: str):
-    if isinstance(value, str) and not isinstance(current, str):
-        if isinstance(current, bool):
-            return value.strip().lower() in {"1", "true", "yes", "on"}
-        if current is None:
-            return value or None
-        try:
-            return type(current)(value)
-        except ValueError as error:
-            raise ValueError(f"{where}: cannot read {value!r} as {type(current).__name__}") from error
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
-
-
-def apply(config, values: dict, where: str = "config"):
-    """A copy of dataclass `config` with nested `values` applied; unknown keys are errors naming the key."""
-    known = {f.name for f in fields(config)}
-    changes = {}
-    for key, value in values.items():
-        name = key.replace("-", "_")
-        if name not in known:
-            raise ValueError(f"{where}.{key}: unknown setting (known: {', '.join(sorted(known))})")
-        current = getattr(config, name)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ValueError(f"{where}.{key}: expected a mapping")
-            changes[name] = apply(current, value, f"{where}.{key}")
-        else:
-            changes[name] = _coerce(current, value, f"{where}.{key}")
-    return dataclasses.replace(config, **changes)
-
-
 def load(path: str | None, overrides: dict[str, object]) -> TrainConfig:
     """Defaults < YAML file < dotted overrides ({"optim.steps": 10, ...}; None values skipped)."""
     config = TrainConfig()
@@ -103,17 +71,8 @@ def load(path: str | None, overrides: dict[str, object]) -> TrainConfig:
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping at the top level")
-        config = apply(config, data, Path(path).name)
-    nested: dict = {}
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        node = nested
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return apply(config, nested, "flags")
+        config = overlay(config, data, Path(path).name)
+    return overlay(config, nest(overrides), "flags")
 
 
 def to_dict(config) -> dict:

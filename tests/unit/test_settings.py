@@ -1,0 +1,40 @@
+import pytest
+
+from miner_service.config import MinerConfig, from_environment, load_file, with_overrides
+from trainer import config as train_config
+
+
+def test_miner_config_layers_file_environment_flags(tmp_path):
+    path = tmp_path / "miner.yaml"
+    path.write_text("dim: 64\nsearch:\n  max_k: 32\n  ivf:\n    nprobe: 8\n")
+    config = load_file(path)
+    config = from_environment(config, {"HELIP_MINER_PORT": "7000", "HELIP_MINER_SEARCH__DEVICE": "cpu",
+                                       "HELIP_MINER_DURABILITY__FOLLOW": "true", "OTHER": "x"})
+    config = with_overrides(config, {"port": 7001, "search.ivf.min_rows": "5", "host": None})
+    assert (config.dim, config.port, config.host) == (64, 7001, "127.0.0.1")
+    assert (config.search.max_k, config.search.device, config.search.ivf.nprobe, config.search.ivf.min_rows) == \
+        (32, "cpu", 8, 5)
+    assert config.durability.follow is True
+    assert MinerConfig().port == 50051  # defaults untouched (frozen copies)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"search.nosuch": 1}, "flags.search.nosuch: unknown setting"),
+    ({"port": "eighty"}, "flags.port: cannot read 'eighty' as int"),
+    ({"search": 3}, "flags.search: expected a mapping"),
+])
+def test_miner_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        with_overrides(MinerConfig(), overrides)
+
+
+def test_trainer_config_file_and_overrides(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text("optim:\n  lr: 1\n  steps: 5\nmodel:\n  pretrained: null\n")
+    config = train_config.load(str(path), {"optim.hard_ratio": "0.25", "mining.update_index": "false",
+                                           "model.pretrained": "ckpt.pt", "run.resume": None})
+    assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
+    assert (config.optim.steps, config.optim.hard_ratio, config.mining.update_index) == (5, 0.25, False)
+    assert config.model.pretrained == "ckpt.pt" and config.run.resume == ""
+    with pytest.raises(ValueError, match="flags.optim.nosuch: unknown setting"):
+        train_config.load(None, {"optim.nosuch": 1})
