@@ -5,7 +5,7 @@ PRODUCT scoring. In-process and gRPC Mines are interleaved so that drift in the 
 The FLOP rate of the exact search (two [anchors x d] @ [d x N] products per Mine) is compared with one plain
 torch matrix product of the same shape, timed in the same run.
 
-    python bench/mine.py [--rows 1000000] [--dim 256] [--anchors 512] [--k 16] [--repeats 20]
+    python -m bench.mine [--rows 1000000] [--dim 256] [--anchors 512] [--k 16] [--repeats 20]
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ then continue S more steps from it three ways, each with a fresh learning-rate s
 and evaluate zero-shot top-1 and retrieval R@1 (image->text, text->image) on the synthetic test set. Reported as
 mean ± std over the seeds, and deltas against plain paired by seed (same start, same anchor order).
 
-    python bench/quality.py [--steps 300] [--seeds 0 1 2] [--lr 2e-4] [--margin 0.2] [--hnml-weight 1.0]
+    python -m bench.quality [--steps 200] [--seeds 0 1 2] [--lr 2e-4] [--margin 0.2] [--hnml-weight 1.0]
                             [--hard-ratio 0.5] [--hnml-form pair] [--json-out F]
 """
 

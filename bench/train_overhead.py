@@ -7,7 +7,7 @@ step, its own local miner). A step's time is the wall time between the end of on
 The first `--warmup` steps of each run are skipped. With `--repeats 2` the runs go off, on, on, off (ABBA), so a
 drift in the machine's speed hits both modes alike.
 
-    python bench/train_overhead.py [--steps 150] [--warmup 20] [--repeats 2] [--batch-size 64] [--json-out F]
+    python -m bench.train_overhead [--steps 150] [--warmup 20] [--repeats 2] [--batch-size 64] [--json-out F]
 """
 
 from __future__ import annotations

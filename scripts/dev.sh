@@ -48,7 +48,7 @@ case "${1:-}" in
     install
     shift
     name=$1; shift
-    exec "$PY" "bench/$name.py" "$@" ;;
+    exec "$PY" -m "bench.$name" "$@" ;;
   *)
     echo "usage: bash scripts/dev.sh install | demo | test [pytest args] | bench NAME [args]" >&2
     exit 2 ;;
