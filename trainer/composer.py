@@ -17,6 +17,7 @@ class ComposedBatch:
     couples: np.ndarray  # [m, 2] int64 (anchor position, hard-pair position) within `ids`
     n_hard: int  # slots filled with a mined hard pair
     n_fallback: int  # slots meant for a hard pair that got a random sample instead
+    n_foreign: int = 0  # neighbour ids in the answer that the data set does not hold (dropped, never used)
 
     @property
     def hard_fraction(self) -> float:
@@ -30,6 +31,7 @@ def compose_batch(anchor_ids: np.ndarray, neighbour_ids: np.ndarray | None, batc
     neighbour_ids: [anchors, k] best first, -1 padding (the miner's answer), or None when mining gave nothing
     (not yet indexed, deadline missed, miner down): then every hard slot falls back to a random sample.
     Each anchor's hard pair is drawn uniformly from its first `top` usable neighbours (not already in the batch).
+    Ids outside [0, n_samples) (rows another data set left in a shared miner) are never used, only counted.
     """
     anchor_ids = np.asarray(anchor_ids, dtype=np.int64)
     n_anchors = len(anchor_ids)
@@ -38,6 +40,13 @@ def compose_batch(anchor_ids: np.ndarray, neighbour_ids: np.ndarray | None, batc
         raise ValueError(f"{n_anchors} anchors do not fit a batch of {batch_size}")
     if n_anchors + n_slots > n_samples:
         raise ValueError(f"a batch of {batch_size} needs more than the {n_samples} samples there are")
+    n_foreign = 0
+    if neighbour_ids is not None:
+        neighbour_ids = np.asarray(neighbour_ids, dtype=np.int64)
+        foreign = neighbour_ids >= n_samples
+        n_foreign = int(foreign.sum())
+        if n_foreign:
+            neighbour_ids = np.where(foreign, -1, neighbour_ids)
     taken = set(anchor_ids.tolist())
     hard_of_anchor: list[tuple[int, int, bool]] = []  # (anchor index, sample id, mined?)
     for slot in range(n_slots):
@@ -71,7 +80,7 @@ def compose_batch(anchor_ids: np.ndarray, neighbour_ids: np.ndarray | None, batc
     n_hard = sum(1 for _, _, mined in hard_of_anchor if mined)
     return ComposedBatch(ids=np.asarray(ids, dtype=np.int64),
                          couples=np.asarray(couples, dtype=np.int64).reshape(-1, 2),
-                         n_hard=n_hard, n_fallback=n_slots - n_hard)
+                         n_hard=n_hard, n_fallback=n_slots - n_hard, n_foreign=n_foreign)
 
 
 def _random_unused(rng: np.random.Generator, n_samples: int, taken: set[int]) -> int:

@@ -24,7 +24,19 @@ class DataConfig:
     synth_dir: str = ""  # generate the synthetic set here when it is missing (the one-box default)
     synth_train: int = 4000
     synth_test: int = 600
-    loader_threads: int = 2
+    workers: int = 2  # DataLoader worker processes per rank (0: load in the training process)
+    prefetch_factor: int = 2  # batches each worker loads ahead
+    augment: bool = True  # open_clip's training augmentation (off for the synthetic set: captions name positions)
+    max_bad_fraction: float = 0.01  # stop the run once more than this fraction of samples was bad
+    bad_min_samples: int = 1000  # ...judged only after this many samples
+
+    def __post_init__(self):
+        if self.workers < 0:
+            raise ValueError(f"data.workers must be >= 0, got {self.workers}")
+        if self.prefetch_factor < 1:
+            raise ValueError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 
 
 @dataclass

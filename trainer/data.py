@@ -6,6 +6,17 @@ sample across an ordered list of webdataset shards. Ids never depend on shufflin
 
 `transform` maps a PIL RGB image to a float tensor [3, H, W] (open_clip's preprocess does); `tokenize` maps a
 list of N strings to a LongTensor [N, L] (open_clip's tokenizer does). Nothing here depends on a specific model.
+
+Bad samples (a missing file, an image that does not decode, an empty caption) never end a run. `dataset[i]`
+then returns a deterministic substitute sample (its own id, so its embedding is pushed under the right row)
+and lists the bad ids it stepped over in `Sample.skipped`; `collate_pairs` gathers them into the batch, where
+`BadSampleLedger` counts them, logs them and stops the run past a configured fraction. The batch keeps its
+size, which data-parallel ranks need (the contrastive loss gathers equal-sized batches).
+
+Webdataset shards are indexed here from their tar headers. webdataset's own indexed reader (`wids`) was looked
+at first: it needs a separate index with each shard's sample count, copies every shard into a cache directory
+even when it is a local file, and is no longer part of webdataset 1.x; a header scan of local shards needs none
+of that.
 """
 
 from __future__ import annotations
@@ -16,8 +27,10 @@ import logging
 import os
 import tarfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import numpy as np
 
 import torch
 from PIL import Image
@@ -27,7 +40,6 @@ log = logging.getLogger(__name__)
 
 Transform = Callable[[Image.Image], torch.Tensor]
 Tokenize = Callable[[list[str]], torch.Tensor]
-Sample = tuple[int, torch.Tensor, torch.Tensor]
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 CSV_SUFFIXES = (".csv", ".tsv")
@@ -56,12 +68,87 @@ def read_pairs(
     return [(base / row[img_key], row[caption_key]) for row in read_csv_rows(path, [img_key, caption_key], sep)]
 
 
+class BadSampleError(Exception):
+    """A sample that cannot be used; `kind` is a short label fit for a metric (missing_file, ...)."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class BadSample:
+    id: int
+    kind: str  # missing_file | unreadable_image | unreadable_caption | empty_caption
+    detail: str
+
+
+class Sample(tuple):
+    """(id, image [3, H, W], tokens [L]), unpacked as a 3-tuple; `skipped` lists the bad samples it replaces."""
+
+    def __new__(cls, id: int, image: torch.Tensor, tokens: torch.Tensor, skipped: tuple[BadSample, ...] = ()):
+        sample = super().__new__(cls, (id, image, tokens))
+        sample.skipped = tuple(skipped)
+        return sample
+
+    def __getnewargs__(self):  # pickling into and out of DataLoader workers
+        return (*self, self.skipped)
+
+    @property
+    def id(self) -> int:
+        return self[0]
+
+
 def _load_image(source: str | Path | io.BytesIO) -> Image.Image:
-    with Image.open(source) as image:
-        return image.convert("RGB")
+    try:
+        with Image.open(source) as image:
+            return image.convert("RGB")
+    except FileNotFoundError as error:
+        raise BadSampleError("missing_file", str(error)) from None
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
+        # PIL raises OSError (UnidentifiedImageError, truncated data), ValueError or SyntaxError on bad bytes.
+        raise BadSampleError("unreadable_image", f"{source}: {error}") from None
 
 
-class CsvPairs(Dataset):
+def _checked_caption(caption: str) -> str:
+    if not caption.strip():
+        raise BadSampleError("empty_caption", "the caption is empty")
+    return caption
+
+
+class PairDataset(Dataset):
+    """Map-style image-text pairs by id. Subclasses give `__len__`, `caption(i)` and `load(i)` -> (PIL image,
+    caption), raising BadSampleError for a sample that cannot be used."""
+
+    transform: Transform
+    tokenize: Tokenize
+    max_substitutes: int = 16  # bad samples stepped over for one id before giving up
+
+    def load(self, i: int) -> tuple[Image.Image, str]:
+        raise NotImplementedError
+
+    def substitute(self, i: int, attempt: int) -> int:
+        """The id tried in place of `i` at `attempt` (0: i itself): deterministic, spread over the data set."""
+        return i if attempt == 0 else int(np.random.default_rng([i, attempt]).integers(len(self)))
+
+    def __getitem__(self, i: int) -> Sample:
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample id {i} outside [0, {len(self)})")
+        skipped: list[BadSample] = []
+        for attempt in range(self.max_substitutes + 1):
+            j = self.substitute(i, attempt)
+            try:
+                image, caption = self.load(j)
+            except BadSampleError as error:
+                skipped.append(BadSample(j, error.kind, error.detail))
+                continue
+            return Sample(j, self.transform(image), self.tokenize([caption])[0], tuple(skipped))
+        raise BadSampleError("too_many_bad", f"sample {i} and {self.max_substitutes} substitutes are all bad: "
+                                             f"{[(b.id, b.kind) for b in skipped]}")
+
+
+class CsvPairs(PairDataset):
     """Pairs listed in an open_clip-style CSV (default: tab-separated, columns `filepath` and `title`).
 
     Image paths may be absolute or relative to the CSV's directory. Sample id = row index (0-based, header excluded).
@@ -88,9 +175,9 @@ class CsvPairs(Dataset):
     def caption(self, i: int) -> str:
         return self.pairs[i][1]
 
-    def __getitem__(self, i: int) -> Sample:
+    def load(self, i: int) -> tuple[Image.Image, str]:
         image_path, caption = self.pairs[i]
-        return i, self.transform(_load_image(image_path)), self.tokenize([caption])[0]
+        return _load_image(image_path), _checked_caption(caption)
 
 
 @dataclass(frozen=True)
@@ -140,7 +227,7 @@ def _index_shards(shards: list[str]) -> list[tuple[_Member, _Member]]:
     return samples
 
 
-class WebDatasetPairs(Dataset):
+class WebDatasetPairs(PairDataset):
     """Random access over uncompressed webdataset .tar shards (key.png|.jpg|.jpeg|.webp + key.txt per sample).
 
     The member index (byte offsets) is built once at construction by reading the tar headers. Sample id = ordinal
@@ -179,11 +266,13 @@ class WebDatasetPairs(Dataset):
     def caption(self, i: int) -> str:
         return self._read(self.samples[i][1]).decode("utf-8")
 
-    def __getitem__(self, i: int) -> Sample:
+    def load(self, i: int) -> tuple[Image.Image, str]:
         image_member, text_member = self.samples[i]
-        image = _load_image(io.BytesIO(self._read(image_member)))
-        caption = self._read(text_member).decode("utf-8")
-        return i, self.transform(image), self.tokenize([caption])[0]
+        try:
+            caption = self._read(text_member).decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise BadSampleError("unreadable_caption", str(error)) from None
+        return _load_image(io.BytesIO(self._read(image_member))), _checked_caption(caption)
 
     def close(self) -> None:
         for f in self._files.values():
@@ -208,9 +297,36 @@ def open_pairs(
 
 def collate(batch: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stack samples into (ids LongTensor[B], images [B, 3, H, W], tokens [B, L])."""
+    pairs = collate_pairs(batch)
+    return pairs.ids, pairs.images, pairs.tokens
+
+
+@dataclass
+class PairBatch:
+    """A collated batch: what a DataLoader with `collate_fn=collate_pairs` yields.
+
+    ids[b] is the sample id of row b (a substitute's own id where a bad sample was stepped over); `skipped`
+    lists those bad samples, for `BadSampleLedger`.
+    """
+
+    ids: torch.Tensor  # [B] int64
+    images: torch.Tensor  # [B, 3, H, W]
+    tokens: torch.Tensor  # [B, L] int64
+    skipped: list[BadSample] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def pin_memory(self) -> "PairBatch":  # DataLoader(pin_memory=True) calls this on custom batch types
+        return replace(self, ids=self.ids.pin_memory(), images=self.images.pin_memory(),
+                       tokens=self.tokens.pin_memory())
+
+
+def collate_pairs(batch: Sequence[Sample]) -> PairBatch:
+    """Stack samples ((id, image, tokens) each; a Sample also brings its `skipped`) into a PairBatch."""
     if not batch:
         raise ValueError("cannot collate an empty batch")
-    ids = torch.tensor([sample[0] for sample in batch], dtype=torch.long)
-    images = torch.stack([sample[1] for sample in batch])
-    tokens = torch.stack([sample[2] for sample in batch])
-    return ids, images, tokens
+    return PairBatch(ids=torch.tensor([sample[0] for sample in batch], dtype=torch.long),
+                     images=torch.stack([sample[1] for sample in batch]),
+                     tokens=torch.stack([sample[2] for sample in batch]),
+                     skipped=[bad for sample in batch for bad in getattr(sample, "skipped", ())])

@@ -1,6 +1,7 @@
 """The training loop: DeepSpeed around an open_clip model, online hard pairs from the miner, HELIP's loss.
 
-This module wires the parts (data, sampler, composer, mining, loss, model) together and owns nothing else.
+This module wires the public parts (datasets, HardPairSampler, EmbeddingPusher, HelipLoss) to DeepSpeed, the
+same parts any other loop uses (see examples/), and owns nothing else.
 """
 
 from __future__ import annotations
@@ -18,15 +19,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer.batches import BatchSource
+from trainer.bootstrap import bootstrap_index, miner_rows
 from trainer.config import TrainConfig, to_dict
 from trainer.data import open_pairs
+from trainer.hard_pairs import HardPairSampler, hard_pair_loader
+from trainer.launch import dist_env
+from trainer.ledger import BadSampleLedger
 from trainer.local_miner import LocalMiner
 from trainer.losses import HelipLoss
 from trainer.metrics import TrainerMetrics
-from trainer.mining import EmbeddingPusher, MiningCounters, MiningPrefetcher, make_client
+from trainer.mining import MiningCounters, make_client
 from trainer.model import build_model, save_checkpoint, vectorize_scalar_parameters
-from trainer.sampler import AnchorSampler, SamplerConfig
+from trainer.pusher import EmbeddingPusher
+from trainer.runlog import RunLog
 from trainer.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -44,22 +49,23 @@ class TrainResult:
     counters: dict[str, float]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def setup_distributed() -> tuple[int, int, int]:
-    """Join the process group the launcher (torchrun / deepspeed) describes, or a group of one."""
+    """Join the process group the launcher (torchrun, deepspeed, srun) describes, or a group of one."""
     import deepspeed
 
-    if "RANK" not in os.environ:  # a plain `helip-train`: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env = dist_env(os.environ)
+    os.environ.update(env.export())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    log.info("rank %d of %d (local rank %d, launcher %s)", env.rank, env.world_size, env.local_rank, env.launcher)
+    return dist.get_rank(), dist.get_world_size(), env.local_rank
+
+
+def broadcast(value, src: int = 0):
+    """`value` of rank `src`, on every rank."""
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def deepspeed_config(config: TrainConfig) -> dict:
@@ -100,17 +106,15 @@ class Trainer:
         self._prepare_data()
         model_config = config.model
         model_config.device = device
-        self.model, _, self.preprocess_val, self.tokenizer = build_model(model_config)
-        # Deterministic preprocessing for training too: the synthetic captions name positions and sizes.
-        self.dataset = open_pairs(config.data.train, self.preprocess_val, self.tokenizer,
-                                  img_key=config.data.img_key, caption_key=config.data.caption_key,
+        self.model, preprocess_train, self.preprocess_val, self.tokenizer = build_model(model_config)
+        # open_clip's training augmentation for real data; the synthetic set's captions name positions and
+        # sizes, so its config turns augmentation off (data.augment).
+        self.dataset = open_pairs(config.data.train, preprocess_train if config.data.augment else self.preprocess_val,
+                                  self.tokenizer, img_key=config.data.img_key, caption_key=config.data.caption_key,
                                   sep=config.data.separator)
         self.embed_dim = self._probe_dim()  # the miner's dim: whatever the model's towers project to
 
         optim = config.optim
-        self.sampler = AnchorSampler(SamplerConfig(n_samples=len(self.dataset), batch_size=optim.batch_size,
-                                                   hard_ratio=optim.hard_ratio, world_size=self.world_size,
-                                                   rank=self.rank, seed=optim.seed))
         vectorize_scalar_parameters(self.model)  # DeepSpeed cannot broadcast 0-dim parameters
         ds_config = deepspeed_config(config)
         self.accumulation = int(ds_config.get("gradient_accumulation_steps", 1))
@@ -129,20 +133,12 @@ class Trainer:
         self.counters = MiningCounters()
         self.mining_on = optim.hard_ratio > 0
         self.local_miner = None
-        self.prefetcher = self.pusher = None
+        self.client = self.pusher = None
         if self.mining_on:
-            address = config.mining.address
-            if not address:
-                self.local_miner = LocalMiner(self.output_dir, self.embed_dim, self.local_rank)
-                address = self.local_miner.address
-            mining = dataclasses.replace(config.mining, address=address)
-            self.prefetcher = MiningPrefetcher(make_client(mining), mining, self.counters)
-            self.pusher = EmbeddingPusher(make_client(mining), mining, self.counters)
-        self.batches = BatchSource(self.dataset, self.sampler, self.prefetcher, optim.batch_size, optim.seed,
-                                   self.rank, top=config.mining.k, prefetch=config.mining.prefetch,
-                                   threads=config.data.loader_threads)
+            self.mining = dataclasses.replace(config.mining, address=self._miner_address())
+            self.client = make_client(self.mining)
+            self.pusher = EmbeddingPusher(self.client, self.mining, self.counters)
         self.metrics = TrainerMetrics.create(self.rank)
-        self._counted = {"pushed_rows": 0, "dropped_pushes": 0, "failures": 0}
         if config.run.metrics_port:
             port = self.metrics.serve(config.run.metrics_port + self.local_rank, config.run.metrics_host)
             log.info("rank %d metrics on %s:%d/metrics", self.rank, config.run.metrics_host, port)
@@ -152,6 +148,25 @@ class Trainer:
 
             self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
             (self.output_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2, default=str))
+        self.sampler = None
+
+    def _miner_address(self) -> str:
+        """The configured miner, or a local one that global rank 0 starts and every rank is told about."""
+        if self.config.mining.address:
+            return self.config.mining.address
+        hosts = [None] * self.world_size
+        dist.all_gather_object(hosts, socket.gethostname())
+        if len(set(hosts)) > 1:
+            raise RuntimeError(
+                f"these {self.world_size} ranks run on {len(set(hosts))} hosts ({', '.join(sorted(set(hosts)))}), "
+                "and a local miner listens on 127.0.0.1 of one of them: start one miner for the run "
+                "(`helip-miner serve --dim {dim} --host 0.0.0.0 ...`) and pass its address with --miner HOST:PORT"
+                .replace("{dim}", str(self.embed_dim)))
+        address = None
+        if self.is_main:
+            self.local_miner = LocalMiner(self.output_dir, self.embed_dim)
+            address = self.local_miner.address
+        return broadcast(address)
 
     def _probe_dim(self) -> int:
         with torch.no_grad():
@@ -178,58 +193,48 @@ class Trainer:
         config = self.config
         total_micro = config.optim.steps * self.accumulation
         start_micro = self._resume()
-        ckpt_every = config.run.checkpoint_every * self.accumulation
-        eval_every = config.run.eval_every * self.accumulation
+        if self._needs_bootstrap(start_micro):
+            self._bootstrap()
+        self.sampler = HardPairSampler(
+            len(self.dataset), config.optim.batch_size, self.client, self.mining if self.mining_on else config.mining,
+            hard_ratio=config.optim.hard_ratio, rank=self.rank, world_size=self.world_size, seed=config.optim.seed,
+            num_workers=config.data.workers, prefetch_factor=config.data.prefetch_factor, steps=total_micro,
+            start_step=start_micro, counters=self.counters)
+        loader = hard_pair_loader(self.dataset, self.sampler, pin_memory=self.device.type == "cuda")
+        ledger = BadSampleLedger(config.data.max_bad_fraction, config.data.bad_min_samples)
+        runlog = RunLog(self.output_dir, self.rank, self.world_size, self.metrics, self.counters,
+                        config.run.log_every, self.accumulation, self.writer)
+        ledger.on_bad = lambda bad: runlog.bad_sample(bad.kind)
         progress = tqdm(total=total_micro, initial=start_micro, desc="train", unit="step",
                         disable=not (self.is_main and config.run.progress))
-        if self.pusher is not None and config.mining.bootstrap_index and start_micro == 0:
-            self._bootstrap_index()
-        window = {"samples": 0, "steps": 0, "compute_s": 0.0, "hard": 0, "fallback": 0, "slots": 0, "wait_s": 0.0}
-        losses_log = open(self.output_dir / "losses.jsonl", "a") if self.is_main else None
         seen: set[int] = set()
-        totals = {"hard": 0, "fallback": 0, "samples": 0}
-        window_started = time.perf_counter()
+        ckpt_every = config.run.checkpoint_every * self.accumulation
+        eval_every = config.run.eval_every * self.accumulation
         last: dict[str, float] = {}
-        eval_json = None
+        batches = iter(loader)
         for micro in range(start_micro, total_micro):
-            batch = self.batches.take(micro)
+            waited = time.perf_counter()
+            batch = next(batches)
+            waited = time.perf_counter() - waited
+            layout = self.sampler.layout(batch.ids)
+            ledger.record(batch)
             started = time.perf_counter()
-            losses = self._step(batch)
-            step_s = time.perf_counter() - started
-            window["compute_s"] += step_s
-            self._export(batch, step_s)
-            window["samples"] += len(batch.ids) * self.world_size
-            window["hard"] += batch.composed.n_hard
-            window["fallback"] += batch.composed.n_fallback
-            window["slots"] += len(batch.ids)
-            window["wait_s"] += batch.mining_wait_s
-            window["steps"] += 1
-            totals["hard"] += batch.composed.n_hard
-            totals["fallback"] += batch.composed.n_fallback
-            totals["samples"] += len(batch.ids)
+            losses = self._step(batch, layout.couples)
+            compute_s = time.perf_counter() - started
             last = {k: float(v.detach()) for k, v in losses.items()}
-            if losses_log is not None:
-                losses_log.write(json.dumps({"micro_step": micro, **last, "n_hard": batch.composed.n_hard,
-                                             "n_fallback": batch.composed.n_fallback,
-                                             "time": time.time()}) + "\n")
-                losses_log.flush()
-            if config.run.record_ids:
-                seen.update(batch.composed.ids.tolist())
-            progress.update(1)
-            progress.set_postfix(loss=f"{last['total']:.3f}", hard=f"{batch.composed.hard_fraction:.2f}")
             done = micro + 1
-            if done % (config.run.log_every * self.accumulation) == 0 or done == total_micro:
-                elapsed = time.perf_counter() - window_started
-                self._log(done // self.accumulation, last, window, elapsed)
-                window = {key: 0 for key in window}
-                window_started = time.perf_counter()
+            runlog.step(micro, last, layout, compute_s, waited, self._lr(), last=done == total_micro)
+            if config.run.record_ids:
+                seen.update(batch.ids.tolist())
+            progress.update(1)
+            progress.set_postfix(loss=f"{last['total']:.3f}", hard=f"{layout.hard_fraction:.2f}")
             if ckpt_every and done % ckpt_every == 0 and done != total_micro:
                 self._save(done)
             if eval_every and done % eval_every == 0 and done != total_micro:
                 self._evaluate(f"step_{done // self.accumulation}")
         progress.close()
-        if losses_log is not None:
-            losses_log.close()
+        runlog.close()
+        del batches  # stops the loader's workers
         if config.run.record_ids:
             np.save(self.output_dir / f"seen-ids-rank{self.rank}.npy", np.array(sorted(seen), dtype=np.int64))
         self._save(total_micro)
@@ -238,81 +243,53 @@ class Trainer:
             final = self.output_dir / "final.pt"
             save_checkpoint(self.engine.module, final, extra={"step": config.optim.steps}, config=config.model)
         eval_json = self._evaluate("final")
+        totals = {**runlog.totals, "bad_samples": ledger.bad, "bad_by_kind": dict(ledger.by_kind)}
         return self._finish(final, eval_json, last, totals)
 
-    def _bootstrap_index(self) -> None:
-        """Embed this rank's share of the training set once and push it (see MiningConfig.bootstrap_index)."""
-        from tqdm import tqdm
+    def _lr(self) -> float:
+        return self.scheduler.get_last_lr()[0] if self.scheduler else self.config.optim.lr
 
-        from trainer.data import collate
+    def _needs_bootstrap(self, start_micro: int) -> bool:
+        """Fresh runs bootstrap when asked to; resumed ones whenever the miner lacks rows (a new local miner)."""
+        if self.pusher is None:
+            return False
+        if start_micro == 0:
+            return self.config.mining.bootstrap_index
+        rows = None
+        if self.is_main:
+            try:
+                rows = miner_rows(self.client)
+            except Exception as error:  # noqa: BLE001 - an unreachable miner: training goes on without hard pairs
+                log.warning("cannot read the miner's row count (%s): not bootstrapping", error)
+        rows = broadcast(rows)
+        if rows is None:
+            return False
+        if rows < len(self.dataset):
+            log.info("the miner holds %d rows for %d samples: bootstrapping before the first resumed step", rows,
+                     len(self.dataset))
+            return True
+        return False
 
-        started = time.perf_counter()
-        ids = np.arange(self.rank, len(self.dataset), self.world_size)
-        batch_size = self.config.optim.batch_size * 4
-        self.engine.module.eval()
-        with torch.no_grad():
-            for first in tqdm(range(0, len(ids), batch_size), desc="bootstrap index", unit="batch",
-                              disable=not (self.is_main and self.config.run.progress)):
-                chunk = ids[first:first + batch_size].tolist()
-                _, images, tokens = collate([self.dataset[i] for i in chunk])
-                out = self.engine.module(images.to(self.device, self.input_dtype), tokens.to(self.device))
-                self.pusher.push(np.asarray(chunk, dtype=np.uint64),
-                                 out["image_features"].to(torch.float16).cpu().numpy(),
-                                 out["text_features"].to(torch.float16).cpu().numpy(), 0)
-        self.engine.module.train()
-        self.pusher.flush(120)
+    def _bootstrap(self) -> None:
+        bootstrap_index(self.engine.module, self.dataset, self.pusher, rank=self.rank, world_size=self.world_size,
+                        batch_size=self.config.optim.batch_size * 4, num_workers=self.config.data.workers,
+                        device=self.device, dtype=self.input_dtype, step=int(self.engine.global_steps),
+                        progress=self.is_main and self.config.run.progress)
         dist.barrier()  # every rank's rows are in before anyone mines
-        log.info("bootstrapped the index with %d rows in %.1f s", len(ids), time.perf_counter() - started)
 
-    def _step(self, batch) -> dict[str, torch.Tensor]:
+    def _step(self, batch, couples: torch.Tensor) -> dict[str, torch.Tensor]:
         images = batch.images.to(self.device, self.input_dtype, non_blocking=True)
         tokens = batch.tokens.to(self.device, non_blocking=True)
         out = self.engine(images, tokens)
         image_features, text_features = out["image_features"], out["text_features"]
-        couples = torch.from_numpy(batch.composed.couples)
         losses = self.loss(image_features.float(), text_features.float(), out["logit_scale"].float(), couples)
         self.engine.backward(losses["total"])
         self.engine.step()
         with torch.no_grad():  # open_clip clamps the learned temperature at 100, as CLIP does
             self.engine.module.logit_scale.clamp_(0, np.log(100))
         if self.pusher is not None and self.config.mining.update_index:
-            self.pusher.push(batch.composed.ids.astype(np.uint64),
-                             image_features.detach().to(torch.float16).cpu().numpy(),
-                             text_features.detach().to(torch.float16).cpu().numpy(),
-                             self.engine.global_steps)
+            self.pusher.push(batch.ids, image_features, text_features, self.engine.global_steps)
         return losses
-
-    def _export(self, batch, step_s: float) -> None:
-        m = self.metrics
-        m.step_seconds.observe(step_s)
-        m.mining_wait_seconds.observe(batch.mining_wait_s)
-        m.fallbacks.inc(batch.composed.n_fallback)
-        m.hard_pairs.inc(batch.composed.n_hard)
-        m.samples.inc(len(batch.ids))
-        m.hard_pair_fraction.set(batch.composed.hard_fraction)
-        c = self.counters
-        for name, counter, now in (("pushed_rows", m.pushed_rows, c.pushed_rows),
-                                   ("dropped_pushes", m.dropped_pushes, c.dropped_pushes),
-                                   ("failures", m.mine_failures, c.mine_failures + c.mine_late)):
-            counter.inc(now - self._counted[name])  # the mining threads count; export the increase
-            self._counted[name] = now
-
-    def _log(self, opt_step: int, losses: dict, window: dict, elapsed: float) -> None:
-        if not self.is_main:
-            return
-        slots = max(1, window["slots"])
-        scalars = {
-            "loss/total": losses["total"], "loss/contrastive": losses["contrastive"], "loss/hnml": losses["hnml"],
-            "mining/hard_fraction": window["hard"] / slots,
-            "mining/fallbacks": window["fallback"],
-            "mining/wait_s": window["wait_s"],
-            "perf/samples_per_s": window["samples"] / max(elapsed, 1e-9),
-            "perf/step_compute_s": window["compute_s"] / max(1, window["steps"]),
-            "lr": self.scheduler.get_last_lr()[0] if self.scheduler else self.config.optim.lr,
-        }
-        for name, value in scalars.items():
-            self.writer.add_scalar(name, value, opt_step)
-        log.info("step %d: %s", opt_step, ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
 
     def _save(self, micro: int) -> None:
         tag = f"step_{micro // self.accumulation}"
@@ -357,18 +334,19 @@ class Trainer:
         if getattr(self, "_closed", False):
             return
         self._closed = True
-        self.batches.close()
+        if self.sampler is not None:
+            self.sampler.close()
         if self.pusher is not None:
             self.pusher.close(timeout_s=10)
-        if self.prefetcher is not None:
-            self.prefetcher.close()
+        if self.client is not None:
+            self.client.close()
         if self.local_miner is not None:
             self.local_miner.stop()
 
     def _finish(self, final: Path | None, eval_json: Path | None, last: dict, totals: dict) -> TrainResult:
         if self.pusher is not None:
             self.pusher.flush(30)
-        counters = {k: v for k, v in vars(self.counters).items() if k != "lock"}
+        counters = self.counters.snapshot()
         (self.output_dir / f"rank{self.rank}.json").write_text(json.dumps({**totals, "mining": counters}))
         summary = self.output_dir / "summary.json"
         if self.is_main:

@@ -36,6 +36,7 @@ def _device_of(device: str | torch.device | None) -> torch.device:
 @torch.no_grad()
 def _encode_images(model, dataset: CsvPairs, batch_size: int, device: torch.device) -> torch.Tensor:
     """Normalised image embeddings [N, D] on the CPU, in row order."""
+    dataset.max_substitutes = 0  # an evaluation set must be whole: a bad sample is an error, never replaced
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     chunks = [F.normalize(model.encode_image(images.to(device)).float(), dim=-1).cpu() for _, images, _ in loader]
     return torch.cat(chunks)

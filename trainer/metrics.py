@@ -14,7 +14,7 @@ WAIT_BUCKETS_S = (1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 
 class TrainerMetrics:
     registry: CollectorRegistry
     step_seconds: Histogram
-    mining_wait_seconds: Histogram
+    data_wait_seconds: Histogram
     fallbacks: Counter
     hard_pairs: Counter
     samples: Counter
@@ -22,6 +22,8 @@ class TrainerMetrics:
     pushed_rows: Counter
     dropped_pushes: Counter
     mine_failures: Counter
+    foreign_ids: Counter
+    bad_samples: Counter  # labelled by kind; use .labels(rank, kind)
 
     @classmethod
     def create(cls, rank: int) -> "TrainerMetrics":
@@ -35,9 +37,9 @@ class TrainerMetrics:
             registry=r,
             step_seconds=one(Histogram("helip_trainer_step_seconds", "Forward, backward and optimizer step",
                                        buckets=STEP_BUCKETS_S, **labels)),
-            mining_wait_seconds=one(Histogram("helip_trainer_mining_wait_seconds",
-                                              "Time a batch waited for its Mine answer (in the loader)",
-                                              buckets=WAIT_BUCKETS_S, **labels)),
+            data_wait_seconds=one(Histogram("helip_trainer_data_wait_seconds",
+                                            "Time a step waited for the DataLoader's next batch (never for mining)",
+                                            buckets=WAIT_BUCKETS_S, **labels)),
             fallbacks=one(Counter("helip_trainer_fallbacks", "Hard-pair slots filled with a random sample",
                                   **labels)),
             hard_pairs=one(Counter("helip_trainer_hard_pairs", "Hard-pair slots filled with a mined pair", **labels)),
@@ -46,9 +48,15 @@ class TrainerMetrics:
                                          "Fraction of the last batch that was mined hard pairs", **labels)),
             pushed_rows=one(Counter("helip_trainer_pushed_rows", "Embedding rows pushed to the miner", **labels)),
             dropped_pushes=one(Counter("helip_trainer_dropped_pushes",
-                                       "Embedding batches dropped because the push queue was full", **labels)),
-            mine_failures=one(Counter("helip_trainer_mine_failures", "Mine calls that failed or missed their deadline",
+                                       "Embedding batches dropped (push queue full, or miner breaker open)",
+                                       **labels)),
+            mine_failures=one(Counter("helip_trainer_mine_failures",
+                                      "Mine answers missing when their batch was composed (failed, late or skipped)",
                                       **labels)),
+            foreign_ids=one(Counter("helip_trainer_foreign_ids",
+                                    "Neighbour ids the data set does not hold, dropped", **labels)),
+            bad_samples=Counter("helip_trainer_bad_samples", "Bad samples skipped, by kind",
+                                labelnames=["rank", "kind"], registry=r),
         )
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:

@@ -1,18 +1,18 @@
-"""The trainer's side of online mining: Mine calls P batches ahead, and embeddings pushed in the background.
+"""The client side of online mining: its settings, its counters, and Mine calls kept in flight ahead of use.
 
-Neither ever blocks a training step for long: a Mine answer that is not there by its deadline, or an error, gives
-`None` (the composer then falls back to random samples), and a full push queue drops the newest embeddings.
+Nothing here ever makes a caller wait for the miner. `MinePrefetcher.request` starts a Mine call in a small
+thread pool and returns; `MinePrefetcher.take` hands back the answer only if it has already arrived, else None
+(the batch composer then falls back to random samples). Calls go through a circuit breaker, so a hung or dead
+miner costs a few deadlines, not one per batch.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
 
 import grpc
 import numpy as np
@@ -20,6 +20,7 @@ import numpy as np
 from helip.miner.v1 import miner_pb2 as pb
 from miner_service.client import ClientConfig, MinerClient
 from miner_service.sharding import ShardedMinerClient
+from trainer.breaker import BreakerConfig, CircuitBreaker
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +29,22 @@ log = logging.getLogger(__name__)
 class MiningConfig:
     address: str = ""  # host:port of the miner, or of every shard comma-separated; empty: start a local one
     k: int = 50  # neighbours asked per anchor; the composer draws one of them (the paper's code: top 50)
-    prefetch: int = 2  # batches mined ahead of the one training
-    deadline_s: float = 2.0  # how long a step waits for a Mine answer that is not in yet
-    rpc_timeout_s: float = 30.0
+    # Batches mined ahead beyond what the DataLoader already holds (its workers x prefetch_factor batches):
+    # the margin that lets an answer arrive before the DataLoader asks for its batch.
+    prefetch: int = 2
+    deadline_s: float = 10.0  # a Mine call slower than this is cancelled and counts as a failure (breaker)
+    rpc_timeout_s: float = 30.0  # for upserts and stats
+    max_in_flight: int = 4  # Mine calls out at once; more requests queue behind them
+    breaker_failures: int = 3  # consecutive failed calls that open the circuit breaker
+    breaker_cooldown_s: float = 2.0  # first pause before a probe call; doubles per failed probe
+    breaker_max_cooldown_s: float = 30.0
     scoring: str = "PRODUCT"
     max_similarity: float = 0.0  # 0: the miner's default near-duplicate cut
     push_queue: int = 64  # upserts waiting to be sent before new ones are dropped
     wire_dtype: str = "FLOAT16"
     # Before the first step, embed the whole training set once with the starting model and push it, so that
     # epoch one already has hard pairs (the paper's offline pass, streamed). Off: epoch one mostly falls back.
+    # A resumed run bootstraps whenever the miner holds fewer rows than the data set, whatever this says.
     bootstrap_index: bool = False
     # Push each step's embeddings (online HELIP). Off with bootstrap_index on: the index stays as the starting
     # model saw the data, i.e. the paper's offline mining.
@@ -50,24 +58,52 @@ class MiningConfig:
     tls_server_name: str = ""
     token_file: str = ""
 
+    def __post_init__(self):
+        for name in ("k", "max_in_flight", "push_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"mining.{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefetch < 0:
+            raise ValueError(f"mining.prefetch must be >= 0, got {self.prefetch}")
+        for name in ("deadline_s", "rpc_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"mining.{name} must be > 0, got {getattr(self, name)}")
+        if self.scoring not in pb.Scoring.keys():
+            raise ValueError(f"mining.scoring must be one of {list(pb.Scoring.keys())}, got {self.scoring!r}")
+        if self.wire_dtype not in pb.DType.keys():
+            raise ValueError(f"mining.wire_dtype must be one of {list(pb.DType.keys())}, got {self.wire_dtype!r}")
+        self.breaker  # validates the breaker settings, naming them
+
+    @property
+    def breaker(self) -> BreakerConfig:
+        try:
+            return BreakerConfig(self.breaker_failures, self.breaker_cooldown_s, self.breaker_max_cooldown_s)
+        except ValueError as error:
+            raise ValueError(f"mining.{error}") from None
+
 
 @dataclass
 class MiningCounters:
-    """What the trainer logs and exports about mining (read by the engine each step)."""
+    """Running totals of what mining did for one rank; thread-safe, read by loggers and metrics."""
 
-    mine_calls: int = 0
-    mine_failures: int = 0
-    mine_late: int = 0
-    waited_s: float = 0.0
+    mine_calls: int = 0  # Mine calls sent
+    mine_failures: int = 0  # ...that failed (error or past deadline_s)
+    mine_late: int = 0  # answers not there when their batch was composed (the batch fell back)
+    mine_skipped: int = 0  # batches not asked for because the circuit breaker was open
+    foreign_ids: int = 0  # neighbour ids the data set does not hold (a miner with other rows), dropped
+    breaker_opened: int = 0
     pushed_rows: int = 0
     push_failures: int = 0
-    dropped_pushes: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    dropped_pushes: int = 0  # push batches dropped: queue full, or breaker open
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas) -> None:
         with self.lock:
             for name, delta in deltas.items():
                 setattr(self, name, getattr(self, name) + delta)
+
+    def snapshot(self) -> dict[str, int]:
+        with self.lock:
+            return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "lock"}
 
 
 def make_client(config: MiningConfig):
@@ -85,116 +121,91 @@ def make_client(config: MiningConfig):
     return MinerClient(client_config)
 
 
-class MiningPrefetcher:
-    """Keeps the Mine calls for the next `prefetch` batches in flight."""
+class RateLimitedLog:
+    """A warning at most every `every_s` seconds: a down miner would otherwise log once per batch."""
 
-    def __init__(self, client: MinerClient, config: MiningConfig, counters: MiningCounters):
+    def __init__(self, logger: logging.Logger, every_s: float = 10.0):
+        self._logger = logger
+        self._every_s = every_s
+        self._last = -float("inf")
+
+    def warning(self, message: str, *args) -> None:
+        now = time.monotonic()
+        if now - self._last >= self._every_s:
+            self._last = now
+            self._logger.warning(message, *args)
+
+
+class MinePrefetcher:
+    """Mine calls for batches ahead, at most `max_in_flight` running at once, behind a circuit breaker."""
+
+    def __init__(self, client, config: MiningConfig, counters: MiningCounters | None = None):
         self.client = client
         self.config = config
-        self.counters = counters
-        self._pool = ThreadPoolExecutor(max_workers=max(1, config.prefetch), thread_name_prefix="mine")
+        self.counters = counters or MiningCounters()
+        self.breaker = CircuitBreaker(config.breaker)
+        self._pool = ThreadPoolExecutor(max_workers=config.max_in_flight, thread_name_prefix="mine")
         self._pending: dict[int, Future] = {}
+        self._lock = threading.Lock()
         self._scoring = pb.Scoring.Value(config.scoring)
-        self._last_error_log = 0.0
+        self._warn = RateLimitedLog(log)
 
-    def request(self, step: int, anchor_ids: np.ndarray) -> None:
-        """Start mining for the batch of `step` (idempotent). The anchors exclude each other."""
-        if step in self._pending:
-            return
-        self._pending[step] = self._pool.submit(self._mine, anchor_ids)
-
-    def _mine(self, anchor_ids: np.ndarray) -> np.ndarray:
-        neighbours = self.client.mine(self.config.k, anchor_ids=anchor_ids, exclude_ids=anchor_ids,
-                                      max_similarity=self.config.max_similarity, scoring=self._scoring)
-        return neighbours.ids
-
-    def result(self, step: int) -> np.ndarray | None:
-        """Neighbour ids [anchors, k] for the batch of `step`, or None (not requested, late, or failed)."""
-        future = self._pending.pop(step, None)
-        for old in [s for s in self._pending if s < step]:  # answers for steps that were skipped
-            self._pending.pop(old).cancel()
-        if future is None:
-            return None
-        started = time.perf_counter()
-        try:
-            ids = future.result(timeout=self.config.deadline_s)
-            self.counters.add(mine_calls=1)
-            return ids
-        except FutureTimeout:
-            future.cancel()
-            self.counters.add(mine_calls=1, mine_late=1)
-            self._log_fallback(f"Mine for step {step} missed its {self.config.deadline_s} s deadline")
-        except grpc.RpcError as error:
-            self.counters.add(mine_calls=1, mine_failures=1)
-            self._log_fallback(f"Mine for step {step} failed: {error.code().name} {error.details()}")
-        finally:
-            self.counters.add(waited_s=time.perf_counter() - started)
-        return None
-
-    def _log_fallback(self, message: str) -> None:
-        now = time.monotonic()
-        if now - self._last_error_log > 10.0:  # a down miner would otherwise log every step
-            log.warning("%s; falling back to random samples", message)
-            self._last_error_log = now
-
-    def close(self) -> None:
-        for future in self._pending.values():
-            future.cancel()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-class EmbeddingPusher:
-    """A bounded queue and one sender thread: the step enqueues and returns; a full queue drops and counts."""
-
-    def __init__(self, client: MinerClient, config: MiningConfig, counters: MiningCounters):
-        self.client = client
-        self.counters = counters
-        self._queue: queue.Queue = queue.Queue(maxsize=config.push_queue)
-        self._thread = threading.Thread(target=self._run, name="push", daemon=True)
-        self._last_error_log = 0.0
-        self._thread.start()
-
-    def push(self, ids: np.ndarray, image: np.ndarray, text: np.ndarray, step: int) -> bool:
-        """Queue one batch of normalised embeddings (fp16 numpy, [n, dim]); False when it was dropped."""
-        try:
-            self._queue.put_nowait((ids, image, text, step))
-            return True
-        except queue.Full:
-            self.counters.add(dropped_pushes=1)
-            return False
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                self._queue.task_done()
-                return
-            ids, image, text, step = item
-            try:
-                self.client.upsert(ids, image, text, step)
-                self.counters.add(pushed_rows=len(ids))
-            except grpc.RpcError as error:
-                self.counters.add(push_failures=1)
-                now = time.monotonic()
-                if now - self._last_error_log > 10.0:
-                    log.warning("push of %d rows failed: %s %s", len(ids), error.code().name, error.details())
-                    self._last_error_log = now
-            finally:
-                self._queue.task_done()
-
-    def flush(self, timeout_s: float = 30.0) -> bool:
-        """Wait until everything queued was sent (or failed). Returns False on timeout."""
-        deadline = time.monotonic() + timeout_s
-        while self._queue.unfinished_tasks:
-            if time.monotonic() > deadline:
+    def request(self, step: int, anchor_ids: np.ndarray) -> bool:
+        """Start mining for the batch of `step` (idempotent); False when it was skipped. Never blocks."""
+        with self._lock:
+            if step in self._pending:
+                return True
+            if not self.breaker.allow():
+                self.counters.add(mine_skipped=1)
                 return False
-            time.sleep(0.01)
+            # At most max_in_flight calls run; the rest queue, and a queued call whose batch is composed
+            # before it started is cancelled (take), so a hung miner never holds more than max_in_flight threads.
+            self._pending[step] = self._pool.submit(self._mine, np.asarray(anchor_ids, dtype=np.int64))
         return True
 
-    def close(self, timeout_s: float = 30.0) -> None:
-        self.flush(timeout_s)
+    def _mine(self, anchor_ids: np.ndarray) -> np.ndarray | None:
+        opened_before = self.breaker.opened
         try:
-            self._queue.put_nowait(None)
-        except queue.Full:
-            pass
-        self._thread.join(timeout_s)
+            self.counters.add(mine_calls=1)
+            neighbours = self.client.mine(self.config.k, anchor_ids=anchor_ids, exclude_ids=anchor_ids,
+                                          max_similarity=self.config.max_similarity, scoring=self._scoring,
+                                          timeout_s=self.config.deadline_s)
+            self.breaker.success()
+            return neighbours.ids
+        except grpc.RpcError as error:
+            self.breaker.failure()
+            self.counters.add(mine_failures=1, breaker_opened=self.breaker.opened - opened_before)
+            self._warn.warning("Mine failed (%s %s); batches fall back to random samples; breaker %s",
+                               error.code().name, error.details(), self.breaker.state)
+            return None
+
+    def take(self, step: int) -> np.ndarray | None:
+        """Neighbour ids [anchors, k] for `step` if the answer is already in, else None. Never blocks."""
+        with self._lock:
+            future = self._pending.pop(step, None)
+            for old in [s for s in self._pending if s < step]:  # answers for batches that were skipped over
+                self._pending.pop(old).cancel()
+        if future is None:
+            return None
+        if not future.done():
+            future.cancel()  # a call not started yet never starts; a running one finishes and is dropped
+            self.counters.add(mine_late=1)
+            return None
+        return future.result()
+
+    def wait(self, step: int, timeout_s: float) -> None:
+        """Block up to `timeout_s` for the answer of `step`: only for use before training starts."""
+        with self._lock:
+            future = self._pending.get(step)
+        if future is not None:
+            try:
+                future.exception(timeout=timeout_s)
+            except (TimeoutError, CancelledError):
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            for future in self._pending.values():
+                future.cancel()
+            self._pending.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)

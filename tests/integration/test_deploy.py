@@ -35,8 +35,8 @@ INSTALL_HINT = "install the deploy tools with `bash scripts/dev.sh install`"
 # these; test_trainer_metric_list_matches_the_exporter checks the list against the exporter's registry.
 TRAINER_METRICS = {
     "helip_trainer_step_seconds_bucket", "helip_trainer_step_seconds_count", "helip_trainer_step_seconds_sum",
-    "helip_trainer_mining_wait_seconds_bucket", "helip_trainer_mining_wait_seconds_count",
-    "helip_trainer_mining_wait_seconds_sum", "helip_trainer_fallbacks_total", "helip_trainer_hard_pairs_total",
+    "helip_trainer_data_wait_seconds_bucket", "helip_trainer_data_wait_seconds_count",
+    "helip_trainer_data_wait_seconds_sum", "helip_trainer_fallbacks_total", "helip_trainer_hard_pairs_total",
     "helip_trainer_samples_total", "helip_trainer_hard_pair_fraction", "helip_trainer_pushed_rows_total",
     "helip_trainer_dropped_pushes_total", "helip_trainer_mine_failures_total",
 }
@@ -138,7 +138,7 @@ def test_dashboard_shows_what_operators_need():
     exprs = " ".join(dashboard_exprs())
     for needle in ("histogram_quantile(0.99, sum by (le) (rate(helip_miner_mine_seconds_bucket",
                    "helip_miner_upserted_rows_total", "helip_miner_neighbour_staleness_steps_bucket",
-                   "helip_trainer_mining_wait_seconds_bucket", "helip_trainer_fallbacks_total", "helip_miner_rows"):
+                   "helip_trainer_data_wait_seconds_bucket", "helip_trainer_fallbacks_total", "helip_miner_rows"):
         assert needle in exprs, needle
     datasource = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yaml").read_text())
     assert datasource["datasources"][0]["uid"] == next(

@@ -1,26 +1,22 @@
-"""The trainer's mining side against a real miner process: prefetch, composition, fallback and recovery."""
+"""The public mining API against a real miner process: HardPairSampler in a DataLoader with worker processes,
+EmbeddingPusher, fallback while the miner is down, the circuit breaker, and recovery."""
 
 from __future__ import annotations
 
-import socket
 import time
 
 import numpy as np
 import torch
 
-from trainer.batches import BatchSource
-from trainer.composer import compose_batch
-from trainer.mining import EmbeddingPusher, MiningConfig, MiningCounters, MiningPrefetcher, make_client
-from trainer.sampler import AnchorSampler, SamplerConfig
+from miner_service.client import MinerClient
+from tests.conftest import free_port
+from trainer.data import Sample
+from trainer.hard_pairs import HardPairSampler, hard_pair_loader
+from trainer.mining import MiningConfig, MiningCounters, make_client
+from trainer.pusher import EmbeddingPusher
 
 DIM = 16
 N = 400
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clustered(rng, n, dim):
@@ -31,94 +27,107 @@ def clustered(rng, n, dim):
             text / np.linalg.norm(text, axis=1, keepdims=True))
 
 
-class TensorPairs:
-    """A tiny in-memory data set with the trainer's sample contract (id, image, tokens)."""
+class TensorPairs(torch.utils.data.Dataset):
+    """A tiny in-memory data set with the sample contract (id, image, tokens); picklable for workers."""
 
     def __len__(self):
         return N
 
     def __getitem__(self, i):
-        return i, torch.full((3, 4, 4), float(i)), torch.full((5,), i, dtype=torch.long)
+        return Sample(i, torch.full((3, 4, 4), float(i)), torch.full((5,), i, dtype=torch.long))
 
 
-def push_all(config, image, text):
+def push_all(config, image, text, as_torch=False):
     counters = MiningCounters()
     client = make_client(config)
     client.wait_ready(30)  # a restarted miner: let the channel reconnect before counting on it
     pusher = EmbeddingPusher(client, config, counters)
     for first in range(0, N, 100):
-        ids = np.arange(first, first + 100, dtype=np.uint64)
-        assert pusher.push(ids, image[first:first + 100].astype(np.float16), text[first:first + 100].astype(np.float16), 1)
+        ids = np.arange(first, first + 100)
+        rows_i, rows_t = image[first:first + 100], text[first:first + 100]
+        if as_torch:  # what a training loop hands over: torch tensors, ids as a LongTensor
+            ids, rows_i, rows_t = torch.from_numpy(ids), torch.from_numpy(rows_i), torch.from_numpy(rows_t)
+        assert pusher.push(ids, rows_i, rows_t, 1)
     assert pusher.flush(30)
     pusher.close()
     assert counters.pushed_rows == N and counters.push_failures == 0
 
 
-def test_prefetch_compose_fallback_and_recovery(miner_factory):
-    port = free_port()
-    miner = miner_factory("--dim", str(DIM), "--port", str(port))
-    config = MiningConfig(address=f"127.0.0.1:{port}", k=10, prefetch=2, deadline_s=5.0)
-    image, text = clustered(np.random.default_rng(0), N, DIM)
-    push_all(config, image, text)
-
-    counters = MiningCounters()
-    prefetcher = MiningPrefetcher(make_client(config), config, counters)
-    sampler = AnchorSampler(SamplerConfig(n_samples=N, batch_size=16, hard_ratio=0.5, seed=1))
-    for step in range(3):
-        prefetcher.request(step, sampler.anchors(step))
-    for step in range(3):
-        anchors = sampler.anchors(step)
-        neighbours = prefetcher.result(step)
-        assert neighbours.shape == (8, 10)
-        assert not np.isin(neighbours, anchors).any()  # the rest of the batch is excluded
-        batch = compose_batch(anchors, neighbours, 16, N, np.random.default_rng(step), top=10)
-        assert len(set(batch.ids.tolist())) == 16 and batch.n_hard == 8
-        for anchor_pos, hard_pos in batch.couples:
-            anchor = batch.ids[anchor_pos]
-            row = list(anchors).index(anchor)
-            assert batch.ids[hard_pos] in neighbours[row]
-            # Clustered data: hard pairs come from the anchor's own cluster.
-            assert batch.ids[hard_pos] % 20 == anchor % 20
-    assert counters.mine_failures == 0
-
-    # The miner goes away: mining fails fast, the batch falls back to random samples, training would go on.
-    miner.stop()
-    prefetcher.request(10, sampler.anchors(10))
-    assert prefetcher.result(10) is None
-    assert counters.mine_failures + counters.mine_late == 1
-    batch = compose_batch(sampler.anchors(10), None, 16, N, np.random.default_rng(0))
-    assert batch.n_fallback == 8 and len(set(batch.ids.tolist())) == 16
-
-    # It comes back on the same address (empty: a miner without Redis keeps rows in memory only).
-    miner_factory("--dim", str(DIM), "--port", str(port))
-    push_all(config, image, text)
-    deadline = time.monotonic() + 20
-    while True:
-        prefetcher.request(20, sampler.anchors(20))
-        neighbours = prefetcher.result(20)
-        if neighbours is not None or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert neighbours is not None and (neighbours >= 0).all()
-    prefetcher.close()
-
-
-def test_batch_source_mines_ahead(miner_factory):
+def test_dataloader_workers_get_hard_pairs_from_the_miner(miner_factory):
     miner = miner_factory("--dim", str(DIM))
     config = MiningConfig(address=miner.address, k=10, prefetch=2, deadline_s=5.0)
-    image, text = clustered(np.random.default_rng(1), N, DIM)
+    image, text = clustered(np.random.default_rng(0), N, DIM)
+    push_all(config, image, text, as_torch=True)
+    sampler = HardPairSampler(N, 16, miner.address, config, hard_ratio=0.5, seed=2, num_workers=2,
+                              prefetch_factor=2, steps=12)
+    assert sampler.lookahead == 2 * 2 + 2 + 1
+    loader = hard_pair_loader(TensorPairs(), sampler)
+    steps, same_cluster = [], 0
+    for batch in loader:
+        layout = sampler.layout(batch.ids)
+        steps.append(layout.step)
+        # Every image carries its id: the workers loaded exactly the ids the sampler composed.
+        assert batch.images[:, 0, 0, 0].long().tolist() == batch.ids.tolist()
+        assert layout.n_hard == 8 and layout.n_fallback == 0 and len(layout.couples) == 8
+        for anchor_row, hard_row in layout.couples.tolist():
+            anchor, hard = int(batch.ids[anchor_row]), int(batch.ids[hard_row])
+            assert anchor_row % 2 == 0 and hard_row == anchor_row + 1  # anchor, its hard pair, anchor, ...
+            same_cluster += hard % 20 == anchor % 20
+    assert steps == list(range(12))
+    # Clustered data: hard pairs mostly come from the anchor's own cluster (the miner's near-duplicate cut
+    # removes the closest members of small clusters, so not always).
+    assert same_cluster >= 0.75 * 12 * 8
+    assert sampler.counters.mine_failures == 0 and sampler.counters.mine_late == 0
+    sampler.close()
+
+
+def test_miner_down_falls_back_opens_the_breaker_and_recovers(miner_factory):
+    port = free_port()
+    miner = miner_factory("--dim", str(DIM), "--port", str(port))
+    config = MiningConfig(address=f"127.0.0.1:{port}", k=10, prefetch=0, deadline_s=2.0, breaker_failures=2,
+                          breaker_cooldown_s=0.5, breaker_max_cooldown_s=1.0)
+    image, text = clustered(np.random.default_rng(0), N, DIM)
     push_all(config, image, text)
     counters = MiningCounters()
-    prefetcher = MiningPrefetcher(make_client(config), config, counters)
-    sampler = AnchorSampler(SamplerConfig(n_samples=N, batch_size=16, hard_ratio=0.5, seed=2))
-    source = BatchSource(TensorPairs(), sampler, prefetcher, batch_size=16, seed=2, rank=0, top=10, prefetch=2)
-    for step in range(5):
-        batch = source.take(step)
-        assert batch.step == step and batch.composed.n_hard == 8
-        assert batch.ids.tolist() == batch.composed.ids.tolist()
-        assert batch.images[:, 0, 0, 0].long().tolist() == batch.ids.tolist()
-        # While this step "trains", the Mine calls for the next `prefetch` steps are already in flight.
-        assert {step + 1, step + 2, step + 3} <= set(prefetcher._pending) | {step + 1}
-    source.close()
-    prefetcher.close()
-    assert counters.mine_calls >= 5 and counters.mine_failures == 0  # step 5 may already be loading
+    sampler = HardPairSampler(N, 16, config.address, config, seed=1, steps=10_000, counters=counters)
+    steps = iter(sampler)
+
+    def next_layout():
+        ids = next(steps)
+        time.sleep(0.05)  # a training step: the next batch's Mine call has time to answer
+        return sampler.layout(ids)
+
+    assert next_layout().n_hard == 8
+
+    miner.stop()  # composition never waits: batches fall back at once, and the breaker stops the calls
+    started = time.monotonic()
+    fallbacks = [next_layout() for _ in range(20)]
+    assert time.monotonic() - started < 10
+    assert sum(layout.n_fallback for layout in fallbacks) >= 8 * 15
+    assert counters.breaker_opened >= 1 and counters.mine_skipped > 0
+    calls_while_down = counters.mine_calls
+
+    # Back on the same address (empty: without Redis a miner keeps rows in memory only): a probe closes the
+    # breaker and hard pairs return.
+    miner_factory("--dim", str(DIM), "--port", str(port))
+    push_all(config, image, text)
+    deadline = time.monotonic() + 30
+    while next_layout().n_hard < 8:
+        assert time.monotonic() < deadline, counters.snapshot()
+    assert counters.mine_calls > calls_while_down
+    sampler.close()
+
+
+def test_foreign_ids_from_a_shared_miner_are_dropped_and_counted(miner_factory):
+    miner = miner_factory("--dim", str(DIM))
+    image, text = clustered(np.random.default_rng(2), 2 * N, DIM)
+    with MinerClient(miner.address) as client:  # another data set's rows first, ids N..2N-1
+        client.upsert(np.arange(N, 2 * N, dtype=np.uint64), image[N:], text[N:], 1)
+    config = MiningConfig(address=miner.address, k=10, deadline_s=5.0)
+    push_all(config, image[:N], text[:N])
+    sampler = HardPairSampler(N, 16, miner.address, config, seed=3, steps=6)
+    for ids in sampler:
+        assert max(ids) < N
+        sampler.layout(ids)
+    assert sampler.counters.foreign_ids > 0  # the clusters of both sets overlap, so foreign rows were offered
+    sampler.close()
