@@ -33,8 +33,11 @@ class BreakerConfig:
 
 
 class CircuitBreaker:
-    def __init__(self, config: BreakerConfig = BreakerConfig(), clock: Callable[[], float] = time.monotonic):
+    def __init__(self, config: BreakerConfig = BreakerConfig(), clock: Callable[[], float] = time.monotonic,
+                 on_open: Callable[[], None] | None = None):
+        """on_open: called each time the breaker opens (outside its lock), e.g. to count it."""
         self.config = config
+        self._on_open = on_open
         self._clock = clock
         self._lock = threading.Lock()
         self._state = CLOSED
@@ -67,13 +70,13 @@ class CircuitBreaker:
     def failure(self) -> None:
         with self._lock:
             self._consecutive += 1
+            opens = self._state == HALF_OPEN or (self._state == CLOSED and
+                                                  self._consecutive >= self.config.failures)
             if self._state == HALF_OPEN:
                 self._cooldown_s = min(self._cooldown_s * 2, self.config.max_cooldown_s)
-                self._open()
-            elif self._state == CLOSED and self._consecutive >= self.config.failures:
-                self._open()
-
-    def _open(self) -> None:
-        self._state = OPEN
-        self._opened_at = self._clock()
-        self.opened += 1
+            if opens:
+                self._state = OPEN
+                self._opened_at = self._clock()
+                self.opened += 1
+        if opens and self._on_open is not None:
+            self._on_open()

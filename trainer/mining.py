@@ -71,14 +71,15 @@ class MiningConfig:
             raise ValueError(f"mining.scoring must be one of {list(pb.Scoring.keys())}, got {self.scoring!r}")
         if self.wire_dtype not in pb.DType.keys():
             raise ValueError(f"mining.wire_dtype must be one of {list(pb.DType.keys())}, got {self.wire_dtype!r}")
-        self.breaker  # validates the breaker settings, naming them
+        if self.breaker_failures < 1:
+            raise ValueError(f"mining.breaker_failures must be >= 1, got {self.breaker_failures}")
+        if not 0 < self.breaker_cooldown_s <= self.breaker_max_cooldown_s:
+            raise ValueError(f"mining.breaker_cooldown_s must be in (0, mining.breaker_max_cooldown_s="
+                             f"{self.breaker_max_cooldown_s}], got {self.breaker_cooldown_s}")
 
     @property
     def breaker(self) -> BreakerConfig:
-        try:
-            return BreakerConfig(self.breaker_failures, self.breaker_cooldown_s, self.breaker_max_cooldown_s)
-        except ValueError as error:
-            raise ValueError(f"mining.{error}") from None
+        return BreakerConfig(self.breaker_failures, self.breaker_cooldown_s, self.breaker_max_cooldown_s)
 
 
 @dataclass
@@ -143,7 +144,7 @@ class MinePrefetcher:
         self.client = client
         self.config = config
         self.counters = counters or MiningCounters()
-        self.breaker = CircuitBreaker(config.breaker)
+        self.breaker = CircuitBreaker(config.breaker, on_open=lambda: self.counters.add(breaker_opened=1))
         self._pool = ThreadPoolExecutor(max_workers=config.max_in_flight, thread_name_prefix="mine")
         self._pending: dict[int, Future] = {}
         self._lock = threading.Lock()
@@ -164,7 +165,6 @@ class MinePrefetcher:
         return True
 
     def _mine(self, anchor_ids: np.ndarray) -> np.ndarray | None:
-        opened_before = self.breaker.opened
         try:
             self.counters.add(mine_calls=1)
             neighbours = self.client.mine(self.config.k, anchor_ids=anchor_ids, exclude_ids=anchor_ids,
@@ -174,7 +174,7 @@ class MinePrefetcher:
             return neighbours.ids
         except grpc.RpcError as error:
             self.breaker.failure()
-            self.counters.add(mine_failures=1, breaker_opened=self.breaker.opened - opened_before)
+            self.counters.add(mine_failures=1)
             self._warn.warning("Mine failed (%s %s); batches fall back to random samples; breaker %s",
                                error.code().name, error.details(), self.breaker.state)
             return None

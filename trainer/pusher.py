@@ -63,7 +63,7 @@ class EmbeddingPusher:
     def __init__(self, client, config: MiningConfig = MiningConfig(), counters: MiningCounters | None = None):
         self.client = client
         self.counters = counters or MiningCounters()
-        self.breaker = CircuitBreaker(config.breaker)
+        self.breaker = CircuitBreaker(config.breaker, on_open=lambda: self.counters.add(breaker_opened=1))
         self._queue: queue.Queue = queue.Queue(maxsize=config.push_queue)
         self._thread = threading.Thread(target=self._run, name="push", daemon=True)
         self._warn = RateLimitedLog(log)
@@ -97,14 +97,13 @@ class EmbeddingPusher:
         if not self.breaker.allow():
             self.counters.add(dropped_pushes=1)
             return
-        opened_before = self.breaker.opened
         try:
             self.client.upsert(ids, image.numpy(), text.numpy(), step)
             self.breaker.success()
             self.counters.add(pushed_rows=len(ids))
         except grpc.RpcError as error:
             self.breaker.failure()
-            self.counters.add(push_failures=1, breaker_opened=self.breaker.opened - opened_before)
+            self.counters.add(push_failures=1)
             self._warn.warning("push of %d rows failed: %s %s", len(ids), error.code().name, error.details())
 
     def flush(self, timeout_s: float = 30.0) -> bool:

@@ -65,3 +65,12 @@ def test_bad_sampler_config():
         SamplerConfig(n_samples=10, batch_size=4, hard_ratio=1.0)
     with pytest.raises(ValueError, match="too few"):
         SamplerConfig(n_samples=3, batch_size=8, hard_ratio=0.5, world_size=2)
+
+
+def test_ids_the_data_set_does_not_hold_are_dropped_and_counted():
+    anchors = np.array([0, 1])
+    # A shared miner answered with rows of a bigger data set: ids 50.. do not exist here (n_samples = 10).
+    neighbours = np.array([[57, 3, 61], [88, 99, -1]])
+    batch = compose_batch(anchors, neighbours, 4, 10, np.random.default_rng(0), top=3)
+    assert batch.ids.max() < 10 and batch.ids[1] == 3
+    assert (batch.n_hard, batch.n_fallback, batch.n_foreign) == (1, 1, 4)

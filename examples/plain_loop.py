@@ -1,0 +1,102 @@
+"""CLIP training in plain PyTorch + open_clip, with HELIP's online hard pairs added in a handful of lines.
+
+Everything here is an ordinary CLIP loop; the lines marked `# helip` are all that hard pairs need:
+a batch sampler that puts each anchor's mined hard pair in the same batch, a loss that adds the margin
+loss on those (anchor, hard pair) couples, and a push of each step's embeddings to the miner.
+
+    helip-miner serve --dim 64 --port 50051 &          # dim: the model's embed_dim (helip-tiny: 64)
+    python examples/plain_loop.py --train-data data/train.csv --miner 127.0.0.1:50051 --steps 200
+"""
+
+import argparse
+import logging
+import math
+from pathlib import Path
+
+import open_clip
+import torch
+
+from trainer.data import CsvPairs  # map-style: dataset[i] -> (i, image, tokens); the id is what the miner stores
+from trainer.hard_pairs import HardPairSampler, hard_pair_loader  # helip
+from trainer.losses import HelipLoss, LossConfig  # helip
+from trainer.mining import MiningConfig, make_client  # helip
+from trainer.pusher import EmbeddingPusher  # helip
+
+log = logging.getLogger("plain_loop")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train-data", required=True, help="open_clip CSV: tab-separated, columns filepath, title")
+    parser.add_argument("--miner", help="HOST:PORT of a running `helip-miner serve --dim <model embed_dim>`")
+    parser.add_argument("--model", default="configs/models/helip-tiny.json",
+                        help="an open_clip model name, or the path of a JSON open_clip model config")
+    parser.add_argument("--pretrained", help="a local open_clip weights file (default: random init)")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=64, help="rows per batch: anchors + their hard pairs")
+    parser.add_argument("--hard-ratio", type=float, default=0.5, help="share of each batch that is hard pairs")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output", help="save the final state dict to this file")
+    args = parser.parse_args(argv)
+    if not args.miner:
+        parser.error("--miner HOST:PORT is required: start a miner first, e.g. `helip-miner serve --dim 64 "
+                     "--port 50051` (--dim = the model's embed_dim), then pass --miner 127.0.0.1:50051")
+    if args.pretrained and not Path(args.pretrained).is_file():
+        parser.error(f"--pretrained must be a local weights file (nothing is downloaded), got {args.pretrained!r}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.manual_seed(0)
+
+    # The model: a named open_clip architecture, or a JSON config registered under its file's stem.
+    name = args.model
+    if name.endswith(".json"):
+        open_clip.add_model_config(name)
+        name = Path(name).stem
+    model, preprocess, _ = open_clip.create_model_and_transforms(
+        name, pretrained=args.pretrained, device=args.device, output_dict=True)
+    tokenizer = open_clip.get_tokenizer(name)
+    dataset = CsvPairs(args.train_data, preprocess, tokenizer)
+
+    mining = MiningConfig(address=args.miner)  # helip
+    sampler = HardPairSampler(len(dataset), args.batch_size, args.miner, mining,  # helip: anchors + hard pairs
+                              hard_ratio=args.hard_ratio, num_workers=args.workers, steps=args.steps)  # helip
+    loader = hard_pair_loader(dataset, sampler)  # helip: a DataLoader of PairBatch(ids, images, tokens)
+    pusher = EmbeddingPusher(make_client(mining), mining)  # helip: sends embeddings in the background
+    criterion = HelipLoss(LossConfig(margin=0.2, hnml_weight=1.0))  # helip: CLIP loss + margin loss on couples
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
+
+    model.train()
+    for step, batch in enumerate(loader):
+        layout = sampler.layout(batch.ids)  # helip: which rows are (anchor, hard pair) couples
+        images = batch.images.to(args.device, non_blocking=True)
+        tokens = batch.tokens.to(args.device, non_blocking=True)
+        out = model(images, tokens)
+        losses = criterion(out["image_features"], out["text_features"], out["logit_scale"],
+                           layout.couples)  # helip: the couples; without them this is open_clip's ClipLoss
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))  # as open_clip does
+        pusher.push(batch.ids, out["image_features"], out["text_features"], step)  # helip: index this batch
+        log.info("step %d loss %.4f (contrastive %.4f, margin %.4f) hard fraction %.3f (%d hard, %d fallback)",
+                 step, losses["total"].item(), losses["contrastive"].item(), losses["hnml"].item(),
+                 layout.hard_fraction, layout.n_hard, layout.n_fallback)
+
+    pusher.close()  # helip: waits for the last pushes
+    sampler.close()  # helip
+    log.info("done: %d steps, pushed %d rows; mining %s", args.steps, pusher.counters.pushed_rows,
+             sampler.counters.snapshot())
+    if args.output:
+        torch.save(model.state_dict(), args.output)
+        log.info("saved the state dict to %s", args.output)
+
+
+if __name__ == "__main__":  # needed: DataLoader workers start from a forkserver, which imports this file
+    main()

@@ -1,0 +1,113 @@
+"""HardPairSampler's own logic, with an in-process stand-in for the miner client (the real miner is exercised in
+tests/integration/test_trainer_mining.py): lookahead, never waiting, layouts of delivered batches, epochs."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from miner_service.client import Neighbours
+from trainer.hard_pairs import HardPairSampler
+from trainer.mining import MiningConfig
+
+
+class ScriptedMiner:
+    """Answers Mine with id (anchor + N/2) mod N (a fixed 'hard pair' per anchor), optionally held back or failing."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.release.set()
+        self.fail = False
+        self.calls = []
+
+    def mine(self, k, anchor_ids, exclude_ids, max_similarity, scoring, timeout_s):
+        self.calls.append(np.asarray(anchor_ids).tolist())
+        if not self.release.wait(timeout_s):
+            raise _Deadline()
+        if self.fail:
+            raise _Deadline()
+        ids = ((np.asarray(anchor_ids, dtype=np.int64) + N // 2) % N)[:, None]
+        return Neighbours(ids, np.ones(ids.shape, np.float32), np.zeros(ids.shape, np.uint64), 0, np.zeros(0))
+
+
+class _Deadline(grpc.RpcError):
+    def code(self):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self):
+        return "scripted"
+
+
+N = 100_000
+CONFIG = MiningConfig(k=1, prefetch=2, deadline_s=0.5, breaker_failures=2, breaker_cooldown_s=60,
+                      breaker_max_cooldown_s=60)
+
+
+def _drain(sampler, pause_s=0.02):
+    layouts = []
+    for ids in sampler:
+        time.sleep(pause_s)  # the training step
+        layouts.append(sampler.layout(ids))
+    return layouts
+
+
+def test_lookahead_covers_the_loader_and_every_batch_gets_its_hard_pairs():
+    miner = ScriptedMiner()
+    sampler = HardPairSampler(N, 8, miner, CONFIG, num_workers=3, prefetch_factor=2, steps=10)
+    assert sampler.lookahead == 3 * 2 + 2 + 1
+    iterator = iter(sampler)
+    first = next(iterator)
+    assert len(miner.calls) == sampler.lookahead  # asked ahead before the first batch was handed out
+    layout = sampler.layout(first)
+    assert layout.n_hard == 4 and all(first[h] == (first[a] + N // 2) % N for a, h in layout.couples.tolist())
+    layouts = [layout] + [sampler.layout(ids) for ids in iterator if time.sleep(0.02) is None]
+    assert [lay.step for lay in layouts] == list(range(10))
+    assert all(lay.n_hard == 4 for lay in layouts)
+
+
+def test_a_hung_miner_never_holds_up_a_batch_and_the_breaker_stops_calls():
+    miner = ScriptedMiner()
+    sampler = HardPairSampler(N, 8, miner, CONFIG, steps=40)
+    miner.release.clear()  # the miner hangs (SIGSTOP): every call runs into its deadline
+    started = time.monotonic()
+    layouts = _drain(sampler, pause_s=0.05)
+    assert time.monotonic() - started < 0.5 + 40 * 0.05 + 1.0  # one bounded wait at the start, none after
+    assert sum(lay.n_fallback for lay in layouts) >= 4 * 35
+    assert sampler.counters.breaker_opened == 1 and sampler.counters.mine_skipped > 20
+    assert len(miner.calls) < 12  # the breaker held the rest back
+    miner.release.set()
+    sampler.close()
+
+
+def test_layout_follows_substitutes_and_skips_undelivered_batches():
+    sampler = HardPairSampler(N, 8, ScriptedMiner(), CONFIG, steps=5)
+    iterator = iter(sampler)
+    batches = [next(iterator) for _ in range(4)]
+    time.sleep(0.1)
+    # Batch 0 was never delivered (an abandoned iterator); batch 1 arrives with a bad sample's substitute.
+    delivered = list(batches[1])
+    delivered[1] = N - 1  # the hard pair of the first anchor was replaced
+    layout = sampler.layout(torch.tensor(delivered))
+    assert layout.step == 1 and layout.n_hard == 3 and layout.n_fallback == 1
+    assert [0, 1] not in layout.couples.tolist() and [2, 3] in layout.couples.tolist()
+    assert sampler.layout(batches[2]).step == 2
+    with pytest.raises(KeyError, match="no batch composed"):
+        sampler.layout([7777, 7778, 7779, 7780])
+
+
+def test_epochs_and_resume_offsets():
+    sampler = HardPairSampler(100, 10, None, CONFIG, hard_ratio=0.5, rank=1, world_size=2)
+    assert sampler.anchors.steps_per_epoch == 10 and len(sampler) == 10
+    epoch0 = [ids[0] for ids in sampler]
+    sampler.set_epoch(1)
+    epoch1 = list(sampler)
+    assert len(epoch1) == 10 and [ids[0] for ids in epoch1] != epoch0
+    assert all(len(ids) == 10 and len(set(ids)) == 10 for ids in epoch1)
+    resumed = HardPairSampler(100, 10, None, CONFIG, rank=1, world_size=2, start_step=13)
+    resumed.set_epoch(1)
+    assert len(resumed) == 7 and list(resumed) == epoch1[3:]  # fallbacks are seeded per step: the same batches
