@@ -19,7 +19,7 @@ import torch
 from trainer.data import CsvPairs  # map-style: dataset[i] -> (i, image, tokens); the id is what the miner stores
 from trainer.hard_pairs import HardPairSampler, hard_pair_loader  # helip
 from trainer.losses import HelipLoss, LossConfig  # helip
-from trainer.mining import MiningConfig, make_client  # helip
+from trainer.mining import MiningConfig, MiningCounters, make_client  # helip
 from trainer.pusher import EmbeddingPusher  # helip
 
 log = logging.getLogger("plain_loop")
@@ -63,11 +63,11 @@ def main(argv=None) -> None:
     tokenizer = open_clip.get_tokenizer(name)
     dataset = CsvPairs(args.train_data, preprocess, tokenizer)
 
-    mining = MiningConfig(address=args.miner)  # helip
-    sampler = HardPairSampler(len(dataset), args.batch_size, args.miner, mining,  # helip: anchors + hard pairs
-                              hard_ratio=args.hard_ratio, num_workers=args.workers, steps=args.steps)  # helip
+    mining, counters = MiningConfig(address=args.miner), MiningCounters()  # helip
+    sampler = HardPairSampler(len(dataset), args.batch_size, args.miner, mining, hard_ratio=args.hard_ratio,  # helip
+                              num_workers=args.workers, steps=args.steps, counters=counters)  # helip
     loader = hard_pair_loader(dataset, sampler)  # helip: a DataLoader of PairBatch(ids, images, tokens)
-    pusher = EmbeddingPusher(make_client(mining), mining)  # helip: sends embeddings in the background
+    pusher = EmbeddingPusher(make_client(mining), mining, counters)  # helip: sends embeddings in the background
     criterion = HelipLoss(LossConfig(margin=0.2, hnml_weight=1.0))  # helip: CLIP loss + margin loss on couples
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
 
@@ -91,8 +91,7 @@ def main(argv=None) -> None:
 
     pusher.close()  # helip: waits for the last pushes
     sampler.close()  # helip
-    log.info("done: %d steps, pushed %d rows; mining %s", args.steps, pusher.counters.pushed_rows,
-             sampler.counters.snapshot())
+    log.info("done: %d steps; mining %s", args.steps, counters.snapshot())
     if args.output:
         torch.save(model.state_dict(), args.output)
         log.info("saved the state dict to %s", args.output)

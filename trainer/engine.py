@@ -88,6 +88,17 @@ def deepspeed_config(config: TrainConfig) -> dict:
     return ds
 
 
+def refuse_local_miner_across_hosts(hosts: list[str], dim: int) -> None:
+    """A local miner listens on 127.0.0.1 of one host: ranks on other hosts could not reach it."""
+    distinct = sorted(set(hosts))
+    if len(distinct) > 1:
+        raise RuntimeError(
+            f"these {len(hosts)} ranks run on {len(distinct)} hosts ({', '.join(distinct)}) and no --miner was "
+            f"given; a local miner would be reachable from one host only. Start one miner for the run "
+            f"(`helip-miner serve --dim {dim} --host 0.0.0.0 --port 50051`, with a token or TLS) and pass "
+            f"--miner HOST:50051 to every rank.")
+
+
 class Trainer:
     def __init__(self, config: TrainConfig):
         import deepspeed
@@ -156,12 +167,7 @@ class Trainer:
             return self.config.mining.address
         hosts = [None] * self.world_size
         dist.all_gather_object(hosts, socket.gethostname())
-        if len(set(hosts)) > 1:
-            raise RuntimeError(
-                f"these {self.world_size} ranks run on {len(set(hosts))} hosts ({', '.join(sorted(set(hosts)))}), "
-                "and a local miner listens on 127.0.0.1 of one of them: start one miner for the run "
-                "(`helip-miner serve --dim {dim} --host 0.0.0.0 ...`) and pass its address with --miner HOST:PORT"
-                .replace("{dim}", str(self.embed_dim)))
+        refuse_local_miner_across_hosts(hosts, self.embed_dim)
         address = None
         if self.is_main:
             self.local_miner = LocalMiner(self.output_dir, self.embed_dim)

@@ -36,3 +36,12 @@ def test_plain_command_is_a_world_of_one():
 def test_inconsistent_variables_are_named(environ, message):
     with pytest.raises(ValueError, match=message):
         dist_env(environ)
+
+
+def test_a_local_miner_is_refused_across_hosts():
+    pytest.importorskip("deepspeed")
+    from trainer.engine import refuse_local_miner_across_hosts
+
+    refuse_local_miner_across_hosts(["node0", "node0", "node0"], 64)  # one host: fine
+    with pytest.raises(RuntimeError, match=r"2 hosts \(node0, node1\).*--miner HOST:50051"):
+        refuse_local_miner_across_hosts(["node0", "node0", "node1", "node1"], 64)

@@ -1,0 +1,184 @@
+"""open_clip's own training script (`open_clip_train.main`) with HELIP's online hard pairs plugged in.
+
+Runs open_clip_train's real `main()` unchanged, after three small patches (each explained where it is made):
+
+1. `open_clip_train.data.get_csv_dataset` (train split only): the CSV training set becomes a DataLoader fed by
+   helip's HardPairSampler: each batch holds this rank's anchors and, next to each, a hard pair the miner found.
+   Its batches unpack as `images, texts` like open_clip's; the sample ids and the (anchor, hard pair) couples of
+   the batch being trained are kept aside for the loss.
+2. `open_clip_train.main.create_loss`: open_clip's ClipLoss becomes helip's HelipLoss (the same contrastive loss,
+   plus the margin loss on the batch's couples), which also pushes the batch's embeddings to the miner.
+3. `DataInfo.set_epoch`: open_clip only forwards the epoch to a DistributedSampler; ours gets it too.
+
+Options of this script start with --helip-; everything else is passed to open_clip_train as is. CSV training
+data only (--dataset-type csv, or auto with a .csv/.tsv path); --accum-freq 1; CLIP loss (no SigLIP, CoCa or
+distillation). Start a miner first, with --dim = the model's embed_dim (helip-tiny: 64):
+
+    helip-miner serve --dim 64 --port 50051 &
+    python examples/open_clip_train_helip.py --helip-miner 127.0.0.1:50051 \\
+        --train-data data/train.csv --dataset-type csv --csv-separator $'\\t' \\
+        --csv-img-key filepath --csv-caption-key title --model helip-tiny --precision fp32 \\
+        --epochs 1 --batch-size 16 --workers 1 --warmup 2 --logs logs --report-to ''
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import open_clip
+import torch
+
+try:
+    import open_clip_train.data
+    import open_clip_train.main
+    from open_clip_train.data import DataInfo
+except ImportError as error:  # open_clip_train's data module needs pandas: open_clip_torch[training] brings it
+    raise SystemExit(f"open_clip_train cannot be imported ({error}): pip install 'open_clip_torch[training]'")
+
+from trainer.data import CsvPairs
+from trainer.hard_pairs import HardPairSampler, hard_pair_loader
+from trainer.losses import HelipLoss, LossConfig
+from trainer.mining import MiningConfig, MiningCounters, make_client
+from trainer.pusher import EmbeddingPusher
+
+log = logging.getLogger("helip")
+MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"  # helip-tiny.json lives here
+
+
+class HardPairDataInfo(DataInfo):
+    def set_epoch(self, epoch):
+        # Patch 3: open_clip's DataInfo.set_epoch only reaches a DistributedSampler; the hard-pair sampler draws a
+        # new anchor permutation per epoch, so it needs the epoch as well (train_one_epoch calls this first).
+        self.sampler.set_epoch(epoch)
+
+
+class HardPairBatches:
+    """What open_clip's train_one_epoch iterates: (images, texts) per batch, plus `num_batches`/`num_samples`.
+
+    While open_clip trains on a batch, `current` holds that batch's ids and layout (couples, hard counts): the
+    loop runs the model and the loss on one batch before it asks for the next, so the loss reads them here.
+    """
+
+    def __init__(self, loader, sampler: HardPairSampler, log_every: int):
+        self.loader, self.sampler, self.log_every = loader, sampler, log_every
+        self.num_batches = len(sampler)  # steps per epoch (per rank)
+        self.num_samples = self.num_batches * sampler.batch_size * sampler.anchors.config.world_size
+        self.current = None
+
+    def __len__(self):
+        return self.num_batches
+
+    def __iter__(self):
+        hard = slots = n = 0
+        for i, batch in enumerate(self.loader):
+            layout = self.sampler.layout(batch.ids)
+            self.current = (batch.ids, layout)
+            hard, slots, n = hard + layout.n_hard, slots + layout.n_slots, n + 1
+            if i % self.log_every == 0 or i + 1 == self.num_batches:
+                log.info("helip step %d: hard fraction %.3f (%d hard, %d fallback)", layout.step,
+                         layout.hard_fraction, layout.n_hard, layout.n_fallback)
+            yield batch.images, batch.tokens
+        self.current = None
+        log.info("helip epoch %d: hard fraction %.3f over %d batches; mining %s", self.sampler.epoch,
+                 hard / max(slots, 1), n, self.sampler.counters.snapshot())
+
+
+class HelipOpenClipLoss(torch.nn.Module):
+    """Called by train_one_epoch as `loss(image_features=, text_features=, logit_scale=, output_dict=True)`;
+    returns named terms that open_clip sums into the loss it backpropagates (and logs each of)."""
+
+    def __init__(self, batches: HardPairBatches, pusher: EmbeddingPusher, config: LossConfig, rank, world_size):
+        super().__init__()
+        self.batches, self.pusher, self.config = batches, pusher, config
+        self.helip = HelipLoss(config, rank=rank, world_size=world_size)
+
+    def forward(self, image_features, text_features, logit_scale, output_dict=False, **unused):
+        ids, layout = self.batches.current
+        losses = self.helip(image_features, text_features, logit_scale, layout.couples)
+        # The embeddings open_clip computed anyway go to the miner (a background thread sends them).
+        self.pusher.push(ids, image_features, text_features, layout.step)
+        terms = {"contrastive_loss": losses["contrastive"], "hnml_loss": self.config.hnml_weight * losses["hnml"]}
+        return terms if output_dict else sum(terms.values())
+
+
+class HelipPlugin:
+    def __init__(self, miner: str, hard_ratio: float, loss_config: LossConfig):
+        self.mining, self.counters = MiningConfig(address=miner), MiningCounters()
+        self.hard_ratio, self.loss_config = hard_ratio, loss_config
+        self.pusher = EmbeddingPusher(make_client(self.mining), self.mining, self.counters)
+        self.sampler = self.batches = None
+
+    def install(self) -> None:
+        original_csv_dataset = open_clip_train.data.get_csv_dataset
+
+        def get_csv_dataset(args, preprocess_fn, is_train, epoch=0, tokenizer=None):
+            # Patch 1: open_clip_train.data.get_data looks this function up by name for a CSV data set; the
+            # training split gets the hard-pair loader, a validation split stays open_clip's.
+            if not is_train:
+                return original_csv_dataset(args, preprocess_fn, is_train, epoch=epoch, tokenizer=tokenizer)
+            return self.train_data(args, preprocess_fn, epoch, tokenizer)
+
+        def create_loss(args):
+            # Patch 2: main() builds its loss with this name (imported from open_clip); ours reads the couples of
+            # the batch in training and pushes its embeddings. Only the configurations it can serve pass.
+            if self.batches is None:
+                raise SystemExit("helip example: needs CSV training data (--dataset-type csv, or auto with a "
+                                 ".csv/.tsv --train-data)")
+            if args.accum_freq != 1 or args.distill or args.siglip or "coca" in args.model.lower():
+                raise SystemExit("helip example: needs --accum-freq 1 and the CLIP loss (no SigLIP, CoCa, "
+                                 "distillation): the couples and ids belong to one batch")
+            return HelipOpenClipLoss(self.batches, self.pusher, self.loss_config, args.rank, args.world_size)
+
+        open_clip_train.data.get_csv_dataset = get_csv_dataset
+        open_clip_train.main.create_loss = create_loss
+
+    def train_data(self, args, preprocess_fn, epoch, tokenizer) -> DataInfo:
+        # The same CSV open_clip would read (image paths may also be relative to the CSV's directory); a sample is
+        # (id, image, tokens), the id being its row, which is what the miner stores.
+        dataset = CsvPairs(args.train_data, preprocess_fn, tokenizer, img_key=args.csv_img_key,
+                           caption_key=args.csv_caption_key, sep=args.csv_separator)
+        self.sampler = HardPairSampler(len(dataset), args.batch_size, self.pusher.client, self.mining,
+                                       hard_ratio=self.hard_ratio, rank=args.rank, world_size=args.world_size,
+                                       seed=args.seed, num_workers=args.workers, counters=self.counters)
+        self.sampler.set_epoch(epoch)
+        self.batches = HardPairBatches(hard_pair_loader(dataset, self.sampler), self.sampler,
+                                       args.log_every_n_steps)
+        log.info("helip: %d training pairs from %s; batches of %d rows, %.0f%% hard pairs", len(dataset),
+                 args.train_data, args.batch_size, 100 * self.hard_ratio)
+        return HardPairDataInfo(self.batches, self.sampler)
+
+    def close(self) -> None:
+        self.pusher.close()  # waits for the last pushes
+        if self.sampler is not None:
+            self.sampler.close()
+
+
+def main(argv=None) -> int:
+    # allow_abbrev=False: open_clip's options (--model, ...) must never be taken for abbreviations of ours.
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     epilog="Other options go to open_clip_train: python -m open_clip_train.main -h")
+    parser.add_argument("--helip-miner", required=True, metavar="HOST:PORT",
+                        help="a running `helip-miner serve --dim <model embed_dim>`")
+    parser.add_argument("--helip-hard-ratio", type=float, default=0.5,
+                        help="share of each batch that is hard pairs")
+    parser.add_argument("--helip-margin", type=float, default=0.2, help="margin of the hard-pair margin loss")
+    parser.add_argument("--helip-hnml-weight", type=float, default=1.0, help="weight of the margin loss (0: off)")
+    parser.add_argument("--helip-model-config", default=str(MODEL_CONFIGS), metavar="PATH",
+                        help="a JSON open_clip model config, or a directory of them, to register (then pass "
+                             "--model <file stem>); default: this repository's configs/models")
+    helip_args, open_clip_args = parser.parse_known_args(argv)
+
+    open_clip.add_model_config(helip_args.helip_model_config)
+    plugin = HelipPlugin(helip_args.helip_miner, helip_args.helip_hard_ratio,
+                         LossConfig(margin=helip_args.helip_margin, hnml_weight=helip_args.helip_hnml_weight))
+    plugin.install()
+    try:
+        result = open_clip_train.main.main(open_clip_args)
+    finally:
+        plugin.close()
+    return 0 if result is None else 1  # main() returns -1 when it refuses to start (it prints why)
+
+
+if __name__ == "__main__":  # needed: DataLoader workers start from a forkserver, which imports this file
+    sys.exit(main())

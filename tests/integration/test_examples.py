@@ -1,0 +1,90 @@
+"""The examples in examples/ run as their own processes, against a real miner, on a small synthetic set."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from miner_service.client import MinerClient
+from tests.conftest import ROOT
+from trainer.synth import SynthConfig, generate
+
+pytestmark = pytest.mark.slow
+
+EMBED_DIM = json.loads((ROOT / "configs/models/helip-tiny.json").read_text())["embed_dim"]
+TRAIN_SIZE = 200  # batches of 16 rows, half hard pairs: 8 anchors a step, so an epoch is 25 steps
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synth")
+    generate(SynthConfig(out_dir=root, train_size=TRAIN_SIZE, test_size=16, seed=0))
+    return root
+
+
+def run_example(script: str, *args, expect_rc: int = 0, timeout_s: float = 180) -> str:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / script), *map(str, args)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=timeout_s)
+    output = result.stdout + result.stderr
+    assert result.returncode == expect_rc, output[-8000:]
+    return output
+
+
+def miner_rows(address: str) -> int:
+    with MinerClient(address) as client:
+        return client.stats().size
+
+
+def test_plain_loop_trains_with_hard_pairs_and_fills_the_miner(synth, tmp_path, miner_factory):
+    miner = miner_factory("--dim", str(EMBED_DIM))
+    final = tmp_path / "final.pt"
+    output = run_example("plain_loop.py", "--train-data", synth / "train.csv", "--miner", miner.address,
+                         "--steps", 30, "--batch-size", 16, "--workers", 1, "--device", "cpu", "--output", final)
+
+    fractions = [float(f) for f in re.findall(r"step \d+ loss [0-9.]+ .* hard fraction ([0-9.]+)", output)]
+    assert len(fractions) == 30, output[-4000:]
+    # The miner starts empty (step 0 has no hard pair); once the first steps' embeddings are in, anchors get them.
+    assert fractions[0] == 0.0
+    assert sum(fractions[15:]) > 0, fractions
+    assert max(fractions) <= 0.5  # --hard-ratio 0.5: at most half the rows are hard pairs
+    # 25 steps of 8 anchors cover every sample once: each was pushed under its own id.
+    assert miner_rows(miner.address) == TRAIN_SIZE
+    state = torch.load(final, map_location="cpu", weights_only=True)
+    assert "logit_scale" in state and all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_plain_loop_without_a_miner_says_how_to_start_one(synth):
+    output = run_example("plain_loop.py", "--train-data", synth / "train.csv", expect_rc=2, timeout_s=60)
+    assert "--miner HOST:PORT is required" in output and "helip-miner serve --dim" in output
+
+
+def test_open_clip_train_runs_with_the_hard_pair_plugin(synth, tmp_path, miner_factory):
+    pytest.importorskip("pandas", reason="open_clip_train.data imports pandas (open_clip_torch[training])")
+    miner = miner_factory("--dim", str(EMBED_DIM))
+    logs = tmp_path / "logs"
+    output = run_example(
+        "open_clip_train_helip.py", "--helip-miner", miner.address,
+        "--train-data", synth / "train.csv", "--dataset-type", "csv", "--csv-separator", "\t",
+        "--csv-img-key", "filepath", "--csv-caption-key", "title", "--model", "helip-tiny", "--precision", "fp32",
+        "--device", "cpu", "--epochs", 2, "--batch-size", 16, "--workers", 1, "--warmup", 2,
+        "--logs", logs, "--name", "helip", "--report-to", "", "--log-every-n-steps", 5)
+
+    epochs = re.findall(r"helip epoch (\d+): hard fraction ([0-9.]+) over (\d+) batches", output)
+    assert [(e, int(n)) for e, _, n in epochs] == [("0", 25), ("1", 25)], output[-4000:]
+    assert float(epochs[0][1]) > 0 and float(epochs[1][1]) > 0, epochs
+    assert "helip step 25:" in output  # epoch 1 continued the step count: set_epoch reached the sampler
+    # open_clip's own loop logged helip's loss terms, and saved its checkpoints and log.
+    run = logs / "helip"
+    assert "Hnml_loss" in (run / "out.log").read_text()
+    checkpoint = torch.load(run / "checkpoints" / "epoch_2.pt", map_location="cpu", weights_only=False)
+    assert checkpoint["epoch"] == 2 and "logit_scale" in checkpoint["state_dict"]
+    assert (run / "checkpoints" / "epoch_1.pt").exists() and (run / "params.txt").exists()
+    assert miner_rows(miner.address) == TRAIN_SIZE
