@@ -82,19 +82,23 @@ def fill_miner(address: str, n: int) -> None:
                           text[first:last].astype(np.float16), step=1)
 
 
-def cpu_seconds(exclude: int) -> dict[int, float]:
-    """User + system CPU seconds of this process and its descendants (forkserver, workers), except `exclude`."""
+def cpu_seconds(miner_pid: int) -> tuple[dict[int, float], float, float]:
+    """CPU seconds (user + system) so far: per pid of this process and its descendants (forkserver, workers) except
+    the miner; the miner's; and the whole machine's busy time (to tell what other processes took meanwhile)."""
     me = psutil.Process()
-    times = {}
+    ours, miner = {}, 0.0
     for process in [me, *me.children(recursive=True)]:
-        if process.pid == exclude:
-            continue
         try:
             cpu = process.cpu_times()
-            times[process.pid] = cpu.user + cpu.system
         except psutil.NoSuchProcess:
-            pass
-    return times
+            continue
+        if process.pid == miner_pid:
+            miner = cpu.user + cpu.system
+        else:
+            ours[process.pid] = cpu.user + cpu.system
+    machine = psutil.cpu_times()
+    busy = machine.user + machine.nice + machine.system + machine.irq + machine.softirq + machine.steal
+    return ours, miner, busy
 
 
 @dataclass
@@ -106,6 +110,7 @@ class Run:
     cpu_main_s: float = 0.0
     cpu_workers_s: float = 0.0  # forkserver + workers (the forkserver itself idles)
     cpu_miner_s: float = 0.0
+    cpu_other_s: float = 0.0  # other processes on the machine (a busy machine slows the loader down)
     n_hard: int = 0
     hard_slots: int = 0
     counters: dict = field(default_factory=dict)
@@ -128,13 +133,11 @@ def run_loader(kind: str, dataset: CsvPairs, workers: int, args: argparse.Namesp
                                   prefetch_factor=2, steps=total)
         loader = hard_pair_loader(dataset, sampler, pin_memory=False)
     run = Run(kind, workers)
-    miner_process = psutil.Process(miner.process.pid)
     iterator = iter(loader)
     try:
         for index in tqdm(range(total), desc=f"{kind} W={workers}", unit="batch", leave=False):
             if index == args.warmup:  # clocks start once the workers are up and the pipeline is full
-                started, cpu_before, miner_before = time.perf_counter(), cpu_seconds(miner.process.pid), \
-                    sum(miner_process.cpu_times()[:2])
+                started, before = time.perf_counter(), cpu_seconds(miner.process.pid)
             batch = next(iterator)
             if sampler is not None:
                 layout = sampler.layout(batch.ids)
@@ -144,12 +147,12 @@ def run_loader(kind: str, dataset: CsvPairs, workers: int, args: argparse.Namesp
             if index >= args.warmup:
                 run.samples += len(batch)
         run.seconds = time.perf_counter() - started
-        cpu_after = cpu_seconds(miner.process.pid)
-        run.cpu_miner_s = sum(miner_process.cpu_times()[:2]) - miner_before
-        main_pid = psutil.Process().pid
-        deltas = {pid: cpu - cpu_before.get(pid, 0.0) for pid, cpu in cpu_after.items()}
-        run.cpu_main_s = deltas.pop(main_pid)
+        after = cpu_seconds(miner.process.pid)
+        deltas = {pid: cpu - before[0].get(pid, 0.0) for pid, cpu in after[0].items()}
+        run.cpu_main_s = deltas.pop(psutil.Process().pid)
         run.cpu_workers_s = sum(deltas.values())
+        run.cpu_miner_s = after[1] - before[1]
+        run.cpu_other_s = after[2] - before[2] - run.cpu_main_s - run.cpu_workers_s - run.cpu_miner_s
         if sampler is not None:
             run.counters = sampler.counters.snapshot()
     finally:
@@ -179,6 +182,7 @@ def summarize_runs(runs: list[Run], target_rate: float) -> dict:
         "cpu_ms_per_sample_main": cpu_ms - worker_cpu_ms,
         "cpu_ms_per_sample_estimate": 1e3 * workers * seconds / samples,  # workers busy all the time
         "miner_cpu_ms_per_sample": 1e3 * sum(r.cpu_miner_s for r in runs) / samples,
+        "other_processes_cores": sum(r.cpu_other_s for r in runs) / seconds,  # load we did not cause
         "workers_for_target": math.ceil(target_rate / per_worker),  # from this run's per-worker throughput
         "workers_for_target_by_cpu": math.ceil(target_rate * worker_cpu_ms / 1e3),  # one core per worker
         "hard_slots_filled": sum(r.n_hard for r in runs) / max(1, sum(r.hard_slots for r in runs)),
@@ -245,6 +249,8 @@ def main() -> None:
              f"{base['workers_for_target']} / {hard['workers_for_target']}"),
             (f"W={workers}: workers for {args.gpu_step_s} s/{args.gpu_batch}, by CPU: baseline / hard",
              f"{base['workers_for_target_by_cpu']} / {hard['workers_for_target_by_cpu']}"),
+            (f"W={workers}: other processes' CPU (cores), baseline / hard",
+             f"{base['other_processes_cores']:.2f} / {hard['other_processes_cores']:.2f}"),
             (f"W={workers}: hard slots filled", f"{hard['hard_slots_filled']:.3f}"),
             (f"W={workers}: Mine calls / late / failed",
              f"{hard['mine_calls']} / {hard['mine_late']} / {hard['mine_failures']}"),

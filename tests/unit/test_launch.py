@@ -45,3 +45,16 @@ def test_a_local_miner_is_refused_across_hosts():
     refuse_local_miner_across_hosts(["node0", "node0", "node0"], 64)  # one host: fine
     with pytest.raises(RuntimeError, match=r"2 hosts \(node0, node1\).*--miner HOST:50051"):
         refuse_local_miner_across_hosts(["node0", "node0", "node1", "node1"], 64)
+
+
+def test_the_public_api_imports_without_deepspeed():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['deepspeed'] = None\n"  # any import of deepspeed now fails
+            "import trainer\n"
+            "from trainer import *\n"
+            "assert HardPairSampler and EmbeddingPusher and hard_pair_loader and HelipLoss\n"
+            "print(len(trainer.__all__))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
