@@ -25,6 +25,8 @@ class TrainerMetrics:
     foreign_ids: Counter
     bad_samples: Counter  # labelled by kind; use .labels(rank, kind)
 
+    BAD_SAMPLE_KINDS = ("missing_file", "unreadable_image", "unreadable_caption", "empty_caption")
+
     @classmethod
     def create(cls, rank: int) -> "TrainerMetrics":
         r = CollectorRegistry()
@@ -33,6 +35,10 @@ class TrainerMetrics:
         def one(metric):
             return metric.labels(str(rank))
 
+        bad_samples = Counter("helip_trainer_bad_samples", "Bad samples skipped, by kind",
+                              labelnames=["rank", "kind"], registry=r)
+        for kind in cls.BAD_SAMPLE_KINDS:  # exported at 0 from the start, so rate() and alerts see them
+            bad_samples.labels(str(rank), kind)
         return cls(
             registry=r,
             step_seconds=one(Histogram("helip_trainer_step_seconds", "Forward, backward and optimizer step",
@@ -55,8 +61,7 @@ class TrainerMetrics:
                                       **labels)),
             foreign_ids=one(Counter("helip_trainer_foreign_ids",
                                     "Neighbour ids the data set does not hold, dropped", **labels)),
-            bad_samples=Counter("helip_trainer_bad_samples", "Bad samples skipped, by kind",
-                                labelnames=["rank", "kind"], registry=r),
+            bad_samples=bad_samples,
         )
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:

@@ -38,7 +38,8 @@ TRAINER_METRICS = {
     "helip_trainer_data_wait_seconds_bucket", "helip_trainer_data_wait_seconds_count",
     "helip_trainer_data_wait_seconds_sum", "helip_trainer_fallbacks_total", "helip_trainer_hard_pairs_total",
     "helip_trainer_samples_total", "helip_trainer_hard_pair_fraction", "helip_trainer_pushed_rows_total",
-    "helip_trainer_dropped_pushes_total", "helip_trainer_mine_failures_total",
+    "helip_trainer_dropped_pushes_total", "helip_trainer_mine_failures_total", "helip_trainer_foreign_ids_total",
+    "helip_trainer_bad_samples_total",
 }
 # A metric name, not part of a recording rule's name (level:metric:operations).
 METRIC_NAME = re.compile(r"(?<![:\w])helip_(?:miner|trainer)_\w+(?![:\w])")
