@@ -72,12 +72,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from trainer.engine import Trainer
+    from trainer.ledger import TooManyBadSamples
 
     # SIGTERM (an orchestrator stopping the pod) unwinds like Ctrl-C, so the local miner is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     trainer = Trainer(config)
     try:
         result = trainer.train()
+    except TooManyBadSamples as error:  # the data's fault, not the program's: no traceback
+        logging.getLogger("helip-train").error("%s", error)
+        return 1
     finally:
         trainer.close()
     if result.summary_json and result.final_checkpoint:

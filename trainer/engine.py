@@ -240,7 +240,7 @@ class Trainer:
                 self._evaluate(f"step_{done // self.accumulation}")
         progress.close()
         runlog.close()
-        del batches  # stops the loader's workers
+        del batches, loader  # stops the loader's workers
         if config.run.record_ids:
             np.save(self.output_dir / f"seen-ids-rank{self.rank}.npy", np.array(sorted(seen), dtype=np.int64))
         self._save(total_micro)

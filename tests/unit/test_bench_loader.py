@@ -10,6 +10,7 @@ def test_summarize_runs_pools_repeats_and_sizes_workers():
                 counters={"mine_calls": 5})]
     s = summarize_runs(runs, target_rate=1000.0)
     assert s["samples_per_s"] == 500.0 and s["samples_per_s_per_worker"] == 250.0
+    assert s["samples_per_s_runs"] == [500.0, 500.0] and s["spread"] == 0.0
     assert abs(s["cpu_ms_per_sample"] - 2.0) < 1e-9 and abs(s["cpu_ms_per_sample_workers"] - 1.9) < 1e-9
     assert s["cpu_ms_per_sample_estimate"] == 4.0  # 2 workers x 4 s wall / 2000 samples
     assert s["workers_for_target"] == 4  # 1000 samples/s at 250 per worker
