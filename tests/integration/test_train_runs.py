@@ -123,7 +123,9 @@ def test_training_survives_a_miner_restart(synth, tmp_path, miner_factory, redis
     records = losses(out)
     assert len(records) == 150
     before, after = records[:killed_at], records[killed_at:]
-    assert all(r["n_hard"] == 8 for r in before[2:])  # bootstrapped: hard pairs from the start
+    # Bootstrapped: hard pairs from the start (an anchor whose neighbours are all in the batch already gets a
+    # random sample, hence not exactly every slot).
+    assert sum(r["n_hard"] for r in before[2:]) >= 0.95 * 8 * len(before[2:])
     assert sum(r["n_fallback"] for r in after) > 0  # the outage was felt and counted...
     assert after[-1]["n_hard"] == 8 and after[-1]["n_fallback"] == 0  # ...and hard pairs came back
     summary = json.loads((out / "summary.json").read_text())
