@@ -9,19 +9,37 @@ from __future__ import annotations
 import dataclasses
 
 
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
 def coerce(current, value, where: str):
-    """`value` as the type of the field's current value (text from flags and environment is parsed)."""
-    if isinstance(value, str) and not isinstance(current, str):
-        if isinstance(current, bool):
-            return value.strip().lower() in {"1", "true", "yes", "on"}
-        if current is None:
-            return value or None
-        try:
+    """`value` as the type of the field's current value; text (flags, environment) is parsed, and anything that
+    is not clearly of that type is a ValueError naming the key: "ture" is not False, 1.5 is not an int."""
+    kind = type(current).__name__
+    if current is None:  # an optional setting whose default is None: text, or nothing
+        return value or None if isinstance(value, str) else value
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in TRUE_WORDS | FALSE_WORDS:
+            return value.strip().lower() in TRUE_WORDS
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ValueError(f"{where}: expected a boolean (true/false, yes/no, 1/0), got {value!r}")
+    if isinstance(current, (int, float)):
+        if isinstance(value, str):
+            try:
+                return type(current)(value)
+            except ValueError:
+                raise ValueError(f"{where}: cannot read {value!r} as {kind}") from None
+        if isinstance(value, int) and not isinstance(value, bool):
             return type(current)(value)
-        except ValueError:
-            raise ValueError(f"{where}: cannot read {value!r} as {type(current).__name__}") from None
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        if isinstance(value, float) and isinstance(current, float):
+            return value
+        raise ValueError(f"{where}: expected {kind}, got {type(value).__name__} {value!r}")
+    if isinstance(current, str) and not isinstance(value, str):
+        raise ValueError(f"{where}: expected text, got {type(value).__name__} {value!r}")
     return value
 
 

@@ -88,6 +88,7 @@ def test_resume_continues_at_the_same_step_with_the_same_loss(synth, tmp_path):
     (["--set", "optim.nosuch=1"], "nosuch"),
     (["--set", "optim.hard_ratio=1.5"], "hard_ratio"),
     (["--set", "novalue"], "KEY=VALUE"),
+    (["--set", "run.progress=ture"], "run.progress: expected a boolean"),
 ])
 def test_cli_rejects_bad_settings_with_exit_2(args, field):
     result = subprocess.run([sys.executable, "-m", "trainer.cli", "--config", str(ROOT / "configs/demo.yaml"),

@@ -38,3 +38,28 @@ def test_trainer_config_file_and_overrides(tmp_path):
     assert config.model.pretrained == "ckpt.pt" and config.run.resume == ""
     with pytest.raises(ValueError, match="flags.optim.nosuch: unknown setting"):
         train_config.load(None, {"optim.nosuch": 1})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"run.progress": "ture"}, r"flags.run.progress: expected a boolean .* got 'ture'"),
+    ({"run.progress": 2}, "flags.run.progress: expected a boolean"),
+    ({"optim.steps": 1.5}, "flags.optim.steps: expected int, got float 1.5"),
+    ({"optim.steps": True}, "flags.optim.steps: expected int, got bool"),
+    ({"optim.lr": "fast"}, "flags.optim.lr: cannot read 'fast' as float"),
+    ({"model.name": 7}, "flags.model.name: expected text, got int 7"),
+])
+def test_settings_of_the_wrong_type_are_refused_by_name(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train_config.load(None, overrides)
+
+
+def test_a_yaml_value_of_the_wrong_type_names_its_key(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text("optim:\n  steps: 2.5\n")
+    with pytest.raises(ValueError, match="train.yaml.optim.steps: expected int, got float 2.5"):
+        train_config.load(str(path), {})
+    path.write_text("run:\n  progress: maybe\n")
+    with pytest.raises(ValueError, match="train.yaml.run.progress: expected a boolean"):
+        train_config.load(str(path), {})
+    for word, expected in (("yes", True), ("No", False), ("1", True), ("off", False)):
+        assert train_config.load(None, {"run.progress": word}).run.progress is expected
