@@ -145,6 +145,7 @@ class Trainer:
         self.mining_on = optim.hard_ratio > 0
         self.local_miner = None
         self.client = self.pusher = None
+        self.mining = config.mining  # with the local miner's address filled in below, when there is one
         if self.mining_on:
             self.mining = dataclasses.replace(config.mining, address=self._miner_address())
             self.client = make_client(self.mining)
@@ -202,7 +203,7 @@ class Trainer:
         if self._needs_bootstrap(start_micro):
             self._bootstrap()
         self.sampler = HardPairSampler(
-            len(self.dataset), config.optim.batch_size, self.client, self.mining if self.mining_on else config.mining,
+            len(self.dataset), config.optim.batch_size, self.client, self.mining,
             hard_ratio=config.optim.hard_ratio, rank=self.rank, world_size=self.world_size, seed=config.optim.seed,
             num_workers=config.data.workers, prefetch_factor=config.data.prefetch_factor, steps=total_micro,
             start_step=start_micro, counters=self.counters)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from miner_service.client import MinerClient
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 from tests.integration.test_train_runs import losses, run, train_command
 from trainer.synth import SynthConfig, generate
 
@@ -187,7 +187,7 @@ def test_slurm_srun_ranks(synth, tmp_path, miner_factory):
                                                                    "--steps", "4", "--checkpoint-every", "0")]
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     base.update(OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_JOB_ID="777", MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(__import__("tests.conftest", fromlist=["free_port"]).free_port()))
+                MASTER_PORT=str(free_port()))
     ranks = [subprocess.Popen(command, cwd=ROOT, env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     outputs = [p.communicate(timeout=600)[0] for p in ranks]
