@@ -13,8 +13,8 @@ PROTO_ROOT = ROOT / "protos"
 
 
 def generate_stubs() -> None:
-    from grpc_tools import protoc  # build-time dependency, see pyproject [build-system]
     import grpc_tools
+    from grpc_tools import protoc  # build-time dependency, see pyproject [build-system]
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))

@@ -18,16 +18,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def summarize(seconds: list[float]) -> dict:
     values = np.asarray(seconds)
-    return {"median_ms": float(np.median(values) * 1e3), "p99_ms": float(np.percentile(values, 99) * 1e3),
-            "mean_ms": float(values.mean() * 1e3), "n": int(len(values))}
+    return {
+        "median_ms": float(np.median(values) * 1e3),
+        "p99_ms": float(np.percentile(values, 99) * 1e3),
+        "mean_ms": float(values.mean() * 1e3),
+        "n": int(len(values)),
+    }
 
 
 def machine() -> dict:
     import torch
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
 def unit_pairs(rng: np.random.Generator, n: int, dim: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
@@ -36,9 +45,9 @@ def unit_pairs(rng: np.random.Generator, n: int, dim: int, chunk: int = 65536) -
     text = np.empty((n, dim), dtype=np.float32)
     for first in range(0, n, chunk):
         block = rng.standard_normal((min(chunk, n - first), dim), dtype=np.float32)
-        image[first:first + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+        image[first : first + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
         block = block + 0.5 * rng.standard_normal(block.shape, dtype=np.float32)
-        text[first:first + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+        text[first : first + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return image, text
 
 
@@ -50,8 +59,23 @@ class MinerSubprocess:
         port_file = Path(self.dir.name) / "ports.json"
         self.log = open(Path(self.dir.name) / "miner.log", "w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "miner_service.cli", "serve", "--port", "0", "--metrics-port", "-1",
-             "--port-file", str(port_file), *args], stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+            [
+                sys.executable,
+                "-m",
+                "miner_service.cli",
+                "serve",
+                "--port",
+                "0",
+                "--metrics-port",
+                "-1",
+                "--port-file",
+                str(port_file),
+                *args,
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
         deadline = time.monotonic() + 120
         while not port_file.exists() or not port_file.read_text():
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -59,7 +83,7 @@ class MinerSubprocess:
             time.sleep(0.05)
         self.address = f"127.0.0.1:{json.loads(port_file.read_text())['port']}"
 
-    def __enter__(self) -> "MinerSubprocess":
+    def __enter__(self) -> MinerSubprocess:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -36,7 +36,7 @@ def connect(server: MinerSubprocess) -> MinerClient:
 def upsert_rate(client: MinerClient, ids, image, text, batch: int, label: str) -> float:
     started = time.perf_counter()
     for first in tqdm(range(0, len(ids), batch), desc=label, leave=False):
-        client.upsert(ids[first:first + batch], image[first:first + batch], text[first:first + batch], 1)
+        client.upsert(ids[first : first + batch], image[first : first + batch], text[first : first + batch], 1)
     return len(ids) / (time.perf_counter() - started)
 
 
@@ -71,13 +71,14 @@ def main() -> None:
             plain_client, logged_client = connect(plain), connect(logged)
             rates = {"memory": [], "redis_log": []}
             for part in (slice(0, half), slice(half, args.rows)):
-                rates["memory"].append(upsert_rate(plain_client, ids[part], image[part], text[part], args.batch,
-                                                   "upsert, no log"))
-                rates["redis_log"].append(upsert_rate(logged_client, ids[part], image[part], text[part],
-                                                      args.batch, "upsert, Redis log"))
+                rates["memory"].append(
+                    upsert_rate(plain_client, ids[part], image[part], text[part], args.batch, "upsert, no log")
+                )
+                rates["redis_log"].append(
+                    upsert_rate(logged_client, ids[part], image[part], text[part], args.batch, "upsert, Redis log")
+                )
             plain_rate, logged_rate = np.mean(rates["memory"]), np.mean(rates["redis_log"])
-            stream_bytes = redis.Redis.from_url(args.redis_url).memory_usage(
-                f"{prefix}:miner:log:shard-0-of-1") or 0
+            stream_bytes = redis.Redis.from_url(args.redis_url).memory_usage(f"{prefix}:miner:log:shard-0-of-1") or 0
         # Recovery from the log alone (no snapshot): full replay of N rows.
         server, replay_s = timed_start(*durable)
         assert connect(server).stats().size == args.rows
@@ -98,7 +99,7 @@ def main() -> None:
             follower_client = connect(follower)
             lags = []
             rng = np.random.default_rng(1)
-            for round_ in range(args.lag_rounds):
+            for _ in range(args.lag_rounds):
                 chosen = rng.choice(args.rows, 256, replace=False).astype(np.uint64)
                 leader_client.upsert(chosen, image[chosen.astype(np.int64)], text[chosen.astype(np.int64)], 2)
                 acked = time.perf_counter()

@@ -23,9 +23,11 @@ def compare(rows: int, dim: int, k: int) -> dict:
     ids = np.arange(rows, dtype=np.uint64)
     anchors = np.random.default_rng(1).choice(rows, 512, replace=False).astype(np.uint64)
     answers = {}
-    for name, config in {"cpu": SearchConfig(device="cpu"),
-                         "cuda_fp32": SearchConfig(device="cuda", storage_dtype="float32"),
-                         "cuda_fp16": SearchConfig(device="cuda", storage_dtype="float16")}.items():
+    for name, config in {
+        "cpu": SearchConfig(device="cpu"),
+        "cuda_fp32": SearchConfig(device="cuda", storage_dtype="float32"),
+        "cuda_fp16": SearchConfig(device="cuda", storage_dtype="float16"),
+    }.items():
         miner = HardPairMiner(dim, config)
         miner.upsert(ids, image, text, 1)
         answers[name] = miner.mine(k, anchor_ids=anchors)
@@ -35,8 +37,9 @@ def compare(rows: int, dim: int, k: int) -> dict:
         got = answers[name]
         out[name] = {
             "ids_equal_fraction": float((got.neighbour_ids == cpu.neighbour_ids).mean()),
-            "recall_at_k": float(np.mean([len(set(a) & set(b)) / k
-                                          for a, b in zip(got.neighbour_ids, cpu.neighbour_ids)])),
+            "recall_at_k": float(
+                np.mean([len(set(a) & set(b)) / k for a, b in zip(got.neighbour_ids, cpu.neighbour_ids)])
+            ),
             "max_abs_score_diff": float(np.abs(got.scores - cpu.scores).max()),
         }
     return out
@@ -49,8 +52,9 @@ def latency(rows: int, dim: int, n_anchors: int, k: int, repeats: int) -> dict:
     for first in range(0, rows, chunk):  # rows made on the GPU: no 20 GB host round trip
         n = min(chunk, rows - first)
         image = torch.nn.functional.normalize(torch.randn(n, dim, device="cuda", generator=generator), dim=1)
-        text = torch.nn.functional.normalize(image + 0.5 * torch.randn(n, dim, device="cuda", generator=generator),
-                                             dim=1)
+        text = torch.nn.functional.normalize(
+            image + 0.5 * torch.randn(n, dim, device="cuda", generator=generator), dim=1
+        )
         miner.upsert(np.arange(first, first + n, dtype=np.uint64), image, text, 1)
     rng = np.random.default_rng(2)
     seconds = []
@@ -89,12 +93,20 @@ def main() -> None:
     equal = compare(args.compare_rows, args.dim, args.k)
     timing = latency(args.rows, args.dim, args.anchors, args.k, args.repeats)
     results = {"config": vars(args), "equality": equal, "latency": timing}
-    rows = [(f"{name}: ids equal / recall@k / max |score diff|",
-             f"{v['ids_equal_fraction']:.4f} / {v['recall_at_k']:.4f} / {v['max_abs_score_diff']:.2e}")
-            for name, v in equal.items()]
-    rows += [(f"Mine median / p99 at N={args.rows:,} (ms)",
-              f"{timing['mine']['median_ms']:.2f} / {timing['mine']['p99_ms']:.2f}"),
-             ("one plain product of the same shape (ms)", f"{timing['matmul_one_product']['median_ms']:.2f}")]
+    rows = [
+        (
+            f"{name}: ids equal / recall@k / max |score diff|",
+            f"{v['ids_equal_fraction']:.4f} / {v['recall_at_k']:.4f} / {v['max_abs_score_diff']:.2e}",
+        )
+        for name, v in equal.items()
+    ]
+    rows += [
+        (
+            f"Mine median / p99 at N={args.rows:,} (ms)",
+            f"{timing['mine']['median_ms']:.2f} / {timing['mine']['p99_ms']:.2f}",
+        ),
+        ("one plain product of the same shape (ms)", f"{timing['matmul_one_product']['median_ms']:.2f}"),
+    ]
     report("gpu_check", results, rows, args.json_out)
 
 

@@ -50,8 +50,12 @@ def main() -> None:
 
     exact = HardPairMiner(args.dim, SearchConfig(device="cpu", ivf=IvfConfig(min_rows=0)))
     ivf = HardPairMiner(args.dim, SearchConfig(device="cpu", ivf=IvfConfig(min_rows=args.rows, nprobe=args.nprobe)))
-    for ids, image, text in tqdm(clustered_pairs(np.random.default_rng(0), args.rows, args.dim, args.clusters),
-                                 total=-(-args.rows // 65536), desc="rows", leave=False):
+    for ids, image, text in tqdm(
+        clustered_pairs(np.random.default_rng(0), args.rows, args.dim, args.clusters),
+        total=-(-args.rows // 65536),
+        desc="rows",
+        leave=False,
+    ):
         exact.upsert(ids, image, text, 1)
         ivf.upsert(ids, image, text, 1)
     started = time.perf_counter()
@@ -72,15 +76,23 @@ def main() -> None:
         recalls.extend(len(set(a) & set(b)) / args.k for a, b in zip(approx.neighbour_ids, truth.neighbour_ids))
 
     e, i = summarize(exact_s), summarize(ivf_s)
-    results = {"config": vars(args), "ivf_build_wait_s": build_s, "mine_exact": e, "mine_ivf": i,
-               "speedup_median": e["median_ms"] / i["median_ms"], "recall_at_k": float(np.mean(recalls)),
-               "recall_at_k_p10": float(np.percentile(recalls, 10))}
+    results = {
+        "config": vars(args),
+        "ivf_build_wait_s": build_s,
+        "mine_exact": e,
+        "mine_ivf": i,
+        "speedup_median": e["median_ms"] / i["median_ms"],
+        "recall_at_k": float(np.mean(recalls)),
+        "recall_at_k_p10": float(np.percentile(recalls, 10)),
+    }
     rows = [
         (f"Mine exact median / p99 (ms), N={args.rows:,}", f"{e['median_ms']:.0f} / {e['p99_ms']:.0f}"),
         (f"Mine IVF median / p99 (ms), nprobe={args.nprobe}", f"{i['median_ms']:.0f} / {i['p99_ms']:.0f}"),
         ("exact / IVF, median", f"{results['speedup_median']:.1f}x"),
-        (f"recall@{args.k} of the IVF answers (mean / 10th percentile)",
-         f"{results['recall_at_k']:.3f} / {results['recall_at_k_p10']:.3f}"),
+        (
+            f"recall@{args.k} of the IVF answers (mean / 10th percentile)",
+            f"{results['recall_at_k']:.3f} / {results['recall_at_k_p10']:.3f}",
+        ),
         ("IVF build finished after the last upsert (s)", f"{build_s:.0f}"),
     ]
     report("ivf", results, rows, args.json_out)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 import queue
 import time
 import uuid
@@ -52,10 +51,11 @@ def client_loop(index: int, config: LoadConfig, start_at: float, results) -> Non
     import grpc
 
     from helip.miner.v1 import miner_pb2 as pb
-    from miner_service.client import MinerClient, ClientConfig
+    from miner_service.client import ClientConfig, MinerClient
 
-    client = MinerClient(ClientConfig(address=config.address, wire_dtype=pb.FLOAT16, retries=0,
-                                      timeout_s=config.timeout_s))
+    client = MinerClient(
+        ClientConfig(address=config.address, wire_dtype=pb.FLOAT16, retries=0, timeout_s=config.timeout_s)
+    )
     client.wait_ready(60)
     rng = np.random.default_rng(1000 + index)
     image, text = unit_pairs(rng, 4 * config.upsert_rows, config.dim)  # reused: encoding, not generating, is timed
@@ -73,13 +73,13 @@ def client_loop(index: int, config: LoadConfig, start_at: float, results) -> Non
         elif pick < config.invalid_fraction + config.mine_fraction:
             rpc = "Mine"
             anchors = rng.choice(config.rows, config.anchors, replace=False)
-            call = lambda: client.mine(config.k, anchor_ids=anchors, exclude_ids=anchors)
+            call = lambda: client.mine(config.k, anchor_ids=anchors, exclude_ids=anchors)  # noqa: B023 (called below)
         else:
             rpc = "Upsert"
             ids = rng.choice(config.rows, config.upsert_rows, replace=False)
             first = int(rng.integers(0, 4)) * config.upsert_rows
             rows = slice(first, first + config.upsert_rows)
-            call = lambda: client.upsert(ids, image[rows], text[rows], step=calls)
+            call = lambda: client.upsert(ids, image[rows], text[rows], step=calls)  # noqa: B023 (called below)
         started = time.perf_counter()
         try:
             call()
@@ -108,7 +108,7 @@ def memory_of(pid: int | None) -> dict | None:
 def preload(address: str, rows: int, dim: int, batch: int = 4096) -> float:
     """Upsert rows 0..rows-1 (FLOAT16 on the wire); returns rows per second."""
     from helip.miner.v1 import miner_pb2 as pb
-    from miner_service.client import MinerClient, ClientConfig
+    from miner_service.client import ClientConfig, MinerClient
 
     rng = np.random.default_rng(0)
     started = time.perf_counter()
@@ -126,8 +126,13 @@ def percentiles_ms(seconds: list[float]) -> dict:
     if not seconds:
         return {"n": 0}
     values = np.asarray(seconds) * 1e3
-    return {"n": len(values), "p50_ms": float(np.percentile(values, 50)), "p99_ms": float(np.percentile(values, 99)),
-            "p999_ms": float(np.percentile(values, 99.9)), "max_ms": float(values.max())}
+    return {
+        "n": len(values),
+        "p50_ms": float(np.percentile(values, 50)),
+        "p99_ms": float(np.percentile(values, 99)),
+        "p999_ms": float(np.percentile(values, 99.9)),
+        "max_ms": float(values.max()),
+    }
 
 
 def run_load(config: LoadConfig, clients: int) -> tuple[dict, Counter, float]:
@@ -141,8 +146,9 @@ def run_load(config: LoadConfig, clients: int) -> tuple[dict, Counter, float]:
     codes: Counter = Counter()
     for _ in processes:
         try:
-            _, client_latencies, client_codes = results.get(timeout=start_at - time.time() + config.seconds
-                                                            + config.timeout_s + 60)
+            _, client_latencies, client_codes = results.get(
+                timeout=start_at - time.time() + config.seconds + config.timeout_s + 60
+            )
         except queue.Empty:
             raise RuntimeError("a client process did not report back") from None
         for rpc, values in client_latencies.items():
@@ -186,8 +192,18 @@ def main() -> None:
     try:
         preload_rate = preload(address, args.rows, args.dim)
         memory_before = memory_of(pid)
-        config = LoadConfig(address, args.seconds, args.rows, args.dim, args.upsert_rows, args.anchors, args.k,
-                            args.mine_fraction, args.invalid_fraction, args.timeout_s)
+        config = LoadConfig(
+            address,
+            args.seconds,
+            args.rows,
+            args.dim,
+            args.upsert_rows,
+            args.anchors,
+            args.k,
+            args.mine_fraction,
+            args.invalid_fraction,
+            args.timeout_s,
+        )
         latencies, codes, seconds = run_load(config, args.clients)
         memory_after = memory_of(pid)
         alive = server is None or server.process.poll() is None
@@ -209,8 +225,7 @@ def main() -> None:
         ok = codes.get((rpc, expected[rpc]), 0)
         per_rpc[rpc] = {"calls_per_s": ok / seconds, **percentiles_ms(latencies.get(rpc, []))}
     results = {
-        "config": {**asdict(config), "clients": args.clients, "durable": bool(args.redis_url),
-                   "device": args.device},
+        "config": {**asdict(config), "clients": args.clients, "durable": bool(args.redis_url), "device": args.device},
         "preload_rows_per_s": preload_rate,
         "rpc": per_rpc,
         "codes": {f"{rpc} {code}": n for (rpc, code), n in sorted(codes.items())},
@@ -225,16 +240,26 @@ def main() -> None:
     for rpc, stats in per_rpc.items():
         if stats["n"]:
             rows.append((f"{rpc} calls/s", f"{stats['calls_per_s']:.2f}"))
-            rows.append((f"{rpc} p50 / p99 / p99.9 (ms)",
-                         f"{stats['p50_ms']:.1f} / {stats['p99_ms']:.1f} / {stats['p999_ms']:.1f}"))
-    rows += [("rows upserted/s", f"{results['upserted_rows_per_s']:,.0f}"),
-             ("anchors mined/s", f"{results['mined_anchors_per_s']:,.0f}"),
-             ("statuses", ", ".join(f"{key}: {n}" for key, n in results["codes"].items())),
-             ("errors (not deliberate)", str(sum(errors.values())))]
+            rows.append(
+                (
+                    f"{rpc} p50 / p99 / p99.9 (ms)",
+                    f"{stats['p50_ms']:.1f} / {stats['p99_ms']:.1f} / {stats['p999_ms']:.1f}",
+                )
+            )
+    rows += [
+        ("rows upserted/s", f"{results['upserted_rows_per_s']:,.0f}"),
+        ("anchors mined/s", f"{results['mined_anchors_per_s']:,.0f}"),
+        ("statuses", ", ".join(f"{key}: {n}" for key, n in results["codes"].items())),
+        ("errors (not deliberate)", str(sum(errors.values()))),
+    ]
     if memory_before and memory_after:
-        rows.append(("miner RSS before / after (MiB)",
-                     f"{memory_before['vmrss_mib']:.0f} / {memory_after['vmrss_mib']:.0f}"
-                     f" (peak {memory_after['vmhwm_mib']:.0f})"))
+        rows.append(
+            (
+                "miner RSS before / after (MiB)",
+                f"{memory_before['vmrss_mib']:.0f} / {memory_after['vmrss_mib']:.0f}"
+                f" (peak {memory_after['vmhwm_mib']:.0f})",
+            )
+        )
     report("load", results, rows, args.json_out)
     if errors or not alive:
         raise SystemExit(f"load run failed: errors {errors}, miner alive {alive}")

@@ -81,8 +81,9 @@ def fill_miner(address: str, n: int) -> None:
         ids = np.arange(n, dtype=np.uint64)
         for first in range(0, n, 4096):
             last = first + 4096
-            client.upsert(ids[first:last], image[first:last].astype(np.float16),
-                          text[first:last].astype(np.float16), step=1)
+            client.upsert(
+                ids[first:last], image[first:last].astype(np.float16), text[first:last].astype(np.float16), step=1
+            )
 
 
 def cpu_seconds(miner_pid: int) -> tuple[dict[int, float], float, float]:
@@ -127,13 +128,29 @@ def run_loader(kind: str, dataset: CsvPairs, workers: int, args: argparse.Namesp
         # shuffle=True's RandomSampler, drawn over several passes in one iterator: the hard-pair sampler crosses
         # epochs without restarting its iterator too, so neither pays an epoch-start pipeline bubble.
         shuffle = RandomSampler(dataset, num_samples=total * size, generator=torch.Generator().manual_seed(0))
-        loader = DataLoader(dataset, batch_size=size, sampler=shuffle, num_workers=workers,
-                            collate_fn=collate_pairs, persistent_workers=True, prefetch_factor=2,
-                            multiprocessing_context=WORKER_START_METHOD, drop_last=True)
+        loader = DataLoader(
+            dataset,
+            batch_size=size,
+            sampler=shuffle,
+            num_workers=workers,
+            collate_fn=collate_pairs,
+            persistent_workers=True,
+            prefetch_factor=2,
+            multiprocessing_context=WORKER_START_METHOD,
+            drop_last=True,
+        )
     else:
         config = MiningConfig(address=miner.address, k=50)
-        sampler = HardPairSampler(len(dataset), size, miner.address, config, hard_ratio=0.5, num_workers=workers,
-                                  prefetch_factor=2, steps=total)
+        sampler = HardPairSampler(
+            len(dataset),
+            size,
+            miner.address,
+            config,
+            hard_ratio=0.5,
+            num_workers=workers,
+            prefetch_factor=2,
+            steps=total,
+        )
         loader = hard_pair_loader(dataset, sampler, pin_memory=False)
     run = Run(kind, workers)
     iterator = iter(loader)
@@ -166,8 +183,11 @@ def run_loader(kind: str, dataset: CsvPairs, workers: int, args: argparse.Namesp
         gc.collect()
     log.info("%s W=%d: %.0f samples/s", kind, workers, run.samples / run.seconds)
     if run.cpu_other_s > 0.25 * run.seconds:  # throughput then measures the other load as much as the loader
-        log.warning("other processes used %.2f cores during this run: its samples/s understate the loader; "
-                    "compare CPU ms/sample instead, or rerun on an idle machine", run.cpu_other_s / run.seconds)
+        log.warning(
+            "other processes used %.2f cores during this run: its samples/s understate the loader; "
+            "compare CPU ms/sample instead, or rerun on an idle machine",
+            run.cpu_other_s / run.seconds,
+        )
     return run
 
 
@@ -178,8 +198,9 @@ def summarize_runs(runs: list[Run], target_rate: float) -> dict:
     per_worker = rate / workers
     cpu_ms = 1e3 * sum(r.cpu_main_s + r.cpu_workers_s for r in runs) / samples
     worker_cpu_ms = 1e3 * sum(r.cpu_workers_s for r in runs) / samples
-    counters = {name: sum(r.counters.get(name, 0) for r in runs)
-                for name in ("mine_calls", "mine_late", "mine_failures")}
+    counters = {
+        name: sum(r.counters.get(name, 0) for r in runs) for name in ("mine_calls", "mine_late", "mine_failures")
+    }
     per_run = [r.samples / r.seconds for r in runs]
     return {
         "samples_per_s": rate,
@@ -195,7 +216,10 @@ def summarize_runs(runs: list[Run], target_rate: float) -> dict:
         "workers_for_target": math.ceil(target_rate / per_worker),  # from this run's per-worker throughput
         "workers_for_target_by_cpu": math.ceil(target_rate * worker_cpu_ms / 1e3),  # one core per worker
         "hard_slots_filled": sum(r.n_hard for r in runs) / max(1, sum(r.hard_slots for r in runs)),
-        **counters, "samples": samples, "seconds": seconds, "runs": len(runs),
+        **counters,
+        "samples": samples,
+        "seconds": seconds,
+        "runs": len(runs),
     }
 
 
@@ -219,8 +243,9 @@ def main() -> None:
     target_rate = args.gpu_batch / args.gpu_step_s
 
     csv_path = prepare_data(args.samples)
-    transform = open_clip.image_transform(224, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN,
-                                          std=open_clip.OPENAI_DATASET_STD)
+    transform = open_clip.image_transform(
+        224, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD
+    )
     dataset = CsvPairs(csv_path, transform, open_clip.get_tokenizer("ViT-B-32"))
     order = []
     for repeat in range(args.repeats):
@@ -236,24 +261,36 @@ def main() -> None:
             ratio = hard["samples_per_s"] / base["samples_per_s"]
             noise = max(base["spread"], hard["spread"])
             verdict = ("met" if ratio >= 0.9 else "MISSED") + (", within noise" if abs(ratio - 0.9) < noise else "")
-            summary[str(workers)] = {"baseline": base, "hard": hard, "hard_over_baseline": ratio,
-                                     "goal_met": ratio >= 0.9, "verdict": verdict}
+            summary[str(workers)] = {
+                "baseline": base,
+                "hard": hard,
+                "hard_over_baseline": ratio,
+                "goal_met": ratio >= 0.9,
+                "verdict": verdict,
+            }
 
-    results = {"config": vars(args), "order": order, "data": str(csv_path), "target_samples_per_s": target_rate,
-               "workers": summary}
+    results = {
+        "config": vars(args),
+        "order": order,
+        "data": str(csv_path),
+        "target_samples_per_s": target_rate,
+        "workers": summary,
+    }
     rows = []
     for workers, s in summary.items():
         base, hard = s["baseline"], s["hard"]
 
         def both(key: str, spec: str) -> str:  # "baseline / hard"
-            return f"{base[key]:{spec}} / {hard[key]:{spec}}"
+            return f"{base[key]:{spec}} / {hard[key]:{spec}}"  # noqa: B023 (used in this iteration)
 
         step = f"{args.gpu_step_s} s/{args.gpu_batch}"
         rows += [
             (f"W={workers}: samples/s, baseline / hard-pair", both("samples_per_s", ".0f")),
             (f"W={workers}: hard / baseline (goal >= 0.9)", f"{s['hard_over_baseline']:.3f} ({s['verdict']})"),
-            (f"W={workers}: samples/s per run, baseline / hard",
-             " / ".join(" ".join(f"{x:.0f}" for x in side["samples_per_s_runs"]) for side in (base, hard))),
+            (
+                f"W={workers}: samples/s per run, baseline / hard",
+                " / ".join(" ".join(f"{x:.0f}" for x in side["samples_per_s_runs"]) for side in (base, hard)),
+            ),
             (f"W={workers}: CPU ms/sample, main+workers, baseline / hard", both("cpu_ms_per_sample", ".2f")),
             (f"W={workers}: CPU ms/sample in main, baseline / hard", both("cpu_ms_per_sample_main", ".2f")),
             (f"W={workers}: W x wall ms/sample, baseline / hard", both("cpu_ms_per_sample_estimate", ".2f")),
@@ -262,8 +299,10 @@ def main() -> None:
             (f"W={workers}: workers for {step}, by CPU: baseline / hard", both("workers_for_target_by_cpu", "d")),
             (f"W={workers}: other processes' CPU (cores), baseline / hard", both("other_processes_cores", ".2f")),
             (f"W={workers}: hard slots filled", f"{hard['hard_slots_filled']:.3f}"),
-            (f"W={workers}: Mine calls / late / failed",
-             f"{hard['mine_calls']} / {hard['mine_late']} / {hard['mine_failures']}"),
+            (
+                f"W={workers}: Mine calls / late / failed",
+                f"{hard['mine_calls']} / {hard['mine_late']} / {hard['mine_failures']}",
+            ),
         ]
     report("loader", results, rows, args.json_out)
 

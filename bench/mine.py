@@ -66,8 +66,9 @@ def main() -> None:
         # fp16 on the wire first, on a prefix; the fp32 pass then writes every row exactly as in-process.
         grpc_fp16 = MinerClient(ClientConfig(address=server.address, wire_dtype=pb.FLOAT16, timeout_s=600))
         n_fp16 = min(args.rows, 262_144)
-        grpc_upsert_fp16 = upsert_all(grpc_fp16.upsert, ids[:n_fp16], image[:n_fp16], text[:n_fp16],
-                                      args.upsert_batch, "upsert gRPC fp16")
+        grpc_upsert_fp16 = upsert_all(
+            grpc_fp16.upsert, ids[:n_fp16], image[:n_fp16], text[:n_fp16], args.upsert_batch, "upsert gRPC fp16"
+        )
         client.delete(ids[:n_fp16])  # so that the fp32 pass inserts new rows, as the in-process pass did
         grpc_upsert = upsert_all(client.upsert, ids, image, text, args.upsert_batch, "upsert gRPC fp32")
         assert client.stats().size == args.rows
@@ -98,7 +99,7 @@ def main() -> None:
     for repeat in range(args.warmup + max(5, args.repeats // 2)):
         started = time.perf_counter()
         for first in range(0, args.rows, miner.block_rows):  # blocked like the search (one product is N-wide)
-            (a @ b[first:first + miner.block_rows].T)
+            (a @ b[first : first + miner.block_rows].T)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if repeat >= args.warmup:

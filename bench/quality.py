@@ -30,35 +30,48 @@ import numpy as np
 from bench.common import ROOT, report
 from bench.train_overhead import TrainRun, train
 
-METRICS = {"zero_shot/top1": "zero-shot top-1", "retrieval/image_to_text_R@1": "R@1 image->text",
-           "retrieval/text_to_image_R@1": "R@1 text->image"}
+METRICS = {
+    "zero_shot/top1": "zero-shot top-1",
+    "retrieval/image_to_text_R@1": "R@1 image->text",
+    "retrieval/text_to_image_R@1": "R@1 text->image",
+}
 VARIANTS = ("plain", "online", "offline")
 
 
 def variant_settings(variant: str, args: argparse.Namespace) -> dict[str, object]:
     if variant == "plain":
         return {"optim.hard_ratio": 0, "loss.hnml_weight": 0}
-    return {"optim.hard_ratio": args.hard_ratio, "loss.hnml_weight": args.hnml_weight, "loss.margin": args.margin,
-            "loss.hnml_form": args.hnml_form, "mining.bootstrap_index": "true",
-            "mining.update_index": "true" if variant == "online" else "false"}
+    return {
+        "optim.hard_ratio": args.hard_ratio,
+        "loss.hnml_weight": args.hnml_weight,
+        "loss.margin": args.margin,
+        "loss.hnml_form": args.hnml_form,
+        "mining.bootstrap_index": "true",
+        "mining.update_index": "true" if variant == "online" else "false",
+    }
 
 
 def diagnostics(run: TrainRun) -> dict[str, float]:
     """Means over the run's steps of what the loss saw: hard slots filled, HNML, contrastive."""
     steps = run.steps
     slots = sum(r["n_hard"] + r["n_fallback"] for r in steps)
-    tail = steps[-max(1, len(steps) // 5):]  # the last fifth: what the loss looks like once training settled
-    return {"hard_fraction": sum(r["n_hard"] for r in steps) / slots if slots else 0.0,
-            "hnml_mean": float(np.mean([r["hnml"] for r in steps])),
-            "hnml_last_fifth": float(np.mean([r["hnml"] for r in tail])),
-            "contrastive_last_fifth": float(np.mean([r["contrastive"] for r in tail])),
-            "wall_s": run.wall_s}
+    tail = steps[-max(1, len(steps) // 5) :]  # the last fifth: what the loss looks like once training settled
+    return {
+        "hard_fraction": sum(r["n_hard"] for r in steps) / slots if slots else 0.0,
+        "hnml_mean": float(np.mean([r["hnml"] for r in steps])),
+        "hnml_last_fifth": float(np.mean([r["hnml"] for r in tail])),
+        "contrastive_last_fifth": float(np.mean([r["contrastive"] for r in tail])),
+        "wall_s": run.wall_s,
+    }
 
 
 def mean_std(values: list[float]) -> dict:
     array = np.asarray(values, dtype=float)
-    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
-            "values": [float(v) for v in array]}
+    return {
+        "mean": float(array.mean()),
+        "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
+        "values": [float(v) for v in array],
+    }
 
 
 def main() -> None:
@@ -75,14 +88,19 @@ def main() -> None:
     parser.add_argument("--margin", type=float, default=0.2)
     parser.add_argument("--hnml-form", choices=("pair", "paper"), default="pair")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--synth-dir", default=str(ROOT / "data" / "synth"),
-                        help="the synthetic set (generated there once if missing)")
+    parser.add_argument(
+        "--synth-dir", default=str(ROOT / "data" / "synth"), help="the synthetic set (generated there once if missing)"
+    )
     parser.add_argument("--synth-train", type=int, default=4000)
     parser.add_argument("--synth-test", type=int, default=600)
     parser.add_argument("--start-dir", help="reuse starting checkpoints START_DIR/seed{N}/final.pt from an earlier run")
     parser.add_argument("--work-dir", help="keep the runs here (default: a temporary directory)")
-    parser.add_argument("--jobs", type=int, default=3,
-                        help="seeds trained in parallel, each with cpus/jobs torch threads (for a shared machine)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=3,
+        help="seeds trained in parallel, each with cpus/jobs torch threads (for a shared machine)",
+    )
     parser.add_argument("--json-out")
     args = parser.parse_args()
     if "plain" not in args.variants:
@@ -91,9 +109,15 @@ def main() -> None:
     started = time.perf_counter()
     temporary = None if args.work_dir else tempfile.TemporaryDirectory(prefix="helip-quality-")
     work = Path(args.work_dir or temporary.name)
-    data = {"data.synth_dir": args.synth_dir, "data.synth_train": args.synth_train,
-            "data.synth_test": args.synth_test, "optim.batch_size": args.batch_size, "optim.steps": args.steps,
-            "run.checkpoint_every": 0, "run.eval_every": 0}
+    data = {
+        "data.synth_dir": args.synth_dir,
+        "data.synth_train": args.synth_train,
+        "data.synth_test": args.synth_test,
+        "optim.batch_size": args.batch_size,
+        "optim.steps": args.steps,
+        "run.checkpoint_every": 0,
+        "run.eval_every": 0,
+    }
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
 
     def one_seed(seed: int) -> tuple[dict | None, dict[str, TrainRun]]:
@@ -102,17 +126,34 @@ def main() -> None:
             start_checkpoint, start_metrics = Path(args.start_dir) / f"seed{seed}" / "final.pt", None
         else:
             print(f"seed {seed}: from scratch", file=sys.stderr, flush=True)
-            start = train(work / f"seed{seed}", {**data, "optim.seed": seed, "optim.lr": args.scratch_lr,
-                                                 "optim.warmup_steps": args.scratch_warmup,
-                                                 "optim.hard_ratio": 0, "loss.hnml_weight": 0}, threads=threads)
+            start = train(
+                work / f"seed{seed}",
+                {
+                    **data,
+                    "optim.seed": seed,
+                    "optim.lr": args.scratch_lr,
+                    "optim.warmup_steps": args.scratch_warmup,
+                    "optim.hard_ratio": 0,
+                    "loss.hnml_weight": 0,
+                },
+                threads=threads,
+            )
             start_checkpoint, start_metrics = start.output_dir / "final.pt", start.metrics
         runs = {}
         for variant in args.variants:
             print(f"seed {seed}: {variant}", file=sys.stderr, flush=True)
-            runs[variant] = train(work / f"seed{seed}-{variant}",
-                                  {**data, "optim.seed": seed, "optim.lr": args.lr, "optim.warmup_steps": args.warmup,
-                                   "model.pretrained": start_checkpoint, **variant_settings(variant, args)},
-                                  threads=threads)
+            runs[variant] = train(
+                work / f"seed{seed}-{variant}",
+                {
+                    **data,
+                    "optim.seed": seed,
+                    "optim.lr": args.lr,
+                    "optim.warmup_steps": args.warmup,
+                    "model.pretrained": start_checkpoint,
+                    **variant_settings(variant, args),
+                },
+                threads=threads,
+            )
         return start_metrics, runs
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -120,8 +161,9 @@ def main() -> None:
     if temporary is not None:
         temporary.cleanup()
 
-    metrics: dict[str, dict[str, list[float]]] = {name: {key: [] for key in METRICS} for name in
-                                                   ("start", *args.variants)}
+    metrics: dict[str, dict[str, list[float]]] = {
+        name: {key: [] for key in METRICS} for name in ("start", *args.variants)
+    }
     diags: dict[str, list[dict]] = {name: [] for name in args.variants}
     for start_metrics, runs in per_seed:  # in seed order
         for key in METRICS:
@@ -132,15 +174,24 @@ def main() -> None:
         for variant, run in runs.items():
             diags[variant].append(diagnostics(run))
 
-    summary = {name: {key: mean_std(values) for key, values in by_key.items() if values}
-               for name, by_key in metrics.items()}
-    deltas = {variant: {key: mean_std(np.subtract(metrics[variant][key], metrics["plain"][key]).tolist())
-                        for key in METRICS}
-              for variant in args.variants if variant != "plain"}
-    diag_means = {variant: {name: float(np.mean([d[name] for d in runs])) for name in runs[0]}
-                  for variant, runs in diags.items()}
-    results = {"config": vars(args), "metrics": summary, "delta_vs_plain": deltas, "diagnostics": diag_means,
-               "total_wall_s": time.perf_counter() - started}
+    summary = {
+        name: {key: mean_std(values) for key, values in by_key.items() if values} for name, by_key in metrics.items()
+    }
+    deltas = {
+        variant: {key: mean_std(np.subtract(metrics[variant][key], metrics["plain"][key]).tolist()) for key in METRICS}
+        for variant in args.variants
+        if variant != "plain"
+    }
+    diag_means = {
+        variant: {name: float(np.mean([d[name] for d in runs])) for name in runs[0]} for variant, runs in diags.items()
+    }
+    results = {
+        "config": vars(args),
+        "metrics": summary,
+        "delta_vs_plain": deltas,
+        "diagnostics": diag_means,
+        "total_wall_s": time.perf_counter() - started,
+    }
 
     def cell(stats: dict) -> str:
         return f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}"
@@ -148,18 +199,30 @@ def main() -> None:
     rows = []
     for name in summary:
         if summary[name]:
-            rows.append((f"{name}: " + " / ".join(METRICS.values()) + " (%)",
-                         " / ".join(cell(summary[name][key]) for key in METRICS)))
+            rows.append(
+                (
+                    f"{name}: " + " / ".join(METRICS.values()) + " (%)",
+                    " / ".join(cell(summary[name][key]) for key in METRICS),
+                )
+            )
     for variant, by_key in deltas.items():
-        rows.append((f"{variant} - plain (points, paired by seed)",
-                     " / ".join(f"{100 * by_key[key]['mean']:+.1f} ± {100 * by_key[key]['std']:.1f}"
-                                for key in METRICS)))
+        rows.append(
+            (
+                f"{variant} - plain (points, paired by seed)",
+                " / ".join(f"{100 * by_key[key]['mean']:+.1f} ± {100 * by_key[key]['std']:.1f}" for key in METRICS),
+            )
+        )
     for variant, d in diag_means.items():
         if variant != "plain":
-            rows.append((f"{variant}: hard slots filled / HNML (mean, last fifth)",
-                         f"{d['hard_fraction']:.2f} / {d['hnml_mean']:.3f}, {d['hnml_last_fifth']:.3f}"))
-    rows.append(("seeds x steps (S) / continuation lr / jobs",
-                 f"{len(args.seeds)} x {args.steps} / {args.lr:g} / {args.jobs}"))
+            rows.append(
+                (
+                    f"{variant}: hard slots filled / HNML (mean, last fifth)",
+                    f"{d['hard_fraction']:.2f} / {d['hnml_mean']:.3f}, {d['hnml_last_fifth']:.3f}",
+                )
+            )
+    rows.append(
+        ("seeds x steps (S) / continuation lr / jobs", f"{len(args.seeds)} x {args.steps} / {args.lr:g} / {args.jobs}")
+    )
     rows.append(("total wall time (min)", f"{results['total_wall_s'] / 60:.1f}"))
     report("quality", results, rows, args.json_out)
 

@@ -28,8 +28,12 @@ import numpy as np
 from bench.common import ROOT, report
 
 MINING_OFF = {"optim.hard_ratio": 0, "loss.hnml_weight": 0}
-MINING_ON = {"optim.hard_ratio": 0.5, "loss.hnml_weight": 1.0, "mining.bootstrap_index": "true",
-             "mining.update_index": "true"}
+MINING_ON = {
+    "optim.hard_ratio": 0.5,
+    "loss.hnml_weight": 1.0,
+    "mining.bootstrap_index": "true",
+    "mining.update_index": "true",
+}
 
 
 @dataclass
@@ -43,8 +47,12 @@ class TrainRun:
     wall_s: float
 
 
-def train(output_dir: Path, settings: dict[str, object], config: Path = ROOT / "configs" / "demo.yaml",
-          threads: int | None = None) -> TrainRun:
+def train(
+    output_dir: Path,
+    settings: dict[str, object],
+    config: Path = ROOT / "configs" / "demo.yaml",
+    threads: int | None = None,
+) -> TrainRun:
     """Run `helip-train` in a fresh process (the trainer sets up torch.distributed) and read what it wrote.
 
     settings: dotted config keys ({"optim.steps": 100, ...}), passed as `--set key=value`.
@@ -52,8 +60,19 @@ def train(output_dir: Path, settings: dict[str, object], config: Path = ROOT / "
     """
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     output_dir.mkdir(parents=True, exist_ok=False)  # losses.jsonl is appended to: never reuse a directory
-    command = [sys.executable, "-m", "trainer.cli", "--config", str(config), "--output-dir", str(output_dir),
-               "--log-level", "WARNING", "--set", "run.progress=false"]
+    command = [
+        sys.executable,
+        "-m",
+        "trainer.cli",
+        "--config",
+        str(config),
+        "--output-dir",
+        str(output_dir),
+        "--log-level",
+        "WARNING",
+        "--set",
+        "run.progress=false",
+    ]
     for key, value in settings.items():
         command += ["--set", f"{key}={value}"]
     log_path = output_dir / "train.log"
@@ -74,12 +93,16 @@ def train(output_dir: Path, settings: dict[str, object], config: Path = ROOT / "
 def step_times(run: TrainRun, warmup: int) -> np.ndarray:
     """Seconds per step after the first `warmup` steps (differences of the steps' end times)."""
     ends = np.array([record["time"] for record in run.steps])
-    return np.diff(ends)[max(0, warmup - 1):]
+    return np.diff(ends)[max(0, warmup - 1) :]
 
 
 def summarize_steps(seconds: np.ndarray) -> dict:
-    return {"median_s": float(np.median(seconds)), "p90_s": float(np.percentile(seconds, 90)),
-            "mean_s": float(seconds.mean()), "n": int(len(seconds))}
+    return {
+        "median_s": float(np.median(seconds)),
+        "p90_s": float(np.percentile(seconds, 90)),
+        "mean_s": float(seconds.mean()),
+        "n": int(len(seconds)),
+    }
 
 
 def main() -> None:
@@ -96,9 +119,15 @@ def main() -> None:
     if args.steps - args.warmup < 2:
         parser.error("--steps must exceed --warmup by at least 2")
 
-    common = {"optim.steps": args.steps, "optim.batch_size": args.batch_size, "optim.seed": 0,
-              "data.synth_dir": args.synth_dir, "mining.prefetch": args.prefetch,
-              "run.checkpoint_every": 0, "run.eval_every": 0}
+    common = {
+        "optim.steps": args.steps,
+        "optim.batch_size": args.batch_size,
+        "optim.seed": 0,
+        "data.synth_dir": args.synth_dir,
+        "mining.prefetch": args.prefetch,
+        "run.checkpoint_every": 0,
+        "run.eval_every": 0,
+    }
     temporary = None if args.work_dir else tempfile.TemporaryDirectory(prefix="helip-overhead-")
     work = Path(args.work_dir or temporary.name)
     order = []
@@ -112,10 +141,11 @@ def main() -> None:
     if temporary is not None:
         temporary.cleanup()
 
-    times = {mode: np.concatenate([step_times(run, args.warmup) for run in mode_runs])
-             for mode, mode_runs in runs.items()}
+    times = {
+        mode: np.concatenate([step_times(run, args.warmup) for run in mode_runs]) for mode, mode_runs in runs.items()
+    }
     off, on = summarize_steps(times["off"]), summarize_steps(times["on"])
-    measured = [record for run in runs["on"] for record in run.steps[args.warmup:]]
+    measured = [record for run in runs["on"] for record in run.steps[args.warmup :]]
     hard = sum(record["n_hard"] for record in measured)
     slots = hard + sum(record["n_fallback"] for record in measured)
     everything = [record for run in runs["on"] for record in run.steps]
@@ -123,8 +153,10 @@ def main() -> None:
     slots_all = hard_all + sum(record["n_fallback"] for record in everything)
     mining = [run.summary["mining"] for run in runs["on"]]
     calls = sum(m["mine_calls"] for m in mining)
-    data_wait = {mode: float(np.median([r["data_wait_s"] for run in mode_runs for r in run.steps[args.warmup:]]))
-                 for mode, mode_runs in runs.items()}
+    data_wait = {
+        mode: float(np.median([r["data_wait_s"] for run in mode_runs for r in run.steps[args.warmup :]]))
+        for mode, mode_runs in runs.items()
+    }
     results = {
         "config": vars(args),
         "order": list(order),
@@ -148,11 +180,15 @@ def main() -> None:
         ("on / off, median (target <= 1.05)", f"{results['on_over_off_median']:.3f}"),
         ("on / off, p90", f"{results['on_over_off_p90']:.3f}"),
         ("steps measured per mode", f"{off['n']} / {on['n']}"),
-        ("hard slots filled (measured steps / all)",
-         f"{results['hard_slots_filled']:.3f} / {results['hard_slots_filled_all_steps']:.3f}"),
+        (
+            "hard slots filled (measured steps / all)",
+            f"{results['hard_slots_filled']:.3f} / {results['hard_slots_filled_all_steps']:.3f}",
+        ),
         ("Mine calls late / failed", f"{results['mine_late']} / {results['mine_failures']} of {calls}"),
-        ("step's wait for its batch, median off / on (ms)",
-         f"{results['data_wait_median_ms']['off']:.2f} / {results['data_wait_median_ms']['on']:.2f}"),
+        (
+            "step's wait for its batch, median off / on (ms)",
+            f"{results['data_wait_median_ms']['off']:.2f} / {results['data_wait_median_ms']['on']:.2f}",
+        ),
         ("pushes dropped", f"{results['dropped_pushes']}"),
     ]
     report("train_overhead", results, rows, args.json_out)

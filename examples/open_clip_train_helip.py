@@ -34,7 +34,9 @@ try:
     import open_clip_train.main
     from open_clip_train.data import DataInfo
 except ImportError as error:  # open_clip_train's data module needs pandas: open_clip_torch[training] brings it
-    raise SystemExit(f"open_clip_train cannot be imported ({error}): pip install 'open_clip_torch[training]'")
+    raise SystemExit(
+        f"open_clip_train cannot be imported ({error}): pip install 'open_clip_torch[training]'"
+    ) from error
 
 from trainer.data import CsvPairs
 from trainer.hard_pairs import HardPairSampler, hard_pair_loader
@@ -76,12 +78,22 @@ class HardPairBatches:
             self.current = (batch.ids, layout)
             hard, slots, n = hard + layout.n_hard, slots + layout.n_slots, n + 1
             if i % self.log_every == 0 or i + 1 == self.num_batches:
-                log.info("helip step %d: hard fraction %.3f (%d hard, %d fallback)", layout.step,
-                         layout.hard_fraction, layout.n_hard, layout.n_fallback)
+                log.info(
+                    "helip step %d: hard fraction %.3f (%d hard, %d fallback)",
+                    layout.step,
+                    layout.hard_fraction,
+                    layout.n_hard,
+                    layout.n_fallback,
+                )
             yield batch.images, batch.tokens
         self.current = None
-        log.info("helip epoch %d: hard fraction %.3f over %d batches; mining %s", self.sampler.epoch,
-                 hard / max(slots, 1), n, self.sampler.counters.snapshot())
+        log.info(
+            "helip epoch %d: hard fraction %.3f over %d batches; mining %s",
+            self.sampler.epoch,
+            hard / max(slots, 1),
+            n,
+            self.sampler.counters.snapshot(),
+        )
 
 
 class HelipOpenClipLoss(torch.nn.Module):
@@ -123,11 +135,14 @@ class HelipPlugin:
             # Patch 2: main() builds its loss with this name (imported from open_clip); ours reads the couples of
             # the batch in training and pushes its embeddings. Only the configurations it can serve pass.
             if self.batches is None:
-                raise SystemExit("helip example: needs CSV training data (--dataset-type csv, or auto with a "
-                                 ".csv/.tsv --train-data)")
+                raise SystemExit(
+                    "helip example: needs CSV training data (--dataset-type csv, or auto with a .csv/.tsv --train-data)"
+                )
             if args.accum_freq != 1 or args.distill or args.siglip or "coca" in args.model.lower():
-                raise SystemExit("helip example: needs --accum-freq 1 and the CLIP loss (no SigLIP, CoCa, "
-                                 "distillation): the couples and ids belong to one batch")
+                raise SystemExit(
+                    "helip example: needs --accum-freq 1 and the CLIP loss (no SigLIP, CoCa, "
+                    "distillation): the couples and ids belong to one batch"
+                )
             return HelipOpenClipLoss(self.batches, self.pusher, self.loss_config, args.rank, args.world_size)
 
         open_clip_train.data.get_csv_dataset = get_csv_dataset
@@ -136,16 +151,35 @@ class HelipPlugin:
     def train_data(self, args, preprocess_fn, epoch, tokenizer) -> DataInfo:
         # The same CSV open_clip would read (image paths may also be relative to the CSV's directory); a sample is
         # (id, image, tokens), the id being its row, which is what the miner stores.
-        dataset = CsvPairs(args.train_data, preprocess_fn, tokenizer, img_key=args.csv_img_key,
-                           caption_key=args.csv_caption_key, sep=args.csv_separator)
-        self.sampler = HardPairSampler(len(dataset), args.batch_size, self.pusher.client, self.mining,
-                                       hard_ratio=self.hard_ratio, rank=args.rank, world_size=args.world_size,
-                                       seed=args.seed, num_workers=args.workers, counters=self.counters)
+        dataset = CsvPairs(
+            args.train_data,
+            preprocess_fn,
+            tokenizer,
+            img_key=args.csv_img_key,
+            caption_key=args.csv_caption_key,
+            sep=args.csv_separator,
+        )
+        self.sampler = HardPairSampler(
+            len(dataset),
+            args.batch_size,
+            self.pusher.client,
+            self.mining,
+            hard_ratio=self.hard_ratio,
+            rank=args.rank,
+            world_size=args.world_size,
+            seed=args.seed,
+            num_workers=args.workers,
+            counters=self.counters,
+        )
         self.sampler.set_epoch(epoch)
-        self.batches = HardPairBatches(hard_pair_loader(dataset, self.sampler), self.sampler,
-                                       args.log_every_n_steps)
-        log.info("helip: %d training pairs from %s; batches of %d rows, %.0f%% hard pairs", len(dataset),
-                 args.train_data, args.batch_size, 100 * self.hard_ratio)
+        self.batches = HardPairBatches(hard_pair_loader(dataset, self.sampler), self.sampler, args.log_every_n_steps)
+        log.info(
+            "helip: %d training pairs from %s; batches of %d rows, %.0f%% hard pairs",
+            len(dataset),
+            args.train_data,
+            args.batch_size,
+            100 * self.hard_ratio,
+        )
         return HardPairDataInfo(self.batches, self.sampler)
 
     def close(self) -> None:
@@ -156,22 +190,35 @@ class HelipPlugin:
 
 def main(argv=None) -> int:
     # allow_abbrev=False: open_clip's options (--model, ...) must never be taken for abbreviations of ours.
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
-                                     epilog="Other options go to open_clip_train: python -m open_clip_train.main -h")
-    parser.add_argument("--helip-miner", required=True, metavar="HOST:PORT",
-                        help="a running `helip-miner serve --dim <model embed_dim>`")
-    parser.add_argument("--helip-hard-ratio", type=float, default=0.5,
-                        help="share of each batch that is hard pairs")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        allow_abbrev=False,
+        epilog="Other options go to open_clip_train: python -m open_clip_train.main -h",
+    )
+    parser.add_argument(
+        "--helip-miner",
+        required=True,
+        metavar="HOST:PORT",
+        help="a running `helip-miner serve --dim <model embed_dim>`",
+    )
+    parser.add_argument("--helip-hard-ratio", type=float, default=0.5, help="share of each batch that is hard pairs")
     parser.add_argument("--helip-margin", type=float, default=0.2, help="margin of the hard-pair margin loss")
     parser.add_argument("--helip-hnml-weight", type=float, default=1.0, help="weight of the margin loss (0: off)")
-    parser.add_argument("--helip-model-config", default=str(MODEL_CONFIGS), metavar="PATH",
-                        help="a JSON open_clip model config, or a directory of them, to register (then pass "
-                             "--model <file stem>); default: this repository's configs/models")
+    parser.add_argument(
+        "--helip-model-config",
+        default=str(MODEL_CONFIGS),
+        metavar="PATH",
+        help="a JSON open_clip model config, or a directory of them, to register (then pass "
+        "--model <file stem>); default: this repository's configs/models",
+    )
     helip_args, open_clip_args = parser.parse_known_args(argv)
 
     open_clip.add_model_config(helip_args.helip_model_config)
-    plugin = HelipPlugin(helip_args.helip_miner, helip_args.helip_hard_ratio,
-                         LossConfig(margin=helip_args.helip_margin, hnml_weight=helip_args.helip_hnml_weight))
+    plugin = HelipPlugin(
+        helip_args.helip_miner,
+        helip_args.helip_hard_ratio,
+        LossConfig(margin=helip_args.helip_margin, hnml_weight=helip_args.helip_hnml_weight),
+    )
     plugin.install()
     try:
         result = open_clip_train.main.main(open_clip_args)

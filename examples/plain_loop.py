@@ -29,8 +29,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-data", required=True, help="open_clip CSV: tab-separated, columns filepath, title")
     parser.add_argument("--miner", help="HOST:PORT of a running `helip-miner serve --dim <model embed_dim>`")
-    parser.add_argument("--model", default="configs/models/helip-tiny.json",
-                        help="an open_clip model name, or the path of a JSON open_clip model config")
+    parser.add_argument(
+        "--model",
+        default="configs/models/helip-tiny.json",
+        help="an open_clip model name, or the path of a JSON open_clip model config",
+    )
     parser.add_argument("--pretrained", help="a local open_clip weights file (default: random init)")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=64, help="rows per batch: anchors + their hard pairs")
@@ -41,8 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", help="save the final state dict to this file")
     args = parser.parse_args(argv)
     if not args.miner:
-        parser.error("--miner HOST:PORT is required: start a miner first, e.g. `helip-miner serve --dim 64 "
-                     "--port 50051` (--dim = the model's embed_dim), then pass --miner 127.0.0.1:50051")
+        parser.error(
+            "--miner HOST:PORT is required: start a miner first, e.g. `helip-miner serve --dim 64 "
+            "--port 50051` (--dim = the model's embed_dim), then pass --miner 127.0.0.1:50051"
+        )
     if args.pretrained and not Path(args.pretrained).is_file():
         parser.error(f"--pretrained must be a local weights file (nothing is downloaded), got {args.pretrained!r}")
     return args
@@ -59,13 +64,22 @@ def main(argv=None) -> None:
         open_clip.add_model_config(name)
         name = Path(name).stem
     model, preprocess, _ = open_clip.create_model_and_transforms(
-        name, pretrained=args.pretrained, device=args.device, output_dict=True)
+        name, pretrained=args.pretrained, device=args.device, output_dict=True
+    )
     tokenizer = open_clip.get_tokenizer(name)
     dataset = CsvPairs(args.train_data, preprocess, tokenizer)
 
     mining, counters = MiningConfig(address=args.miner), MiningCounters()  # helip
-    sampler = HardPairSampler(len(dataset), args.batch_size, args.miner, mining, hard_ratio=args.hard_ratio,  # helip
-                              num_workers=args.workers, steps=args.steps, counters=counters)  # helip
+    sampler = HardPairSampler(
+        len(dataset),
+        args.batch_size,
+        args.miner,
+        mining,
+        hard_ratio=args.hard_ratio,  # helip
+        num_workers=args.workers,
+        steps=args.steps,
+        counters=counters,
+    )  # helip
     loader = hard_pair_loader(dataset, sampler)  # helip: a DataLoader of PairBatch(ids, images, tokens)
     pusher = EmbeddingPusher(make_client(mining), mining, counters)  # helip: sends embeddings in the background
     criterion = HelipLoss(LossConfig(margin=0.2, hnml_weight=1.0))  # helip: CLIP loss + margin loss on couples
@@ -77,17 +91,25 @@ def main(argv=None) -> None:
         images = batch.images.to(args.device, non_blocking=True)
         tokens = batch.tokens.to(args.device, non_blocking=True)
         out = model(images, tokens)
-        losses = criterion(out["image_features"], out["text_features"], out["logit_scale"],
-                           layout.couples)  # helip: the couples; without them this is open_clip's ClipLoss
+        losses = criterion(
+            out["image_features"], out["text_features"], out["logit_scale"], layout.couples
+        )  # helip: the couples; without them this is open_clip's ClipLoss
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))  # as open_clip does
         pusher.push(batch.ids, out["image_features"], out["text_features"], step)  # helip: index this batch
-        log.info("step %d loss %.4f (contrastive %.4f, margin %.4f) hard fraction %.3f (%d hard, %d fallback)",
-                 step, losses["total"].item(), losses["contrastive"].item(), losses["hnml"].item(),
-                 layout.hard_fraction, layout.n_hard, layout.n_fallback)
+        log.info(
+            "step %d loss %.4f (contrastive %.4f, margin %.4f) hard fraction %.3f (%d hard, %d fallback)",
+            step,
+            losses["total"].item(),
+            losses["contrastive"].item(),
+            losses["hnml"].item(),
+            layout.hard_fraction,
+            layout.n_hard,
+            layout.n_fallback,
+        )
 
     pusher.close()  # helip: waits for the last pushes
     sampler.close()  # helip

@@ -21,8 +21,9 @@ from miner_service.sharding import parse_shard  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="helip-miner", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="helip-miner", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve the Miner gRPC API and /metrics")
     serve.add_argument("--config", help="YAML file with MinerConfig fields (nested 'search:' and 'search.ivf:')")
@@ -34,30 +35,73 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-rows", type=int, help="refuse upserts past this many rows (0: no limit)")
     serve.add_argument("--workers", type=int, help="gRPC handler threads")
     serve.add_argument("--device", dest="search.device", metavar="DEVICE", help="auto | cpu | cuda | cuda:N")
-    serve.add_argument("--storage-dtype", dest="search.storage_dtype", metavar="STORAGE_DTYPE", help="auto | float32 | float16")
+    serve.add_argument(
+        "--storage-dtype", dest="search.storage_dtype", metavar="STORAGE_DTYPE", help="auto | float32 | float16"
+    )
     serve.add_argument("--max-k", dest="search.max_k", metavar="MAX_K", type=int, help="largest k a Mine may ask for")
-    serve.add_argument("--ivf-min-rows", dest="search.ivf.min_rows", metavar="MIN_ROWS", type=int,
-                       help="use the IVF candidate index from this many rows on (0: exact only)")
-    serve.add_argument("--ivf-nprobe", dest="search.ivf.nprobe", metavar="NPROBE", type=int, help="IVF lists probed per query")
-    serve.add_argument("--redis-url", dest="durability.redis_url", metavar="URL",
-                       help="durable log in this Redis (default: $REDIS_URL if --durable, else none)")
+    serve.add_argument(
+        "--ivf-min-rows",
+        dest="search.ivf.min_rows",
+        metavar="MIN_ROWS",
+        type=int,
+        help="use the IVF candidate index from this many rows on (0: exact only)",
+    )
+    serve.add_argument(
+        "--ivf-nprobe", dest="search.ivf.nprobe", metavar="NPROBE", type=int, help="IVF lists probed per query"
+    )
+    serve.add_argument(
+        "--redis-url",
+        dest="durability.redis_url",
+        metavar="URL",
+        help="durable log in this Redis (default: $REDIS_URL if --durable, else none)",
+    )
     serve.add_argument("--durable", action="store_true", help="use $REDIS_URL as the durable log")
-    serve.add_argument("--key-prefix", dest="durability.key_prefix", metavar="PREFIX",
-                       help="Redis key prefix of the log stream (default helip)")
-    serve.add_argument("--snapshot-dir", dest="durability.snapshot_dir", metavar="DIR",
-                       help="write snapshots here, and restore from the newest on start")
-    serve.add_argument("--snapshot-interval-s", dest="durability.snapshot_interval_s", type=float,
-                       metavar="SECONDS", help="seconds between scheduled snapshots (0: only on shutdown)")
-    serve.add_argument("--follow", dest="durability.follow", action="store_const", const=True,
-                       help="a read-only follower: tail the leader's log, serve Mine, refuse writes")
+    serve.add_argument(
+        "--key-prefix",
+        dest="durability.key_prefix",
+        metavar="PREFIX",
+        help="Redis key prefix of the log stream (default helip)",
+    )
+    serve.add_argument(
+        "--snapshot-dir",
+        dest="durability.snapshot_dir",
+        metavar="DIR",
+        help="write snapshots here, and restore from the newest on start",
+    )
+    serve.add_argument(
+        "--snapshot-interval-s",
+        dest="durability.snapshot_interval_s",
+        type=float,
+        metavar="SECONDS",
+        help="seconds between scheduled snapshots (0: only on shutdown)",
+    )
+    serve.add_argument(
+        "--follow",
+        dest="durability.follow",
+        action="store_const",
+        const=True,
+        help="a read-only follower: tail the leader's log, serve Mine, refuse writes",
+    )
     serve.add_argument("--shard", metavar="I/S", help="own the ids with shard_of(id) == I among S shards")
-    serve.add_argument("--tls-cert-file", dest="security.tls_cert_file", metavar="PEM",
-                       help="serve TLS with this certificate chain (needs --tls-key-file)")
+    serve.add_argument(
+        "--tls-cert-file",
+        dest="security.tls_cert_file",
+        metavar="PEM",
+        help="serve TLS with this certificate chain (needs --tls-key-file)",
+    )
     serve.add_argument("--tls-key-file", dest="security.tls_key_file", metavar="PEM", help="TLS private key")
-    serve.add_argument("--tls-client-ca-file", dest="security.tls_client_ca_file", metavar="PEM",
-                       help="require client certificates signed by this CA (mutual TLS)")
-    serve.add_argument("--token-file", dest="security.token_file", metavar="FILE",
-                       help="require 'authorization: Bearer <token>' on every RPC (else $HELIP_AUTH_TOKEN)")
+    serve.add_argument(
+        "--tls-client-ca-file",
+        dest="security.tls_client_ca_file",
+        metavar="PEM",
+        help="require client certificates signed by this CA (mutual TLS)",
+    )
+    serve.add_argument(
+        "--token-file",
+        dest="security.token_file",
+        metavar="FILE",
+        help="require 'authorization: Bearer <token>' on every RPC (else $HELIP_AUTH_TOKEN)",
+    )
     serve.add_argument("--port-file", help="write the bound gRPC and metrics ports here (JSON) once serving")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
     return parser
@@ -91,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} ({name}): cannot read {path}")
     except (ValueError, TypeError, OSError) as error:
         parser.error(str(error))  # exit code 2
-    logging.basicConfig(level=config.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     from miner_service.server import MinerServer  # heavy imports (torch, grpc) after argument checks
 
     try:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import grpc
 import numpy as np
@@ -48,7 +48,7 @@ class ClientConfig:
     token: str = field(default="", repr=False)  # bearer token sent on every call
 
     @classmethod
-    def with_token_from(cls, token_file: str = "", **kwargs) -> "ClientConfig":
+    def with_token_from(cls, token_file: str = "", **kwargs) -> ClientConfig:
         """A config whose token comes from `token_file`, else $HELIP_AUTH_TOKEN (never from a literal flag)."""
         return cls(token=load_token(token_file) or "", **kwargs)
 
@@ -73,11 +73,13 @@ class MinerClient:
         if isinstance(config, str):
             config = ClientConfig(address=config)
         self.config = config
-        options = [("grpc.max_receive_message_length", config.max_message_bytes),
-                   ("grpc.max_send_message_length", config.max_message_bytes),
-                   ("grpc.initial_reconnect_backoff_ms", min(200, config.max_reconnect_backoff_ms)),
-                   ("grpc.min_reconnect_backoff_ms", min(200, config.max_reconnect_backoff_ms)),
-                   ("grpc.max_reconnect_backoff_ms", config.max_reconnect_backoff_ms)]
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.initial_reconnect_backoff_ms", min(200, config.max_reconnect_backoff_ms)),
+            ("grpc.min_reconnect_backoff_ms", min(200, config.max_reconnect_backoff_ms)),
+            ("grpc.max_reconnect_backoff_ms", config.max_reconnect_backoff_ms),
+        ]
         if config.tls or config.tls_ca_file or config.tls_cert_file:
             if config.tls_server_name:
                 options.append(("grpc.ssl_target_name_override", config.tls_server_name))
@@ -90,12 +92,14 @@ class MinerClient:
         # Upsert sends bytes that upsert_request_bytes built (the same message, without protobuf's copies).
         self._upsert_bytes = self.channel.unary_unary(
             f"/{pb.DESCRIPTOR.services_by_name['Miner'].full_name}/Upsert",
-            request_serializer=None, response_deserializer=pb.UpsertReply.FromString)
+            request_serializer=None,
+            response_deserializer=pb.UpsertReply.FromString,
+        )
 
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "MinerClient":
+    def __enter__(self) -> MinerClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -112,21 +116,26 @@ class MinerClient:
             except grpc.RpcError as error:
                 if attempt + 1 == attempts or error.code() not in _RETRYABLE:
                     raise
-                time.sleep(self.config.retry_backoff_s * (2 ** attempt))
+                time.sleep(self.config.retry_backoff_s * (2**attempt))
                 log.debug("retrying after %s", error.code().name)
 
     def upsert_request(self, ids, image, text, step: int = 0) -> pb.UpsertRequest:
         dtype = self.config.wire_dtype
-        return pb.UpsertRequest(ids=_ids(ids).tolist(), image=encode(image, dtype), text=encode(text, dtype),
-                                step=int(step))
+        return pb.UpsertRequest(
+            ids=_ids(ids).tolist(), image=encode(image, dtype), text=encode(text, dtype), step=int(step)
+        )
 
     def upsert_request_bytes(self, ids, image, text, step: int = 0) -> bytes:
         """upsert_request(...).SerializeToString(), built with one copy of the embeddings instead of four."""
         dtype = self.config.wire_dtype
-        return b"".join([pb.UpsertRequest(ids=_ids(ids).tolist()).SerializeToString(),
-                         *encode_field(_UPSERT_IMAGE_FIELD, image, dtype),
-                         *encode_field(_UPSERT_TEXT_FIELD, text, dtype),
-                         pb.UpsertRequest(step=int(step)).SerializeToString()])
+        return b"".join(
+            [
+                pb.UpsertRequest(ids=_ids(ids).tolist()).SerializeToString(),
+                *encode_field(_UPSERT_IMAGE_FIELD, image, dtype),
+                *encode_field(_UPSERT_TEXT_FIELD, text, dtype),
+                pb.UpsertRequest(step=int(step)).SerializeToString(),
+            ]
+        )
 
     def upsert(self, ids, image, text, step: int = 0, timeout_s: float | None = None) -> pb.UpsertReply:
         request = self.upsert_request_bytes(ids, image, text, step)
@@ -135,11 +144,25 @@ class MinerClient:
     def upsert_stream(self, requests: Iterable[pb.UpsertRequest], timeout_s: float | None = None) -> pb.UpsertReply:
         return self._invoke(self.stub.UpsertStream, iter(requests), timeout_s, retry=False)
 
-    def mine(self, k: int, anchor_ids=None, image=None, text=None, exclude_ids: Sequence[int] = (),
-             max_similarity: float = 0.0, scoring: int = pb.PRODUCT, strict_anchors: bool = False,
-             timeout_s: float | None = None) -> Neighbours:
-        request = pb.MineRequest(k=k, exclude_ids=_ids(exclude_ids).tolist(), max_similarity=max_similarity,
-                                 scoring=scoring, strict_anchors=strict_anchors)
+    def mine(
+        self,
+        k: int,
+        anchor_ids=None,
+        image=None,
+        text=None,
+        exclude_ids: Sequence[int] = (),
+        max_similarity: float = 0.0,
+        scoring: int = pb.PRODUCT,
+        strict_anchors: bool = False,
+        timeout_s: float | None = None,
+    ) -> Neighbours:
+        request = pb.MineRequest(
+            k=k,
+            exclude_ids=_ids(exclude_ids).tolist(),
+            max_similarity=max_similarity,
+            scoring=scoring,
+            strict_anchors=strict_anchors,
+        )
         if anchor_ids is not None:
             request.anchor_ids.extend(_ids(anchor_ids).tolist())
         if image is not None:
@@ -166,8 +189,10 @@ class MinerClient:
 def decode_neighbours(reply: pb.MineReply) -> Neighbours:
     k = max(reply.k, 1)
     ids = np.array(reply.neighbour_ids, dtype=np.int64).reshape(-1, k)
-    return Neighbours(ids=ids,
-                      scores=np.array(reply.scores, dtype=np.float32).reshape(ids.shape),
-                      steps=np.array(reply.neighbour_steps, dtype=np.uint64).reshape(ids.shape),
-                      size=reply.size,
-                      unknown_anchor_ids=np.array(reply.unknown_anchor_ids, dtype=np.uint64))
+    return Neighbours(
+        ids=ids,
+        scores=np.array(reply.scores, dtype=np.float32).reshape(ids.shape),
+        steps=np.array(reply.neighbour_steps, dtype=np.uint64).reshape(ids.shape),
+        size=reply.size,
+        unknown_anchor_ids=np.array(reply.unknown_anchor_ids, dtype=np.uint64),
+    )

@@ -72,7 +72,7 @@ def load_file(path: str | Path, base: MinerConfig | None = None) -> MinerConfig:
 
 def from_environment(base: MinerConfig, environ=os.environ) -> MinerConfig:
     """HELIP_MINER_PORT=..., HELIP_MINER_SEARCH__MAX_K=... (double underscore = nesting)."""
-    values = {key[len(ENV_PREFIX):].lower(): value for key, value in environ.items() if key.startswith(ENV_PREFIX)}
+    values = {key[len(ENV_PREFIX) :].lower(): value for key, value in environ.items() if key.startswith(ENV_PREFIX)}
     return overlay(base, nest(values, "__"), "environment") if values else base
 
 

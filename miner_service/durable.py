@@ -46,8 +46,12 @@ class DurableMiner:
         if snap is not None:
             for first in range(0, len(snap.ids), 65536):
                 last = first + 65536
-                self.core.upsert(np.asarray(snap.ids[first:last]), np.asarray(snap.image[first:last]),
-                                 np.asarray(snap.text[first:last]), np.asarray(snap.steps[first:last]))
+                self.core.upsert(
+                    np.asarray(snap.ids[first:last]),
+                    np.asarray(snap.image[first:last]),
+                    np.asarray(snap.text[first:last]),
+                    np.asarray(snap.steps[first:last]),
+                )
             self.applied = snap.offset
         oldest = self.log.first_offset()
         if oldest is not None and oldest > self.applied and self.applied != Offset.ZERO and snap is not None:
@@ -55,8 +59,13 @@ class DurableMiner:
             # another process may have written) has them. Say so rather than serve silently with holes.
             log.warning("log starts at %s, after snapshot %s: entries in between were trimmed", oldest, snap.offset)
         self.replayed_entries = self._catch_up()
-        log.info("recovered %d rows (snapshot %s + %d log entries) in %.2f s", self.core.size,
-                 snap.offset if snap else "none", self.replayed_entries, time.perf_counter() - started)
+        log.info(
+            "recovered %d rows (snapshot %s + %d log entries) in %.2f s",
+            self.core.size,
+            snap.offset if snap else "none",
+            self.replayed_entries,
+            time.perf_counter() - started,
+        )
 
     def _apply(self, offset: Offset, record: LogRecord) -> None:
         if record.op == "upsert":

@@ -35,7 +35,7 @@ class IvfCandidates:
         self.nprobe = nprobe
 
     @classmethod
-    def build(cls, image: np.ndarray, text: np.ndarray, ids: np.ndarray, config: IvfConfig) -> "IvfCandidates":
+    def build(cls, image: np.ndarray, text: np.ndarray, ids: np.ndarray, config: IvfConfig) -> IvfCandidates:
         started = time.perf_counter()
         n, dim = image.shape
         vectors = pair_vectors(image, text)

@@ -8,8 +8,8 @@ Entry ids are Redis' "<ms>-<seq>" stream ids; `Offset` orders them. Any Redis fa
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import redis
@@ -29,7 +29,7 @@ class Offset:
     seq: int
 
     @classmethod
-    def parse(cls, text: str | bytes) -> "Offset":
+    def parse(cls, text: str | bytes) -> Offset:
         text = text.decode() if isinstance(text, bytes) else text
         ms, _, seq = text.partition("-")
         return cls(int(ms), int(seq or 0))
@@ -61,8 +61,13 @@ def encode_record(record: LogRecord) -> dict[str, bytes]:
     if record.op == "upsert":
         image, dtype = _rows_bytes(record.image)
         text, text_dtype = _rows_bytes(record.text.astype(record.image.dtype, copy=False))
-        fields.update(image=image, text=text, dtype=dtype.encode(), dim=str(record.image.shape[1]).encode(),
-                      step=str(record.step).encode())
+        fields.update(
+            image=image,
+            text=text,
+            dtype=dtype.encode(),
+            dim=str(record.image.shape[1]).encode(),
+            step=str(record.step).encode(),
+        )
     return fields
 
 
@@ -82,17 +87,21 @@ class RedisLog:
     def __init__(self, url: str, stream: str, timeout_s: float = 5.0):
         self.stream = stream
         # Timeouts: a Redis that stops answering must turn into UNAVAILABLE, not a hung write.
-        self.redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                          health_check_interval=10)
+        self.redis = redis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=10
+        )
 
     def append(self, record: LogRecord) -> Offset:
         try:
             return Offset.parse(self.redis.xadd(self.stream, encode_record(record)))
         except redis.RedisError as error:
-            raise Unavailable("redis", f"the durable log could not take the write ({error}); nothing was applied")
+            raise Unavailable(
+                "redis", f"the durable log could not take the write ({error}); nothing was applied"
+            ) from error
 
-    def read_after(self, offset: Offset, count: int = 256, block_ms: int | None = None
-                   ) -> list[tuple[Offset, LogRecord]]:
+    def read_after(
+        self, offset: Offset, count: int = 256, block_ms: int | None = None
+    ) -> list[tuple[Offset, LogRecord]]:
         """Up to `count` entries after `offset`; with block_ms, wait that long for the first one."""
         if block_ms is None:
             entries = self.redis.xrange(self.stream, min=f"({offset}", max="+", count=count)

@@ -28,32 +28,44 @@ class MinerMetrics:
     ivf_rows: Gauge
 
     @classmethod
-    def create(cls) -> "MinerMetrics":
+    def create(cls) -> MinerMetrics:
         r = CollectorRegistry()
         return cls(
             registry=r,
-            mine_seconds=Histogram("helip_miner_mine_seconds", "Time to answer one Mine call (server side)",
-                                   buckets=LATENCY_BUCKETS_S, registry=r),
-            upsert_seconds=Histogram("helip_miner_upsert_seconds",
-                                     "Time to apply one upsert message (Upsert, or one message of UpsertStream)",
-                                     buckets=LATENCY_BUCKETS_S, registry=r),
-            delete_seconds=Histogram("helip_miner_delete_seconds", "Time to answer one Delete call",
-                                     buckets=LATENCY_BUCKETS_S, registry=r),
+            mine_seconds=Histogram(
+                "helip_miner_mine_seconds",
+                "Time to answer one Mine call (server side)",
+                buckets=LATENCY_BUCKETS_S,
+                registry=r,
+            ),
+            upsert_seconds=Histogram(
+                "helip_miner_upsert_seconds",
+                "Time to apply one upsert message (Upsert, or one message of UpsertStream)",
+                buckets=LATENCY_BUCKETS_S,
+                registry=r,
+            ),
+            delete_seconds=Histogram(
+                "helip_miner_delete_seconds", "Time to answer one Delete call", buckets=LATENCY_BUCKETS_S, registry=r
+            ),
             rows=Gauge("helip_miner_rows", "Pairs stored", registry=r),
             upserted_rows=Counter("helip_miner_upserted_rows", "Rows written by upserts", registry=r),
             deleted_rows=Counter("helip_miner_deleted_rows", "Rows removed by deletes", registry=r),
             mined_anchors=Counter("helip_miner_mined_anchors", "Anchors answered by Mine", registry=r),
-            unknown_anchors=Counter("helip_miner_unknown_anchors", "Mine anchors given by id that were not stored",
-                                    registry=r),
-            requests=Counter("helip_miner_requests", "RPCs handled, by method and status code",
-                             ["method", "code"], registry=r),
+            unknown_anchors=Counter(
+                "helip_miner_unknown_anchors", "Mine anchors given by id that were not stored", registry=r
+            ),
+            requests=Counter(
+                "helip_miner_requests", "RPCs handled, by method and status code", ["method", "code"], registry=r
+            ),
             neighbour_staleness=Histogram(
                 "helip_miner_neighbour_staleness_steps",
                 "Mean, over the neighbours one Mine call returned, of the steps between the newest write and "
                 "the neighbour's row",
-                buckets=STALENESS_BUCKETS_STEPS, registry=r),
-            returned_neighbours=Counter("helip_miner_returned_neighbours", "Neighbours returned by Mine",
-                                        registry=r),
-            ivf_rows=Gauge("helip_miner_ivf_rows", "Rows covered by the IVF candidate index (0: exact only)",
-                           registry=r),
+                buckets=STALENESS_BUCKETS_STEPS,
+                registry=r,
+            ),
+            returned_neighbours=Counter("helip_miner_returned_neighbours", "Neighbours returned by Mine", registry=r),
+            ivf_rows=Gauge(
+                "helip_miner_ivf_rows", "Rows covered by the IVF candidate index (0: exact only)", registry=r
+            ),
         )

@@ -17,8 +17,16 @@ from miner_service.config import SearchConfig
 from miner_service.errors import NotFound
 from miner_service.ivf import IvfCandidates
 from miner_service.rwlock import ReadWriteLock
-from miner_service.search import (NEG_INF, Scoring, SearchQuery, candidate_search, exact_search, make_topk,
-                                  mask_slots, score_block)
+from miner_service.search import (
+    NEG_INF,
+    Scoring,
+    SearchQuery,
+    candidate_search,
+    exact_search,
+    make_topk,
+    mask_slots,
+    score_block,
+)
 from miner_service.store import PairStore
 
 log = logging.getLogger(__name__)
@@ -80,8 +88,7 @@ class HardPairMiner:
         self._fresh_during_build: set[int] | None = None
         self._fresh_array: np.ndarray | None = None
         self._build_thread: threading.Thread | None = None
-        log.info("miner core: dim=%d device=%s dtype=%s block_rows=%d", dim, self.device, self.dtype,
-                 self.block_rows)
+        log.info("miner core: dim=%d device=%s dtype=%s block_rows=%d", dim, self.device, self.dtype, self.block_rows)
 
     @property
     def dim(self) -> int:
@@ -128,10 +135,19 @@ class HardPairMiner:
             self._fresh_during_build.update(written)
 
     # ---- search -------------------------------------------------------------------------------------------
-    def mine(self, k: int, anchor_ids: np.ndarray | None = None, image: np.ndarray | None = None,
-             text: np.ndarray | None = None, exclude_ids: np.ndarray | None = None,
-             max_similarity: float | None = None, scoring: Scoring = Scoring.PRODUCT,
-             strict_anchors: bool = False, self_ids: np.ndarray | None = None, cancelled=None) -> MineResult:
+    def mine(
+        self,
+        k: int,
+        anchor_ids: np.ndarray | None = None,
+        image: np.ndarray | None = None,
+        text: np.ndarray | None = None,
+        exclude_ids: np.ndarray | None = None,
+        max_similarity: float | None = None,
+        scoring: Scoring = Scoring.PRODUCT,
+        strict_anchors: bool = False,
+        self_ids: np.ndarray | None = None,
+        cancelled=None,
+    ) -> MineResult:
         """Hard neighbours of anchors given by id (stored rows) or by embedding ([anchors, dim] each).
 
         self_ids: with anchors by embedding, their sample ids (their own rows are then never returned).
@@ -145,7 +161,9 @@ class HardPairMiner:
                 known = anchor_slots >= 0
                 unknown = anchor_ids[~known]
                 if strict_anchors and len(unknown):
-                    raise NotFound("anchor_ids", f"{len(unknown)} anchor ids are not stored, e.g. {unknown[:5].tolist()}")
+                    raise NotFound(
+                        "anchor_ids", f"{len(unknown)} anchor ids are not stored, e.g. {unknown[:5].tolist()}"
+                    )
                 search_slots = torch.from_numpy(anchor_slots[known]).to(self.device)
                 q_image, q_text = view.image[search_slots], view.text[search_slots]
                 n_anchors = len(anchor_ids)
@@ -158,8 +176,15 @@ class HardPairMiner:
                 q_text = torch.from_numpy(np.ascontiguousarray(text)).to(self.device, self.dtype)
                 n_anchors = len(image)
             exclude_slots = self.store.slots_of(exclude_ids)
-            query = SearchQuery(q_image, q_text, k, scoring, cut, search_slots,
-                                torch.from_numpy(exclude_slots[exclude_slots >= 0]).to(self.device))
+            query = SearchQuery(
+                q_image,
+                q_text,
+                k,
+                scoring,
+                cut,
+                search_slots,
+                torch.from_numpy(exclude_slots[exclude_slots >= 0]).to(self.device),
+            )
             used_ivf = self._ivf is not None and view.image.shape[0] >= self.config.ivf.min_rows > 0
             if q_image.shape[0] == 0 or view.image.shape[0] == 0:
                 scores = torch.full((q_image.shape[0], k), NEG_INF)
@@ -167,8 +192,7 @@ class HardPairMiner:
             elif used_ivf:
                 scores, slots = self._ivf_search(query, view)
             else:
-                scores, slots = exact_search(query, view.image, view.text, self.block_rows, self.config.topk,
-                                             cancelled)
+                scores, slots = exact_search(query, view.image, view.text, self.block_rows, self.config.topk, cancelled)
             slots = slots.cpu().numpy()
             scores = scores.cpu().numpy().astype(np.float32, copy=False)
             valid = slots >= 0
@@ -204,7 +228,7 @@ class HardPairMiner:
         candidate_search(query, view.image, view.text, torch.from_numpy(candidate_slots).to(self.device), topk)
         fresh = torch.from_numpy(fresh_slots).to(self.device)
         for first in range(0, len(fresh), self.block_rows):
-            block = fresh[first:first + self.block_rows]
+            block = fresh[first : first + self.block_rows]
             block_scores = score_block(query, view.image[block], view.text[block])
             mask_slots(block_scores, query, 0, slot_of_column=block)
             topk.add(block_scores, block)
@@ -217,8 +241,12 @@ class HardPairMiner:
             found = slots >= 0
             view = self.store.view()
             index = torch.from_numpy(slots[found]).to(self.device)
-            return (found, view.image[index].float().cpu().numpy(), view.text[index].float().cpu().numpy(),
-                    view.steps[slots[found]].copy())
+            return (
+                found,
+                view.image[index].float().cpu().numpy(),
+                view.text[index].float().cpu().numpy(),
+                view.steps[slots[found]].copy(),
+            )
 
     # ---- IVF maintenance ----------------------------------------------------------------------------------
     def _maybe_rebuild_ivf(self) -> None:
@@ -265,6 +293,15 @@ class HardPairMiner:
             view = self.store.view()
             min_step = int(view.steps.min()) if len(view.steps) else 0
             max_step = int(view.steps.max()) if len(view.steps) else 0
-            return MinerStats(self.store.size, self.dim, str(self.device), min_step, max_step,
-                              self.store.capacity, self.store.max_rows, self._ivf is not None,
-                              self._ivf.rows if self._ivf else 0, self.config.max_k)
+            return MinerStats(
+                self.store.size,
+                self.dim,
+                str(self.device),
+                min_step,
+                max_step,
+                self.store.capacity,
+                self.store.max_rows,
+                self._ivf is not None,
+                self._ivf.rows if self._ivf else 0,
+                self.config.max_k,
+            )

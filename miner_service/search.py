@@ -1,8 +1,9 @@
 """Exact hard-pair search over the stored rows: blocked matrix products, filters, and a running top-k.
 
 Torch matrix products on whatever device the rows live on, so the CPU and GPU paths are one code path (DESIGN
-§2, "GPU first, CPU always"); only the running top-k differs (FAISS heaps on the CPU, torch.topk on the GPU). Scores are computed block by block over the rows so that memory stays at
-O(anchors × block_rows) however many rows are stored.
+§2, "GPU first, CPU always"); only the running top-k differs (FAISS heaps on the CPU, torch.topk on the GPU).
+Scores are computed block by block over the rows so that memory stays at O(anchors × block_rows) however many rows
+are stored.
 """
 
 from __future__ import annotations
@@ -138,8 +139,9 @@ class HeapTopK:
         values = scores.contiguous().numpy()
         ids = np.ascontiguousarray(slots.numpy(), dtype=np.int64)
         stride = 0 if ids.ndim == 1 else ids.shape[1]  # stride 0: the same slots for every anchor
-        self.heaps.addn_with_ids(values.shape[1], faiss.swig_ptr(values), faiss.swig_ptr(ids), stride, 0,
-                                 values.shape[0])
+        self.heaps.addn_with_ids(
+            values.shape[1], faiss.swig_ptr(values), faiss.swig_ptr(ids), stride, 0, values.shape[0]
+        )
 
     def add_range(self, scores: torch.Tensor, first_slot: int) -> None:
         values = scores.contiguous().numpy()
@@ -162,8 +164,14 @@ class SearchCancelled(Exception):
     """The caller went away (deadline passed, client cancelled) before the search finished."""
 
 
-def exact_search(query: SearchQuery, image_rows: torch.Tensor, text_rows: torch.Tensor,
-                 block_rows: int, topk_kind: str = "auto", cancelled=None) -> tuple[torch.Tensor, torch.Tensor]:
+def exact_search(
+    query: SearchQuery,
+    image_rows: torch.Tensor,
+    text_rows: torch.Tensor,
+    block_rows: int,
+    topk_kind: str = "auto",
+    cancelled=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k (scores float32, slots int64; both [anchors, k], best first, -inf / -1 padding) over all rows.
 
     cancelled: optional () -> bool, asked between blocks; True stops the search with SearchCancelled, so that an
@@ -180,8 +188,9 @@ def exact_search(query: SearchQuery, image_rows: torch.Tensor, text_rows: torch.
     return topk.result()
 
 
-def candidate_search(query: SearchQuery, image_rows: torch.Tensor, text_rows: torch.Tensor,
-                     candidate_slots: torch.Tensor, topk) -> None:
+def candidate_search(
+    query: SearchQuery, image_rows: torch.Tensor, text_rows: torch.Tensor, candidate_slots: torch.Tensor, topk
+) -> None:
     """Exact re-rank of per-anchor candidates ([anchors, c] slots, -1 = none) with all filters, into `topk`."""
     valid = candidate_slots >= 0
     safe = candidate_slots.clamp(min=0)
@@ -189,8 +198,12 @@ def candidate_search(query: SearchQuery, image_rows: torch.Tensor, text_rows: to
     text_c = text_rows[safe]
     image_sim = torch.bmm(image_c, query.image.unsqueeze(2)).squeeze(2).float()
     text_sim = torch.bmm(text_c, query.text.unsqueeze(2)).squeeze(2).float()
-    scores = {Scoring.PRODUCT: lambda: image_sim * text_sim, Scoring.SUM: lambda: image_sim + text_sim,
-              Scoring.IMAGE: lambda: image_sim.clone(), Scoring.TEXT: lambda: text_sim.clone()}[query.scoring]()
+    scores = {
+        Scoring.PRODUCT: lambda: image_sim * text_sim,
+        Scoring.SUM: lambda: image_sim + text_sim,
+        Scoring.IMAGE: lambda: image_sim.clone(),
+        Scoring.TEXT: lambda: text_sim.clone(),
+    }[query.scoring]()
     if query.max_similarity < 1.0:
         scores.masked_fill_((image_sim > query.max_similarity) | (text_sim > query.max_similarity), NEG_INF)
     scores.masked_fill_(~valid, NEG_INF)

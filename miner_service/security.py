@@ -28,8 +28,10 @@ class SecurityConfig:
     token_file: str = ""  # bearer token required on every RPC (else $HELIP_AUTH_TOKEN, else none)
 
     def __repr__(self) -> str:  # file names only; never contents
-        return (f"SecurityConfig(tls={'on' if self.tls_cert_file else 'off'}, "
-                f"mutual={'on' if self.tls_client_ca_file else 'off'}, token={'on' if self.token_file else 'env/off'})")
+        return (
+            f"SecurityConfig(tls={'on' if self.tls_cert_file else 'off'}, "
+            f"mutual={'on' if self.tls_client_ca_file else 'off'}, token={'on' if self.token_file else 'env/off'})"
+        )
 
 
 def read_secret(path: str, what: str) -> bytes:
@@ -59,8 +61,9 @@ def server_credentials(config: SecurityConfig) -> grpc.ServerCredentials | None:
     key = read_secret(config.tls_key_file, "tls_key_file")
     cert = read_secret(config.tls_cert_file, "tls_cert_file")
     client_ca = read_secret(config.tls_client_ca_file, "tls_client_ca_file") if config.tls_client_ca_file else None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
-                                       require_client_auth=client_ca is not None)
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 class TokenInterceptor(grpc.ServerInterceptor):
@@ -93,4 +96,5 @@ def channel_credentials(ca_file: str = "", cert_file: str = "", key_file: str = 
     return grpc.ssl_channel_credentials(
         root_certificates=read_secret(ca_file, "tls_ca_file") if ca_file else None,
         private_key=read_secret(key_file, "tls_key_file") if key_file else None,
-        certificate_chain=read_secret(cert_file, "tls_cert_file") if cert_file else None)
+        certificate_chain=read_secret(cert_file, "tls_cert_file") if cert_file else None,
+    )

@@ -19,8 +19,14 @@ from helip.miner.v1 import miner_pb2_grpc as pb_grpc
 from miner_service import validation
 from miner_service.config import MinerConfig
 from miner_service.durable import DurableMiner
-from miner_service.errors import (FailedPrecondition, InvalidArgument, MinerError, NotFound, ResourceExhausted,
-                                  Unavailable)
+from miner_service.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    MinerError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from miner_service.metrics import MinerMetrics
 from miner_service.miner import HardPairMiner
 from miner_service.search import SearchCancelled
@@ -85,8 +91,11 @@ class MinerServicer(pb_grpc.MinerServicer):
             owner = shard_of(ids, shards)
             stray = owner != self.config.durability.shard_index
             if stray.any():
-                raise InvalidArgument("ids", f"id {int(ids[stray][0])} belongs to shard {int(owner[stray][0])} of "
-                                             f"{shards}, not to this one ({self.config.durability.shard_index})")
+                raise InvalidArgument(
+                    "ids",
+                    f"id {int(ids[stray][0])} belongs to shard {int(owner[stray][0])} of "
+                    f"{shards}, not to this one ({self.config.durability.shard_index})",
+                )
 
     def _apply_upsert(self, request: pb.UpsertRequest) -> int:
         started = time.perf_counter()
@@ -111,8 +120,9 @@ class MinerServicer(pb_grpc.MinerServicer):
                     accepted += self._apply_upsert(request)
                 except MinerError as error:
                     # Messages before this one are applied and stay; say where the stream stopped.
-                    raise type(error)(error.field, f"message {index} (after {accepted} rows applied): "
-                                                   f"{error.message}") from error
+                    raise type(error)(
+                        error.field, f"message {index} (after {accepted} rows applied): {error.message}"
+                    ) from error
             return pb.UpsertReply(accepted=accepted, size=self.miner.size)
 
     def Mine(self, request, context):
@@ -120,10 +130,18 @@ class MinerServicer(pb_grpc.MinerServicer):
             started = time.perf_counter()
             search = self.config.search
             query = validation.mine_query(request, self.miner.dim, search.max_k, search.max_anchors)
-            result = self.miner.mine(query.k, anchor_ids=query.anchor_ids, image=query.image, text=query.text,
-                                     exclude_ids=query.exclude_ids, max_similarity=query.max_similarity,
-                                     scoring=query.scoring, strict_anchors=query.strict_anchors,
-                                     self_ids=query.self_ids, cancelled=lambda: not context.is_active())
+            result = self.miner.mine(
+                query.k,
+                anchor_ids=query.anchor_ids,
+                image=query.image,
+                text=query.text,
+                exclude_ids=query.exclude_ids,
+                max_similarity=query.max_similarity,
+                scoring=query.scoring,
+                strict_anchors=query.strict_anchors,
+                self_ids=query.self_ids,
+                cancelled=lambda: not context.is_active(),
+            )
             reply = pb.MineReply(k=query.k, size=result.size)
             reply.neighbour_ids.extend(result.neighbour_ids.ravel().tolist())
             reply.scores.extend(result.scores.ravel().tolist())
@@ -154,8 +172,9 @@ class MinerServicer(pb_grpc.MinerServicer):
         with self._call("Fetch", context):
             ids = validation.fetch_ids(request, self.max_rows_per_request)
             found, image, text, steps = self.miner.fetch(ids)
-            return pb.FetchReply(found_ids=ids[found].tolist(), image=encode(image), text=encode(text),
-                                 steps=steps.tolist())
+            return pb.FetchReply(
+                found_ids=ids[found].tolist(), image=encode(image), text=encode(text), steps=steps.tolist()
+            )
 
     def Stats(self, request, context):
         with self._call("Stats", context):
@@ -164,16 +183,26 @@ class MinerServicer(pb_grpc.MinerServicer):
             durability = self.config.durability
             durable = isinstance(self.miner, DurableMiner)
             role = ("follower" if durability.follow else "leader") if durable else "standalone"
-            return pb.StatsReply(size=s.size, dim=s.dim, device=s.device, min_step=s.min_step,
-                                 max_step=s.max_step, capacity=s.capacity, max_rows=s.max_rows,
-                                 ivf_ready=s.ivf_ready, ivf_rows=s.ivf_rows, max_k=s.max_k, role=role,
-                                 log_offset=str(self.miner.applied) if durable else "",
-                                 shard_index=durability.shard_index, shard_count=durability.shard_count)
+            return pb.StatsReply(
+                size=s.size,
+                dim=s.dim,
+                device=s.device,
+                min_step=s.min_step,
+                max_step=s.max_step,
+                capacity=s.capacity,
+                max_rows=s.max_rows,
+                ivf_ready=s.ivf_ready,
+                ivf_rows=s.ivf_rows,
+                max_k=s.max_k,
+                role=role,
+                log_offset=str(self.miner.applied) if durable else "",
+                shard_index=durability.shard_index,
+                shard_count=durability.shard_count,
+            )
 
 
 def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)]
+    return [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
 
 
 class MinerServer:
@@ -195,37 +224,53 @@ class MinerServer:
         token = load_token(config.security.token_file)
         interceptors = []
         if token:
-            interceptors.append(TokenInterceptor(
-                token, on_refused=lambda method: self.metrics.requests.labels(method, "UNAUTHENTICATED").inc()))
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
-                                  options=grpc_options(config.max_message_bytes), interceptors=interceptors)
+            interceptors.append(
+                TokenInterceptor(
+                    token, on_refused=lambda method: self.metrics.requests.labels(method, "UNAUTHENTICATED").inc()
+                )
+            )
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
+            options=grpc_options(config.max_message_bytes),
+            interceptors=interceptors,
+        )
         pb_grpc.add_MinerServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         credentials = server_credentials(config.security)
         address = f"{config.host}:{config.port}"
-        self.port = (self.server.add_secure_port(address, credentials) if credentials
-                     else self.server.add_insecure_port(address))
-        self.security_summary = f"tls={'mutual' if config.security.tls_client_ca_file else 'on' if credentials else 'off'}" \
-                                f", token={'on' if token else 'off'}"
+        self.port = (
+            self.server.add_secure_port(address, credentials) if credentials else self.server.add_insecure_port(address)
+        )
+        self.security_summary = (
+            f"tls={'mutual' if config.security.tls_client_ca_file else 'on' if credentials else 'off'}"
+            f", token={'on' if token else 'off'}"
+        )
         if self.port == 0:
             raise OSError(f"could not bind {config.host}:{config.port}")
         self.metrics_port = None
         self._metrics_server = None
         self._stopped = threading.Event()
 
-    def start(self) -> "MinerServer":
+    def start(self) -> MinerServer:
         if self.config.metrics_port >= 0:
-            self._metrics_server, _ = start_http_server(self.config.metrics_port, addr=self.config.metrics_host,
-                                                        registry=self.metrics.registry)
+            self._metrics_server, _ = start_http_server(
+                self.config.metrics_port, addr=self.config.metrics_host, registry=self.metrics.registry
+            )
             self.metrics_port = self._metrics_server.server_port
         self.server.start()
         if self.durable is not None:
             self.durable.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("miner serving on %s:%d (metrics on %s), dim=%d, device=%s, %s", self.config.host, self.port,
-                 f"{self.config.metrics_host}:{self.metrics_port}" if self.metrics_port else "off",
-                 self.miner.dim, self.miner.device, self.security_summary)
+        log.info(
+            "miner serving on %s:%d (metrics on %s), dim=%d, device=%s, %s",
+            self.config.host,
+            self.port,
+            f"{self.config.metrics_host}:{self.metrics_port}" if self.metrics_port else "off",
+            self.miner.dim,
+            self.miner.device,
+            self.security_summary,
+        )
         return self
 
     def stop(self, grace_s: float | None = None) -> None:

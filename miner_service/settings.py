@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 
-
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 

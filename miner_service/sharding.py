@@ -9,8 +9,8 @@ answer exactly what one unsharded miner over the same rows gives.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 import numpy as np
 
@@ -33,7 +33,7 @@ def shard_of(ids, shard_count: int) -> np.ndarray:
 
 
 def parse_shard(text: str) -> tuple[int, int]:
-    """"i/S" -> (i, S), with a message naming the flag when it is malformed."""
+    """ "i/S" -> (i, S), with a message naming the flag when it is malformed."""
     index, sep, count = text.partition("/")
     try:
         index_i, count_i = int(index), int(count)
@@ -84,8 +84,7 @@ class ShardedMinerClient:
         calls = []
         for shard in np.unique(owner):
             mask = owner == shard
-            calls.append((self.clients[shard],
-                          lambda c, m=mask: c.upsert(ids[m], image[m], text[m], step, timeout_s)))
+            calls.append((self.clients[shard], lambda c, m=mask: c.upsert(ids[m], image[m], text[m], step, timeout_s)))
         replies = self._each(calls)
         return sum(r.accepted for r in replies)
 
@@ -101,8 +100,12 @@ class ShardedMinerClient:
         owner = shard_of(ids, self.shard_count)
         found = np.zeros(len(ids), dtype=bool)
         image = text = None
-        for shard, rows in zip(np.unique(owner), self._each(
-                [(self.clients[s], lambda c, m=(owner == s): c.fetch(ids[m], timeout_s)) for s in np.unique(owner)])):
+        for shard, rows in zip(
+            np.unique(owner),
+            self._each(
+                [(self.clients[s], lambda c, m=(owner == s): c.fetch(ids[m], timeout_s)) for s in np.unique(owner)]
+            ),
+        ):
             positions = np.flatnonzero(owner == shard)
             shard_found, shard_image, shard_text = rows
             if image is None:
@@ -113,8 +116,18 @@ class ShardedMinerClient:
             text[positions[shard_found]] = shard_text
         return found, image, text
 
-    def mine(self, k: int, anchor_ids=None, image=None, text=None, exclude_ids=(), max_similarity: float = 0.0,
-             scoring: int = 1, strict_anchors: bool = False, timeout_s: float | None = None) -> Neighbours:
+    def mine(
+        self,
+        k: int,
+        anchor_ids=None,
+        image=None,
+        text=None,
+        exclude_ids=(),
+        max_similarity: float = 0.0,
+        scoring: int = 1,
+        strict_anchors: bool = False,
+        timeout_s: float | None = None,
+    ) -> Neighbours:
         unknown = np.zeros(0, dtype=np.uint64)
         if anchor_ids is not None and image is None:
             anchor_ids = _ids(anchor_ids)
@@ -126,20 +139,41 @@ class ShardedMinerClient:
                 raise NotFound("anchor_ids", f"{len(unknown)} anchor ids are not stored, e.g. {unknown[:5].tolist()}")
             if not found.any():
                 n = len(anchor_ids)
-                return Neighbours(np.full((n, k), -1, np.int64), np.full((n, k), -np.inf, np.float32),
-                                  np.zeros((n, k), np.uint64), self.size(), unknown)
+                return Neighbours(
+                    np.full((n, k), -1, np.int64),
+                    np.full((n, k), -np.inf, np.float32),
+                    np.zeros((n, k), np.uint64),
+                    self.size(),
+                    unknown,
+                )
             known_ids = anchor_ids[found]
-            parts = self._mine_all(k, known_ids, image[found], text[found], exclude_ids, max_similarity, scoring,
-                                   timeout_s)
+            parts = self._mine_all(
+                k, known_ids, image[found], text[found], exclude_ids, max_similarity, scoring, timeout_s
+            )
             merged = _merge(parts, k)
             return _scatter_rows(merged, found, k, unknown)
         parts = self._mine_all(k, anchor_ids, image, text, exclude_ids, max_similarity, scoring, timeout_s)
         return _merge(parts, k)
 
     def _mine_all(self, k, anchor_ids, image, text, exclude_ids, max_similarity, scoring, timeout_s):
-        return self._each([(c, lambda c: c.mine(k, anchor_ids=anchor_ids, image=image, text=text,
-                                                 exclude_ids=exclude_ids, max_similarity=max_similarity,
-                                                 scoring=scoring, timeout_s=timeout_s)) for c in self.clients])
+        return self._each(
+            [
+                (
+                    c,
+                    lambda c: c.mine(
+                        k,
+                        anchor_ids=anchor_ids,
+                        image=image,
+                        text=text,
+                        exclude_ids=exclude_ids,
+                        max_similarity=max_similarity,
+                        scoring=scoring,
+                        timeout_s=timeout_s,
+                    ),
+                )
+                for c in self.clients
+            ]
+        )
 
     def size(self) -> int:
         return sum(s.size for s in self._each([(c, lambda c: c.stats()) for c in self.clients]))
@@ -164,8 +198,13 @@ def _merge(parts: list[Neighbours], k: int) -> Neighbours:
     take = lambda a: np.take_along_axis(a, order, axis=1)  # noqa: E731
     merged_ids, merged_scores, merged_steps = take(ids), take(scores), take(steps)
     merged_ids[np.isneginf(merged_scores)] = -1
-    return Neighbours(merged_ids, merged_scores, merged_steps, sum(p.size for p in parts),
-                      np.concatenate([p.unknown_anchor_ids for p in parts]) if parts else np.zeros(0, np.uint64))
+    return Neighbours(
+        merged_ids,
+        merged_scores,
+        merged_steps,
+        sum(p.size for p in parts),
+        np.concatenate([p.unknown_anchor_ids for p in parts]) if parts else np.zeros(0, np.uint64),
+    )
 
 
 def _scatter_rows(merged: Neighbours, found: np.ndarray, k: int, unknown: np.ndarray) -> Neighbours:

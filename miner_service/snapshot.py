@@ -32,8 +32,9 @@ class Snapshot:
     text: np.ndarray
 
 
-def write(directory: Path, offset: Offset, ids: np.ndarray, steps: np.ndarray, image: np.ndarray,
-          text: np.ndarray) -> Path:
+def write(
+    directory: Path, offset: Offset, ids: np.ndarray, steps: np.ndarray, image: np.ndarray, text: np.ndarray
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{PREFIX}{offset}"
     if final.exists():
@@ -47,9 +48,16 @@ def write(directory: Path, offset: Offset, ids: np.ndarray, steps: np.ndarray, i
             np.save(f, array)
             f.flush()
             os.fsync(f.fileno())
-    (tmp / "meta.json").write_text(json.dumps({"offset": str(offset), "rows": int(len(ids)),
-                                               "dim": int(image.shape[1]) if image.ndim == 2 else 0,
-                                               "written_unix_s": time.time()}))
+    (tmp / "meta.json").write_text(
+        json.dumps(
+            {
+                "offset": str(offset),
+                "rows": int(len(ids)),
+                "dim": int(image.shape[1]) if image.ndim == 2 else 0,
+                "written_unix_s": time.time(),
+            }
+        )
+    )
     os.replace(tmp, final)
     log.info("snapshot %s: %d rows in %.2f s", final.name, len(ids), time.perf_counter() - started)
     return final
@@ -58,8 +66,9 @@ def write(directory: Path, offset: Offset, ids: np.ndarray, steps: np.ndarray, i
 def list_offsets(directory: Path) -> list[Offset]:
     if not directory.exists():
         return []
-    return sorted(Offset.parse(p.name[len(PREFIX):]) for p in directory.iterdir()
-                  if p.is_dir() and p.name.startswith(PREFIX))
+    return sorted(
+        Offset.parse(p.name[len(PREFIX) :]) for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+    )
 
 
 def load_latest(directory: Path) -> Snapshot | None:

@@ -27,8 +27,15 @@ class RowsView:
 
 
 class PairStore:
-    def __init__(self, dim: int, device: torch.device, dtype: torch.dtype, max_rows: int = 0,
-                 initial_capacity: int = 4096, dense_id_limit: int = 1 << 28):
+    def __init__(
+        self,
+        dim: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_rows: int = 0,
+        initial_capacity: int = 4096,
+        dense_id_limit: int = 1 << 28,
+    ):
         self.dim = dim
         self.device = device
         self.dtype = dtype
@@ -65,7 +72,8 @@ class PairStore:
         n_new = int(np.count_nonzero(new))
         if self.max_rows and self.size + n_new > self.max_rows:
             raise ResourceExhausted(
-                "ids", f"{n_new} new rows would exceed max_rows={self.max_rows} (stored: {self.size})")
+                "ids", f"{n_new} new rows would exceed max_rows={self.max_rows} (stored: {self.size})"
+            )
         self._reserve(self.size + n_new)
         slots[new] = np.arange(self.size, self.size + n_new)
         self.size += n_new

@@ -11,7 +11,6 @@ from miner_service.errors import InvalidArgument
 from miner_service.search import Scoring
 from miner_service.tensors import decode
 
-
 # Stored ids must fit MineReply.neighbour_ids (int64, -1 padding); other fields take any uint64.
 MAX_STORED_ID = np.uint64(2**63 - 1)
 
@@ -78,8 +77,9 @@ def upsert_batch(request: pb.UpsertRequest, dim: int, max_rows_per_request: int)
     ids = _ids(request.ids, "ids")
     _unique(ids, "ids")
     if (ids > MAX_STORED_ID).any():
-        raise InvalidArgument("ids", f"id {int(ids[ids > MAX_STORED_ID][0])} is above {MAX_STORED_ID}: "
-                                     "MineReply.neighbour_ids is int64")
+        raise InvalidArgument(
+            "ids", f"id {int(ids[ids > MAX_STORED_ID][0])} is above {MAX_STORED_ID}: MineReply.neighbour_ids is int64"
+        )
     image = _rows(request.image, "image", dim, len(ids))
     text = _rows(request.text, "text", dim, len(ids))
     return UpsertBatch(ids, image, text, int(request.step))
@@ -101,8 +101,9 @@ def mine_query(request: pb.MineRequest, dim: int, max_k: int, max_anchors: int) 
         n_anchors = len(anchor_ids)
     elif by_embedding:
         if not (request.HasField("image") and request.HasField("text")):
-            raise InvalidArgument("text" if request.HasField("image") else "image",
-                                  "anchors by embedding need both image and text")
+            raise InvalidArgument(
+                "text" if request.HasField("image") else "image", "anchors by embedding need both image and text"
+            )
         image = _rows(request.image, "image", dim)
         text = _rows(request.text, "text", dim, image.shape[0])
         n_anchors = len(image)
@@ -115,10 +116,21 @@ def mine_query(request: pb.MineRequest, dim: int, max_k: int, max_anchors: int) 
     if n_anchors == 0:
         raise InvalidArgument("image.shape", "no anchor rows")
     if n_anchors > max_anchors:
-        raise InvalidArgument("anchor_ids" if anchor_ids is not None else "image.shape",
-                              f"{n_anchors} anchors exceed the per-request limit {max_anchors}")
-    return MineQuery(int(request.k), anchor_ids, image, text, _ids(request.exclude_ids, "exclude_ids"),
-                     float(request.max_similarity), scoring, bool(request.strict_anchors), self_ids)
+        raise InvalidArgument(
+            "anchor_ids" if anchor_ids is not None else "image.shape",
+            f"{n_anchors} anchors exceed the per-request limit {max_anchors}",
+        )
+    return MineQuery(
+        int(request.k),
+        anchor_ids,
+        image,
+        text,
+        _ids(request.exclude_ids, "exclude_ids"),
+        float(request.max_similarity),
+        scoring,
+        bool(request.strict_anchors),
+        self_ids,
+    )
 
 
 def delete_ids(request: pb.DeleteRequest) -> np.ndarray:

@@ -39,6 +39,9 @@ case "${1:-}" in
   test)
     install
     shift
+    # Lint and formatting first: they take seconds and fail fast.
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/ruff" format --check .
     set +e
     "$PY" -m pytest -m "not gpu" "$@"
     rc=$?

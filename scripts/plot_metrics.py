@@ -29,9 +29,25 @@ sys.path.insert(0, str(ROOT))
 
 def start_miner(workdir: Path, dim: int) -> tuple[subprocess.Popen, int, int]:
     port_file = workdir / "ports.json"
-    process = subprocess.Popen([sys.executable, "-m", "miner_service.cli", "serve", "--dim", str(dim), "--port", "0",
-                                "--metrics-port", "0", "--port-file", str(port_file), "--log-level", "WARNING"],
-                               cwd=ROOT)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "miner_service.cli",
+            "serve",
+            "--dim",
+            str(dim),
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--port-file",
+            str(port_file),
+            "--log-level",
+            "WARNING",
+        ],
+        cwd=ROOT,
+    )
     deadline = time.monotonic() + 60
     while not port_file.exists() or not port_file.read_text():
         if process.poll() is not None or time.monotonic() > deadline:
@@ -44,8 +60,11 @@ def start_miner(workdir: Path, dim: int) -> tuple[subprocess.Popen, int, int]:
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
     text = urllib.request.urlopen(url, timeout=10).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def buckets(sample: dict, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -109,8 +128,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as workdir:
         process, port, metrics_port = start_miner(Path(workdir), args.dim)
         stop = threading.Event()
-        load = threading.Thread(target=drive, args=(f"127.0.0.1:{port}", args.dim,
-                                                    [int(p) for p in args.phases.split(",")], args.seconds, stop))
+        load = threading.Thread(
+            target=drive,
+            args=(f"127.0.0.1:{port}", args.dim, [int(p) for p in args.phases.split(",")], args.seconds, stop),
+        )
         samples: list[tuple[float, dict]] = []
         try:
             start = time.monotonic()
@@ -142,18 +163,22 @@ def main() -> int:
 
     def rate(name):
         values = value(name)
-        return np.array([(values[i] - values[max(0, i - window)]) / max(t[i] - t[max(0, i - window)], 1e-9)
-                         if i else np.nan for i in range(len(values))])
+        return np.array(
+            [
+                (values[i] - values[max(0, i - window)]) / max(t[i] - t[max(0, i - window)], 1e-9) if i else np.nan
+                for i in range(len(values))
+            ]
+        )
 
     mine = over_window("helip_miner_mine_seconds")
     staleness = over_window("helip_miner_neighbour_staleness_steps")
     fig, axes = plt.subplots(2, 2, figsize=(13, 7.5), constrained_layout=True)
-    fig.suptitle("helip miner under a growing store (dim %d, CPU): the dashboard's miner panels" % args.dim)
+    fig.suptitle(f"helip miner under a growing store (dim {args.dim}, CPU): the dashboard's miner panels")
     ax = axes[0, 0]
     for q, style in ((0.5, "-"), (0.9, "--"), (0.99, ":")):
         ax.plot(t, np.array(mine[q]) * 1e3, style, label=f"p{int(q * 100)}")
     ax.axhline(250, color="red", linewidth=1, label="p99 objective (250 ms)")
-    ax.set(title="Mine latency (histogram_quantile over %ds)" % window, ylabel="ms", xlabel="s", yscale="log")
+    ax.set(title=f"Mine latency (histogram_quantile over {window}s)", ylabel="ms", xlabel="s", yscale="log")
     ax.legend(loc="upper left")
     ax = axes[0, 1]
     ax.plot(t, value("helip_miner_rows"), label="rows stored")

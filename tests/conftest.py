@@ -50,11 +50,25 @@ def start_miner(workdir: Path, *args: str, env: dict | None = None, timeout_s: f
     workdir.mkdir(parents=True, exist_ok=True)
     port_file = workdir / f"ports-{time.monotonic_ns()}.json"
     log_path = workdir / f"miner-{time.monotonic_ns()}.log"
-    command = [sys.executable, "-m", "miner_service.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-               "--metrics-port", "0", "--port-file", str(port_file), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "miner_service.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--port-file",
+        str(port_file),
+        *args,
+    ]
     with open(log_path, "w") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT,
-                                   env={**os.environ, **(env or {})})
+        process = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
+        )
     deadline = time.monotonic() + timeout_s
     while not port_file.exists() or not port_file.read_text():
         if process.poll() is not None:
@@ -132,9 +146,24 @@ class PrivateRedis:
 
         # AOF with fsync on every write: a Redis restart keeps every entry it confirmed.
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 20
         while True:
             try:

@@ -12,8 +12,16 @@ SCORINGS = {
 }
 
 
-def reference_mine(rows: dict[int, tuple[np.ndarray, np.ndarray]], q_image: np.ndarray, q_text: np.ndarray,
-                   k: int, scoring: int = 1, cut: float = 0.98, self_ids=None, exclude=()):
+def reference_mine(
+    rows: dict[int, tuple[np.ndarray, np.ndarray]],
+    q_image: np.ndarray,
+    q_text: np.ndarray,
+    k: int,
+    scoring: int = 1,
+    cut: float = 0.98,
+    self_ids=None,
+    exclude=(),
+):
     """rows: id -> (image, text). Returns (ids [a,k] int64 with -1 padding, scores [a,k] float64)."""
     ids = np.array(sorted(rows), dtype=np.int64)
     image = np.stack([rows[i][0] for i in ids]).astype(np.float64) if len(ids) else np.zeros((0, q_image.shape[1]))

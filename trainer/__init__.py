@@ -10,14 +10,23 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "HardPairSampler": "trainer.hard_pairs", "hard_pair_loader": "trainer.hard_pairs",
+    "HardPairSampler": "trainer.hard_pairs",
+    "hard_pair_loader": "trainer.hard_pairs",
     "BatchLayout": "trainer.hard_pairs",
     "EmbeddingPusher": "trainer.pusher",
-    "MiningConfig": "trainer.mining", "MiningCounters": "trainer.mining", "make_client": "trainer.mining",
-    "CsvPairs": "trainer.data", "WebDatasetPairs": "trainer.data", "open_pairs": "trainer.data",
-    "PairBatch": "trainer.data", "collate_pairs": "trainer.data", "BadSample": "trainer.data",
-    "BadSampleLedger": "trainer.ledger", "TooManyBadSamples": "trainer.ledger",
-    "HelipLoss": "trainer.losses", "LossConfig": "trainer.losses",
+    "MiningConfig": "trainer.mining",
+    "MiningCounters": "trainer.mining",
+    "make_client": "trainer.mining",
+    "CsvPairs": "trainer.data",
+    "WebDatasetPairs": "trainer.data",
+    "open_pairs": "trainer.data",
+    "PairBatch": "trainer.data",
+    "collate_pairs": "trainer.data",
+    "BadSample": "trainer.data",
+    "BadSampleLedger": "trainer.ledger",
+    "TooManyBadSamples": "trainer.ledger",
+    "HelipLoss": "trainer.losses",
+    "LossConfig": "trainer.losses",
     "bootstrap_index": "trainer.bootstrap",
 }
 __all__ = sorted(_EXPORTS)

@@ -35,25 +35,41 @@ def encode_pairs(model, images: torch.Tensor, tokens: torch.Tensor) -> tuple[tor
 
 
 @torch.no_grad()
-def bootstrap_index(model, dataset, pusher: EmbeddingPusher, *, rank: int = 0, world_size: int = 1,
-                    batch_size: int = 256, num_workers: int = 0, device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32, step: int = 0, progress: bool = True) -> int:
+def bootstrap_index(
+    model,
+    dataset,
+    pusher: EmbeddingPusher,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    step: int = 0,
+    progress: bool = True,
+) -> int:
     """Push embeddings of ids rank, rank + world_size, ... of `dataset`; returns the rows pushed."""
     from tqdm import tqdm
 
     started = time.perf_counter()
     ids = np.arange(rank, len(dataset), world_size)
-    batches = [ids[i:i + batch_size].tolist() for i in range(0, len(ids), batch_size)]
-    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_pairs,
-                        pin_memory=torch.device(device).type == "cuda",
-                        **{**worker_options(num_workers), "persistent_workers": False})
+    batches = [ids[i : i + batch_size].tolist() for i in range(0, len(ids), batch_size)]
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=collate_pairs,
+        pin_memory=torch.device(device).type == "cuda",
+        **{**worker_options(num_workers), "persistent_workers": False},
+    )
     was_training = model.training
     model.eval()
     pushed = 0
     try:
         for batch in tqdm(loader, desc=f"bootstrap index (rank {rank})", unit="batch", disable=not progress):
-            image, text = encode_pairs(model, batch.images.to(device, dtype, non_blocking=True),
-                                       batch.tokens.to(device, non_blocking=True))
+            image, text = encode_pairs(
+                model, batch.images.to(device, dtype, non_blocking=True), batch.tokens.to(device, non_blocking=True)
+            )
             if pusher.push(batch.ids, image, text, step, block=True, timeout_s=300):
                 pushed += len(batch)
     finally:

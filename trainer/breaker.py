@@ -28,13 +28,18 @@ class BreakerConfig:
         if self.failures < 1:
             raise ValueError(f"breaker failures must be >= 1, got {self.failures}")
         if not 0 < self.cooldown_s <= self.max_cooldown_s:
-            raise ValueError(f"breaker cooldown_s must be in (0, max_cooldown_s={self.max_cooldown_s}], "
-                             f"got {self.cooldown_s}")
+            raise ValueError(
+                f"breaker cooldown_s must be in (0, max_cooldown_s={self.max_cooldown_s}], got {self.cooldown_s}"
+            )
 
 
 class CircuitBreaker:
-    def __init__(self, config: BreakerConfig = BreakerConfig(), clock: Callable[[], float] = time.monotonic,
-                 on_open: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        config: BreakerConfig = BreakerConfig(),
+        clock: Callable[[], float] = time.monotonic,
+        on_open: Callable[[], None] | None = None,
+    ):
         """on_open: called each time the breaker opens (outside its lock), e.g. to count it."""
         self.config = config
         self._on_open = on_open
@@ -70,8 +75,7 @@ class CircuitBreaker:
     def failure(self) -> None:
         with self._lock:
             self._consecutive += 1
-            opens = self._state == HALF_OPEN or (self._state == CLOSED and
-                                                  self._consecutive >= self.config.failures)
+            opens = self._state == HALF_OPEN or (self._state == CLOSED and self._consecutive >= self.config.failures)
             if self._state == HALF_OPEN:
                 self._cooldown_s = min(self._cooldown_s * 2, self.config.max_cooldown_s)
             if opens:

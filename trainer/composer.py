@@ -24,8 +24,14 @@ class ComposedBatch:
         return self.n_hard / len(self.ids) if len(self.ids) else 0.0
 
 
-def compose_batch(anchor_ids: np.ndarray, neighbour_ids: np.ndarray | None, batch_size: int, n_samples: int,
-                  rng: np.random.Generator, top: int = 50) -> ComposedBatch:
+def compose_batch(
+    anchor_ids: np.ndarray,
+    neighbour_ids: np.ndarray | None,
+    batch_size: int,
+    n_samples: int,
+    rng: np.random.Generator,
+    top: int = 50,
+) -> ComposedBatch:
     """Fill `batch_size - len(anchor_ids)` slots with hard pairs of the anchors.
 
     neighbour_ids: [anchors, k] best first, -1 padding (the miner's answer), or None when mining gave nothing
@@ -78,9 +84,13 @@ def compose_batch(anchor_ids: np.ndarray, neighbour_ids: np.ndarray | None, batc
     if not n_anchors:  # a batch of only fallbacks (degenerate ratio); keep the contract
         ids = [sample for _, sample, _ in hard_of_anchor]
     n_hard = sum(1 for _, _, mined in hard_of_anchor if mined)
-    return ComposedBatch(ids=np.asarray(ids, dtype=np.int64),
-                         couples=np.asarray(couples, dtype=np.int64).reshape(-1, 2),
-                         n_hard=n_hard, n_fallback=n_slots - n_hard, n_foreign=n_foreign)
+    return ComposedBatch(
+        ids=np.asarray(ids, dtype=np.int64),
+        couples=np.asarray(couples, dtype=np.int64).reshape(-1, 2),
+        n_hard=n_hard,
+        n_fallback=n_slots - n_hard,
+        n_foreign=n_foreign,
+    )
 
 
 def _random_unused(rng: np.random.Generator, n_samples: int, taken: set[int]) -> int:

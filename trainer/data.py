@@ -31,7 +31,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -53,9 +52,7 @@ def read_csv_rows(path: str | Path, columns: Sequence[str], sep: str = "\t") -> 
         header = reader.fieldnames or []
         missing = [c for c in columns if c not in header]
         if missing:
-            raise ValueError(
-                f"{path}: missing column(s) {missing}; the header has {header} (separator {sep!r})"
-            )
+            raise ValueError(f"{path}: missing column(s) {missing}; the header has {header} (separator {sep!r})")
         return list(reader)
 
 
@@ -144,8 +141,10 @@ class PairDataset(Dataset):
                 skipped.append(BadSample(j, error.kind, error.detail))
                 continue
             return Sample(j, self.transform(image), self.tokenize([caption])[0], tuple(skipped))
-        raise BadSampleError("too_many_bad", f"sample {i} and {self.max_substitutes} substitutes are all bad: "
-                                             f"{[(b.id, b.kind) for b in skipped]}")
+        raise BadSampleError(
+            "too_many_bad",
+            f"sample {i} and {self.max_substitutes} substitutes are all bad: {[(b.id, b.kind) for b in skipped]}",
+        )
 
 
 class CsvPairs(PairDataset):
@@ -317,16 +316,19 @@ class PairBatch:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def pin_memory(self) -> "PairBatch":  # DataLoader(pin_memory=True) calls this on custom batch types
-        return replace(self, ids=self.ids.pin_memory(), images=self.images.pin_memory(),
-                       tokens=self.tokens.pin_memory())
+    def pin_memory(self) -> PairBatch:  # DataLoader(pin_memory=True) calls this on custom batch types
+        return replace(
+            self, ids=self.ids.pin_memory(), images=self.images.pin_memory(), tokens=self.tokens.pin_memory()
+        )
 
 
 def collate_pairs(batch: Sequence[Sample]) -> PairBatch:
     """Stack samples ((id, image, tokens) each; a Sample also brings its `skipped`) into a PairBatch."""
     if not batch:
         raise ValueError("cannot collate an empty batch")
-    return PairBatch(ids=torch.tensor([sample[0] for sample in batch], dtype=torch.long),
-                     images=torch.stack([sample[1] for sample in batch]),
-                     tokens=torch.stack([sample[2] for sample in batch]),
-                     skipped=[bad for sample in batch for bad in getattr(sample, "skipped", ())])
+    return PairBatch(
+        ids=torch.tensor([sample[0] for sample in batch], dtype=torch.long),
+        images=torch.stack([sample[1] for sample in batch]),
+        tokens=torch.stack([sample[2] for sample in batch]),
+        skipped=[bad for sample in batch for bad in getattr(sample, "skipped", ())],
+    )

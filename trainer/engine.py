@@ -82,8 +82,12 @@ def deepspeed_config(config: TrainConfig) -> dict:
     accelerator = get_accelerator()
     for key, supported in (("bf16", accelerator.is_bf16_supported()), ("fp16", accelerator.is_fp16_supported())):
         if ds.get(key, {}).get("enabled") and not supported:
-            log.warning("%s asked for by %s but %s lacks it: training in fp32", key, config.run.deepspeed_config,
-                        accelerator.device_name())
+            log.warning(
+                "%s asked for by %s but %s lacks it: training in fp32",
+                key,
+                config.run.deepspeed_config,
+                accelerator.device_name(),
+            )
             ds[key]["enabled"] = False
     return ds
 
@@ -96,7 +100,8 @@ def refuse_local_miner_across_hosts(hosts: list[str], dim: int) -> None:
             f"these {len(hosts)} ranks run on {len(distinct)} hosts ({', '.join(distinct)}) and no --miner was "
             f"given; a local miner would be reachable from one host only. Start one miner for the run "
             f"(`helip-miner serve --dim {dim} --host 0.0.0.0 --port 50051`, with a token or TLS) and pass "
-            f"--miner HOST:50051 to every rank.")
+            f"--miner HOST:50051 to every rank."
+        )
 
 
 class Trainer:
@@ -120,9 +125,14 @@ class Trainer:
         self.model, preprocess_train, self.preprocess_val, self.tokenizer = build_model(model_config)
         # open_clip's training augmentation for real data; the synthetic set's captions name positions and
         # sizes, so its config turns augmentation off (data.augment).
-        self.dataset = open_pairs(config.data.train, preprocess_train if config.data.augment else self.preprocess_val,
-                                  self.tokenizer, img_key=config.data.img_key, caption_key=config.data.caption_key,
-                                  sep=config.data.separator)
+        self.dataset = open_pairs(
+            config.data.train,
+            preprocess_train if config.data.augment else self.preprocess_val,
+            self.tokenizer,
+            img_key=config.data.img_key,
+            caption_key=config.data.caption_key,
+            sep=config.data.separator,
+        )
         self.embed_dim = self._probe_dim()  # the miner's dim: whatever the model's towers project to
 
         optim = config.optim
@@ -131,14 +141,23 @@ class Trainer:
         self.accumulation = int(ds_config.get("gradient_accumulation_steps", 1))
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2 or "logit_scale" in n]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": optim.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=optim.lr)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=optim.lr,
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: warmup_cosine(s, optim.warmup_steps, optim.steps, optim.min_lr_ratio))
+            optimizer, lambda s: warmup_cosine(s, optim.warmup_steps, optim.steps, optim.min_lr_ratio)
+        )
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-        self.input_dtype = (torch.bfloat16 if self.engine.bfloat16_enabled()
-                            else torch.float16 if self.engine.fp16_enabled() else torch.float32)
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+        self.input_dtype = (
+            torch.bfloat16
+            if self.engine.bfloat16_enabled()
+            else torch.float16
+            if self.engine.fp16_enabled()
+            else torch.float32
+        )
         self.loss = HelipLoss(config.loss, rank=self.rank, world_size=self.world_size)
 
         self.counters = MiningCounters()
@@ -187,8 +206,14 @@ class Trainer:
             root = Path(data.synth_dir)
             if self.local_rank == 0 and not (root / "train.csv").exists():
                 log.info("generating the synthetic set in %s", root)
-                generate(SynthConfig(out_dir=root, train_size=data.synth_train, test_size=data.synth_test,
-                                     seed=self.config.optim.seed))
+                generate(
+                    SynthConfig(
+                        out_dir=root,
+                        train_size=data.synth_train,
+                        test_size=data.synth_test,
+                        seed=self.config.optim.seed,
+                    )
+                )
             dist.barrier()
             data.train = str(root / "train.csv")
             data.eval_dir = data.eval_dir or str(root)
@@ -203,17 +228,40 @@ class Trainer:
         if self._needs_bootstrap(start_micro):
             self._bootstrap()
         self.sampler = HardPairSampler(
-            len(self.dataset), config.optim.batch_size, self.client, self.mining,
-            hard_ratio=config.optim.hard_ratio, rank=self.rank, world_size=self.world_size, seed=config.optim.seed,
-            num_workers=config.data.workers, prefetch_factor=config.data.prefetch_factor, steps=total_micro,
-            start_step=start_micro, counters=self.counters)
+            len(self.dataset),
+            config.optim.batch_size,
+            self.client,
+            self.mining,
+            hard_ratio=config.optim.hard_ratio,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=config.optim.seed,
+            num_workers=config.data.workers,
+            prefetch_factor=config.data.prefetch_factor,
+            steps=total_micro,
+            start_step=start_micro,
+            counters=self.counters,
+        )
         loader = hard_pair_loader(self.dataset, self.sampler, pin_memory=self.device.type == "cuda")
         ledger = BadSampleLedger(config.data.max_bad_fraction, config.data.bad_min_samples)
-        runlog = RunLog(self.output_dir, self.rank, self.world_size, self.metrics, self.counters,
-                        config.run.log_every, self.accumulation, self.writer)
+        runlog = RunLog(
+            self.output_dir,
+            self.rank,
+            self.world_size,
+            self.metrics,
+            self.counters,
+            config.run.log_every,
+            self.accumulation,
+            self.writer,
+        )
         ledger.on_bad = lambda bad: runlog.bad_sample(bad.kind)
-        progress = tqdm(total=total_micro, initial=start_micro, desc="train", unit="step",
-                        disable=not (self.is_main and config.run.progress))
+        progress = tqdm(
+            total=total_micro,
+            initial=start_micro,
+            desc="train",
+            unit="step",
+            disable=not (self.is_main and config.run.progress),
+        )
         seen: set[int] = set()
         ckpt_every = config.run.checkpoint_every * self.accumulation
         eval_every = config.run.eval_every * self.accumulation
@@ -272,16 +320,28 @@ class Trainer:
         if rows is None:
             return False
         if rows < len(self.dataset):
-            log.info("the miner holds %d rows for %d samples: bootstrapping before the first resumed step", rows,
-                     len(self.dataset))
+            log.info(
+                "the miner holds %d rows for %d samples: bootstrapping before the first resumed step",
+                rows,
+                len(self.dataset),
+            )
             return True
         return False
 
     def _bootstrap(self) -> None:
-        bootstrap_index(self.engine.module, self.dataset, self.pusher, rank=self.rank, world_size=self.world_size,
-                        batch_size=self.config.optim.batch_size * 4, num_workers=self.config.data.workers,
-                        device=self.device, dtype=self.input_dtype, step=int(self.engine.global_steps),
-                        progress=self.is_main and self.config.run.progress)
+        bootstrap_index(
+            self.engine.module,
+            self.dataset,
+            self.pusher,
+            rank=self.rank,
+            world_size=self.world_size,
+            batch_size=self.config.optim.batch_size * 4,
+            num_workers=self.config.data.workers,
+            device=self.device,
+            dtype=self.input_dtype,
+            step=int(self.engine.global_steps),
+            progress=self.is_main and self.config.run.progress,
+        )
         dist.barrier()  # every rank's rows are in before anyone mines
 
     def _step(self, batch, couples: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -300,8 +360,7 @@ class Trainer:
 
     def _save(self, micro: int) -> None:
         tag = f"step_{micro // self.accumulation}"
-        self.engine.save_checkpoint(str(self.output_dir / "checkpoints"), tag=tag,
-                                    client_state={"micro_step": micro})
+        self.engine.save_checkpoint(str(self.output_dir / "checkpoints"), tag=tag, client_state={"micro_step": micro})
 
     def _resume(self) -> int:
         resume = self.config.run.resume
@@ -357,12 +416,29 @@ class Trainer:
         (self.output_dir / f"rank{self.rank}.json").write_text(json.dumps({**totals, "mining": counters}))
         summary = self.output_dir / "summary.json"
         if self.is_main:
-            summary.write_text(json.dumps({"steps": self.config.optim.steps, "world_size": self.world_size,
-                                           "last_losses": last, "mining": counters,
-                                           "final_checkpoint": str(final) if final else None,
-                                           "eval": str(eval_json) if eval_json else None}, indent=2))
+            summary.write_text(
+                json.dumps(
+                    {
+                        "steps": self.config.optim.steps,
+                        "world_size": self.world_size,
+                        "last_losses": last,
+                        "mining": counters,
+                        "final_checkpoint": str(final) if final else None,
+                        "eval": str(eval_json) if eval_json else None,
+                    },
+                    indent=2,
+                )
+            )
             self.writer.close()
         dist.barrier()
         self.close()
-        return TrainResult(self.output_dir, final, eval_json, self.output_dir / "tensorboard", summary, last,
-                           self.config.optim.steps, counters)
+        return TrainResult(
+            self.output_dir,
+            final,
+            eval_json,
+            self.output_dir / "tensorboard",
+            summary,
+            last,
+            self.config.optim.steps,
+            counters,
+        )

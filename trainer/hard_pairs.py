@@ -62,10 +62,23 @@ def _world() -> tuple[int, int]:
 
 
 class HardPairSampler(Sampler[list[int]]):
-    def __init__(self, n_samples: int, batch_size: int, miner=None, config: MiningConfig = MiningConfig(), *,
-                 hard_ratio: float = 0.5, rank: int | None = None, world_size: int | None = None, seed: int = 0,
-                 num_workers: int = 0, prefetch_factor: int = 2, steps: int | None = None, start_step: int = 0,
-                 counters: MiningCounters | None = None):
+    def __init__(
+        self,
+        n_samples: int,
+        batch_size: int,
+        miner=None,
+        config: MiningConfig = MiningConfig(),
+        *,
+        hard_ratio: float = 0.5,
+        rank: int | None = None,
+        world_size: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+        prefetch_factor: int = 2,
+        steps: int | None = None,
+        start_step: int = 0,
+        counters: MiningCounters | None = None,
+    ):
         """n_samples: ids are 0..n_samples-1. batch_size: per rank, anchors + hard pairs.
         miner: a miner address ("host:port", comma-separated shards), a client, or None (no mining: hard slots
             are random samples). rank, world_size: default to torch.distributed's, else 0 and 1.
@@ -75,12 +88,18 @@ class HardPairSampler(Sampler[list[int]]):
         """
         if rank is None or world_size is None:
             rank, world_size = _world()
-        self.anchors = AnchorSampler(SamplerConfig(n_samples=n_samples, batch_size=batch_size,
-                                                   hard_ratio=hard_ratio, world_size=world_size, rank=rank,
-                                                   seed=seed))
+        self.anchors = AnchorSampler(
+            SamplerConfig(
+                n_samples=n_samples,
+                batch_size=batch_size,
+                hard_ratio=hard_ratio,
+                world_size=world_size,
+                rank=rank,
+                seed=seed,
+            )
+        )
         if num_workers < 0 or prefetch_factor < 1:
-            raise ValueError(f"num_workers must be >= 0 and prefetch_factor >= 1, got {num_workers}, "
-                             f"{prefetch_factor}")
+            raise ValueError(f"num_workers must be >= 0 and prefetch_factor >= 1, got {num_workers}, {prefetch_factor}")
         if steps is not None and not 0 <= start_step <= steps:
             raise ValueError(f"start_step {start_step} outside [0, steps={steps}]")
         self.n_samples = n_samples
@@ -141,7 +160,7 @@ class HardPairSampler(Sampler[list[int]]):
         if self.prefetcher is None or self.prefetcher.breaker.state != CLOSED:
             return
         deadline = time.monotonic() + self.config.deadline_s
-        for step in steps[:self.in_loader + 1]:
+        for step in steps[: self.in_loader + 1]:
             self.prefetcher.wait(step, max(0.0, deadline - time.monotonic()))
 
     def compose(self, step: int) -> ComposedBatch:
@@ -149,26 +168,31 @@ class HardPairSampler(Sampler[list[int]]):
         neighbours = self.prefetcher.take(step) if self.prefetcher is not None else None
         # Seeded per (seed, rank, step): a resumed run composes the same fallbacks as an uninterrupted one.
         rng = np.random.default_rng([self.seed, self.rank, step])
-        composed = compose_batch(self.anchors.anchors(step), neighbours, self.batch_size, self.n_samples, rng,
-                                 top=self.config.k)
+        composed = compose_batch(
+            self.anchors.anchors(step), neighbours, self.batch_size, self.n_samples, rng, top=self.config.k
+        )
         if composed.n_foreign:
             self.counters.add(foreign_ids=composed.n_foreign)
             if not self._warned_foreign:
                 self._warned_foreign = True
-                log.warning("the miner returned ids this data set does not hold (%d in step %d's answer; ids are "
-                            "0..%d): it holds rows of another data set. They are dropped and counted "
-                            "(foreign_ids).", composed.n_foreign, step, self.n_samples - 1)
+                log.warning(
+                    "the miner returned ids this data set does not hold (%d in step %d's answer; ids are "
+                    "0..%d): it holds rows of another data set. They are dropped and counted "
+                    "(foreign_ids).",
+                    composed.n_foreign,
+                    step,
+                    self.n_samples - 1,
+                )
         self._records.append((step, composed))
         return composed
 
     def layout(self, batch_ids) -> BatchLayout:
         """The layout of a batch the DataLoader delivered, found by its ids (batches arrive in the order they
         were composed; a bad sample's substitute changes a row's id, so the best-matching recent batch wins)."""
-        delivered = (batch_ids.tolist() if isinstance(batch_ids, torch.Tensor)
-                     else np.asarray(batch_ids).tolist())
+        delivered = batch_ids.tolist() if isinstance(batch_ids, torch.Tensor) else np.asarray(batch_ids).tolist()
         wanted = set(delivered)
         best, best_overlap = None, 0
-        for index, (step, composed) in enumerate(self._records):
+        for index, (_step, composed) in enumerate(self._records):
             overlap = len(wanted.intersection(composed.ids.tolist()))
             if overlap > best_overlap:
                 best, best_overlap = index, overlap
@@ -181,11 +205,18 @@ class HardPairSampler(Sampler[list[int]]):
         step, composed = self._records.popleft()
         position = {sample: row for row, sample in enumerate(delivered)}
         ids = composed.ids.tolist()
-        couples = [(position[ids[a]], position[ids[h]]) for a, h in composed.couples.tolist()
-                   if ids[a] in position and ids[h] in position]
-        return BatchLayout(step=step, couples=torch.tensor(couples, dtype=torch.long).reshape(-1, 2),
-                           n_hard=len(couples), n_fallback=composed.n_fallback + composed.n_hard - len(couples),
-                           n_slots=len(delivered))
+        couples = [
+            (position[ids[a]], position[ids[h]])
+            for a, h in composed.couples.tolist()
+            if ids[a] in position and ids[h] in position
+        ]
+        return BatchLayout(
+            step=step,
+            couples=torch.tensor(couples, dtype=torch.long).reshape(-1, 2),
+            n_hard=len(couples),
+            n_fallback=composed.n_fallback + composed.n_hard - len(couples),
+            n_slots=len(delivered),
+        )
 
     def close(self) -> None:
         if self.prefetcher is not None:
@@ -203,13 +234,22 @@ def worker_options(num_workers: int, prefetch_factor: int = 2) -> dict:
     """DataLoader keyword arguments for `num_workers` workers in a process that talks to a miner."""
     if num_workers == 0:
         return {"num_workers": 0}
-    return {"num_workers": num_workers, "prefetch_factor": prefetch_factor, "persistent_workers": True,
-            "multiprocessing_context": WORKER_START_METHOD}
+    return {
+        "num_workers": num_workers,
+        "prefetch_factor": prefetch_factor,
+        "persistent_workers": True,
+        "multiprocessing_context": WORKER_START_METHOD,
+    }
 
 
 def hard_pair_loader(dataset, sampler: HardPairSampler, pin_memory: bool | None = None, **kwargs) -> DataLoader:
     """A DataLoader over `dataset` fed by `sampler`, with the worker count and prefetch the sampler plans for.
     Batches are trainer.data.PairBatch; other DataLoader arguments pass through."""
     options = {**worker_options(sampler.num_workers, sampler.prefetch_factor), **kwargs}
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_pairs,
-                      pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, **options)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_pairs,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        **options,
+    )

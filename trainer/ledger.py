@@ -21,8 +21,13 @@ class TooManyBadSamples(RuntimeError):
 
 
 class BadSampleLedger:
-    def __init__(self, max_fraction: float = 0.01, min_samples: int = 1000,
-                 on_bad: Callable[[BadSample], None] | None = None, log_first: int = 20):
+    def __init__(
+        self,
+        max_fraction: float = 0.01,
+        min_samples: int = 1000,
+        on_bad: Callable[[BadSample], None] | None = None,
+        log_first: int = 20,
+    ):
         """max_fraction: the run stops once bad / (good + bad) exceeds it, judged after `min_samples` samples.
         on_bad: called once per bad sample (metrics). The first `log_first` are logged one by one."""
         if not 0.0 <= max_fraction <= 1.0:
@@ -50,12 +55,15 @@ class BadSampleLedger:
             if self.bad <= self.log_first:
                 log.warning("skipped bad sample %d (%s): %s", bad.id, bad.kind, bad.detail)
             elif self.bad == self.log_first + 1:
-                log.warning("more bad samples: further ones are counted (helip_trainer_bad_samples_total), "
-                            "not logged one by one")
+                log.warning(
+                    "more bad samples: further ones are counted (helip_trainer_bad_samples_total), "
+                    "not logged one by one"
+                )
             if self.on_bad is not None:
                 self.on_bad(bad)
         if self.good + self.bad >= self.min_samples and self.fraction > self.max_fraction:
             raise TooManyBadSamples(
                 f"{self.bad} of {self.good + self.bad} samples were bad ({self.fraction:.1%} > "
                 f"data.max_bad_fraction={self.max_fraction:.1%}): {dict(self.by_kind)}. Check the data set "
-                f"(the first bad ids are in the log) or raise data.max_bad_fraction.")
+                f"(the first bad ids are in the log) or raise data.max_bad_fraction."
+            )

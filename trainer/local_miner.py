@@ -24,9 +24,25 @@ class LocalMiner:
         self.port_file.unlink(missing_ok=True)
         with open(self.log_path, "w") as log_file:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "miner_service.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-                 "--metrics-port", "0", "--dim", str(dim), "--port-file", str(self.port_file)],
-                stdout=log_file, stderr=subprocess.STDOUT)
+                [
+                    sys.executable,
+                    "-m",
+                    "miner_service.cli",
+                    "serve",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "0",
+                    "--metrics-port",
+                    "0",
+                    "--dim",
+                    str(dim),
+                    "--port-file",
+                    str(self.port_file),
+                ],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + timeout_s
         while not (self.port_file.exists() and self.port_file.read_text()):
             if self.process.poll() is not None:
@@ -38,8 +54,7 @@ class LocalMiner:
         ports = json.loads(self.port_file.read_text())
         self.address = f"127.0.0.1:{ports['port']}"
         self.metrics_port = ports.get("metrics_port")
-        log.info("started a local miner at %s (metrics on :%s, log %s)", self.address, self.metrics_port,
-                 self.log_path)
+        log.info("started a local miner at %s (metrics on :%s, log %s)", self.address, self.metrics_port, self.log_path)
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -28,39 +28,62 @@ class TrainerMetrics:
     BAD_SAMPLE_KINDS = ("missing_file", "unreadable_image", "unreadable_caption", "empty_caption")
 
     @classmethod
-    def create(cls, rank: int) -> "TrainerMetrics":
+    def create(cls, rank: int) -> TrainerMetrics:
         r = CollectorRegistry()
         labels = {"labelnames": ["rank"], "registry": r}
 
         def one(metric):
             return metric.labels(str(rank))
 
-        bad_samples = Counter("helip_trainer_bad_samples", "Bad samples skipped, by kind",
-                              labelnames=["rank", "kind"], registry=r)
+        bad_samples = Counter(
+            "helip_trainer_bad_samples", "Bad samples skipped, by kind", labelnames=["rank", "kind"], registry=r
+        )
         for kind in cls.BAD_SAMPLE_KINDS:  # exported at 0 from the start, so rate() and alerts see them
             bad_samples.labels(str(rank), kind)
         return cls(
             registry=r,
-            step_seconds=one(Histogram("helip_trainer_step_seconds", "Forward, backward and optimizer step",
-                                       buckets=STEP_BUCKETS_S, **labels)),
-            data_wait_seconds=one(Histogram("helip_trainer_data_wait_seconds",
-                                            "Time a step waited for the DataLoader's next batch (never for mining)",
-                                            buckets=WAIT_BUCKETS_S, **labels)),
-            fallbacks=one(Counter("helip_trainer_fallbacks", "Hard-pair slots filled with a random sample",
-                                  **labels)),
+            step_seconds=one(
+                Histogram(
+                    "helip_trainer_step_seconds",
+                    "Forward, backward and optimizer step",
+                    buckets=STEP_BUCKETS_S,
+                    **labels,
+                )
+            ),
+            data_wait_seconds=one(
+                Histogram(
+                    "helip_trainer_data_wait_seconds",
+                    "Time a step waited for the DataLoader's next batch (never for mining)",
+                    buckets=WAIT_BUCKETS_S,
+                    **labels,
+                )
+            ),
+            fallbacks=one(Counter("helip_trainer_fallbacks", "Hard-pair slots filled with a random sample", **labels)),
             hard_pairs=one(Counter("helip_trainer_hard_pairs", "Hard-pair slots filled with a mined pair", **labels)),
             samples=one(Counter("helip_trainer_samples", "Samples trained on", **labels)),
-            hard_pair_fraction=one(Gauge("helip_trainer_hard_pair_fraction",
-                                         "Fraction of the last batch that was mined hard pairs", **labels)),
+            hard_pair_fraction=one(
+                Gauge(
+                    "helip_trainer_hard_pair_fraction", "Fraction of the last batch that was mined hard pairs", **labels
+                )
+            ),
             pushed_rows=one(Counter("helip_trainer_pushed_rows", "Embedding rows pushed to the miner", **labels)),
-            dropped_pushes=one(Counter("helip_trainer_dropped_pushes",
-                                       "Embedding batches dropped (push queue full, or miner breaker open)",
-                                       **labels)),
-            mine_failures=one(Counter("helip_trainer_mine_failures",
-                                      "Mine answers missing when their batch was composed (failed, late or skipped)",
-                                      **labels)),
-            foreign_ids=one(Counter("helip_trainer_foreign_ids",
-                                    "Neighbour ids the data set does not hold, dropped", **labels)),
+            dropped_pushes=one(
+                Counter(
+                    "helip_trainer_dropped_pushes",
+                    "Embedding batches dropped (push queue full, or miner breaker open)",
+                    **labels,
+                )
+            ),
+            mine_failures=one(
+                Counter(
+                    "helip_trainer_mine_failures",
+                    "Mine answers missing when their batch was composed (failed, late or skipped)",
+                    **labels,
+                )
+            ),
+            foreign_ids=one(
+                Counter("helip_trainer_foreign_ids", "Neighbour ids the data set does not hold, dropped", **labels)
+            ),
             bad_samples=bad_samples,
         )
 

@@ -74,8 +74,10 @@ class MiningConfig:
         if self.breaker_failures < 1:
             raise ValueError(f"mining.breaker_failures must be >= 1, got {self.breaker_failures}")
         if not 0 < self.breaker_cooldown_s <= self.breaker_max_cooldown_s:
-            raise ValueError(f"mining.breaker_cooldown_s must be in (0, mining.breaker_max_cooldown_s="
-                             f"{self.breaker_max_cooldown_s}], got {self.breaker_cooldown_s}")
+            raise ValueError(
+                f"mining.breaker_cooldown_s must be in (0, mining.breaker_max_cooldown_s="
+                f"{self.breaker_max_cooldown_s}], got {self.breaker_cooldown_s}"
+            )
 
     @property
     def breaker(self) -> BreakerConfig:
@@ -112,10 +114,17 @@ def make_client(config: MiningConfig):
     # Retries are off: a failed Mine falls back at once, and a failed push is counted; the channel reconnects
     # by itself (its backoff is capped low so that a restarted miner is used again within a second or two).
     client_config = ClientConfig.with_token_from(
-        config.token_file, address=config.address, timeout_s=config.rpc_timeout_s, retries=0,
-        wire_dtype=pb.DType.Value(config.wire_dtype), tls=config.tls, tls_ca_file=config.tls_ca_file,
-        tls_cert_file=config.tls_cert_file, tls_key_file=config.tls_key_file,
-        tls_server_name=config.tls_server_name)
+        config.token_file,
+        address=config.address,
+        timeout_s=config.rpc_timeout_s,
+        retries=0,
+        wire_dtype=pb.DType.Value(config.wire_dtype),
+        tls=config.tls,
+        tls_ca_file=config.tls_ca_file,
+        tls_cert_file=config.tls_cert_file,
+        tls_key_file=config.tls_key_file,
+        tls_server_name=config.tls_server_name,
+    )
     addresses = [a.strip() for a in config.address.split(",") if a.strip()]
     if len(addresses) > 1:
         return ShardedMinerClient(addresses, client_config)
@@ -167,16 +176,25 @@ class MinePrefetcher:
     def _mine(self, anchor_ids: np.ndarray) -> np.ndarray | None:
         try:
             self.counters.add(mine_calls=1)
-            neighbours = self.client.mine(self.config.k, anchor_ids=anchor_ids, exclude_ids=anchor_ids,
-                                          max_similarity=self.config.max_similarity, scoring=self._scoring,
-                                          timeout_s=self.config.deadline_s)
+            neighbours = self.client.mine(
+                self.config.k,
+                anchor_ids=anchor_ids,
+                exclude_ids=anchor_ids,
+                max_similarity=self.config.max_similarity,
+                scoring=self._scoring,
+                timeout_s=self.config.deadline_s,
+            )
             self.breaker.success()
             return neighbours.ids
         except grpc.RpcError as error:
             self.breaker.failure()
             self.counters.add(mine_failures=1)
-            self._warn.warning("Mine failed (%s %s); batches fall back to random samples; breaker %s",
-                               error.code().name, error.details(), self.breaker.state)
+            self._warn.warning(
+                "Mine failed (%s %s); batches fall back to random samples; breaker %s",
+                error.code().name,
+                error.details(),
+                self.breaker.state,
+            )
             return None
 
     def take(self, step: int) -> np.ndarray | None:

@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import open_clip
 import torch
@@ -90,8 +91,7 @@ def build_model(
     model_name, _ = resolve_model(config)
     if config.pretrained is not None and not Path(config.pretrained).is_file():
         raise FileNotFoundError(
-            f"ModelConfig.pretrained must be a local weights file (downloads are disabled), got "
-            f"{config.pretrained!r}"
+            f"ModelConfig.pretrained must be a local weights file (downloads are disabled), got {config.pretrained!r}"
         )
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         model_name,
@@ -105,8 +105,7 @@ def build_model(
     )
     tokenizer = open_clip.get_tokenizer(model_name)
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("built %s (%.1fM parameters, %s on %s)", model_name, n_params / 1e6, config.precision,
-                config.device)
+    logger.info("built %s (%.1fM parameters, %s on %s)", model_name, n_params / 1e6, config.precision, config.device)
     return model, preprocess_train, preprocess_val, tokenizer
 
 
@@ -157,7 +156,7 @@ def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike[str]) -> dic
             f"(keys: {sorted(checkpoint)[:10]})"
         )
     state_dict = {
-        (name[len(WRAPPER_PREFIX):] if name.startswith(WRAPPER_PREFIX) else name): tensor
+        (name[len(WRAPPER_PREFIX) :] if name.startswith(WRAPPER_PREFIX) else name): tensor
         for name, tensor in state_dict.items()
     }
 
@@ -175,6 +174,7 @@ def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike[str]) -> dic
         if state_dict[name].shape != expected[name].shape
     )
     if missing or unexpected or mismatched:
+
         def show(names: list[str]) -> str:
             return f"{len(names)} {names[:8]}{' ...' if len(names) > 8 else ''}"
 

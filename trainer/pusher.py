@@ -69,8 +69,7 @@ class EmbeddingPusher:
         self._warn = RateLimitedLog(log)
         self._thread.start()
 
-    def push(self, ids, image_emb, text_emb, step: int, block: bool = False, timeout_s: float | None = None
-             ) -> bool:
+    def push(self, ids, image_emb, text_emb, step: int, block: bool = False, timeout_s: float | None = None) -> bool:
         """Queue one batch of L2-normalised embeddings ([n, dim] each, row i of sample ids[i]).
 
         Returns False when the batch was dropped (queue full; with `block`, full for `timeout_s`).

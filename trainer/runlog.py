@@ -32,8 +32,17 @@ class Window:
 
 
 class RunLog:
-    def __init__(self, output_dir: Path, rank: int, world_size: int, metrics: TrainerMetrics,
-                 counters: MiningCounters, log_every: int, accumulation: int, writer=None):
+    def __init__(
+        self,
+        output_dir: Path,
+        rank: int,
+        world_size: int,
+        metrics: TrainerMetrics,
+        counters: MiningCounters,
+        log_every: int,
+        accumulation: int,
+        writer=None,
+    ):
         self.rank = rank
         self.world_size = world_size
         self.metrics = metrics
@@ -47,8 +56,16 @@ class RunLog:
         self.totals = {"hard": 0, "fallback": 0, "samples": 0}
         self._exported = counters.snapshot()
 
-    def step(self, micro: int, losses: dict[str, float], layout: BatchLayout, compute_s: float,
-             data_wait_s: float, lr: float, last: bool) -> None:
+    def step(
+        self,
+        micro: int,
+        losses: dict[str, float],
+        layout: BatchLayout,
+        compute_s: float,
+        data_wait_s: float,
+        lr: float,
+        last: bool,
+    ) -> None:
         w = self.window
         w.steps += 1
         w.samples += layout.n_slots * self.world_size
@@ -62,9 +79,20 @@ class RunLog:
         self.totals["samples"] += layout.n_slots
         self._export(layout, compute_s, data_wait_s)
         if self.jsonl is not None:
-            self.jsonl.write(json.dumps({"micro_step": micro, **losses, "n_hard": layout.n_hard,
-                                         "n_fallback": layout.n_fallback, "step_s": round(compute_s, 5),
-                                         "data_wait_s": round(data_wait_s, 5), "time": time.time()}) + "\n")
+            self.jsonl.write(
+                json.dumps(
+                    {
+                        "micro_step": micro,
+                        **losses,
+                        "n_hard": layout.n_hard,
+                        "n_fallback": layout.n_fallback,
+                        "step_s": round(compute_s, 5),
+                        "data_wait_s": round(data_wait_s, 5),
+                        "time": time.time(),
+                    }
+                )
+                + "\n"
+            )
             self.jsonl.flush()
         done = micro + 1
         if done % self.log_every_micro == 0 or last:
@@ -95,7 +123,8 @@ class RunLog:
         if self.writer is not None:
             slots = max(1, w.slots)
             scalars = {
-                "loss/total": losses["total"], "loss/contrastive": losses["contrastive"],
+                "loss/total": losses["total"],
+                "loss/contrastive": losses["contrastive"],
                 "loss/hnml": losses["hnml"],
                 "mining/hard_fraction": w.hard / slots,
                 "mining/fallbacks": w.fallback,

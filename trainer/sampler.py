@@ -30,8 +30,10 @@ class SamplerConfig:
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world of {self.world_size}")
         if self.steps_per_epoch < 1:
-            raise ValueError(f"{self.n_samples} samples are too few for {self.world_size} ranks x "
-                             f"{self.anchors_per_batch} anchors per batch")
+            raise ValueError(
+                f"{self.n_samples} samples are too few for {self.world_size} ranks x "
+                f"{self.anchors_per_batch} anchors per batch"
+            )
 
     @property
     def hard_per_batch(self) -> int:
@@ -54,18 +56,18 @@ class AnchorSampler:
     def steps_per_epoch(self) -> int:
         return self.config.steps_per_epoch
 
-    @lru_cache(maxsize=2)
+    @lru_cache(maxsize=2)  # noqa: B019 (two epochs' permutations per sampler, freed with it)
     def _stripe(self, epoch: int) -> np.ndarray:
         c = self.config
         order = np.random.default_rng([c.seed, epoch]).permutation(c.n_samples)
         per_rank = c.steps_per_epoch * c.anchors_per_batch  # drop the tail so every rank has as many steps
-        return order[c.rank * per_rank:(c.rank + 1) * per_rank]
+        return order[c.rank * per_rank : (c.rank + 1) * per_rank]
 
     def anchors(self, step: int) -> np.ndarray:
         """Anchor ids (int64) of this rank's batch at global step `step` (steps run on across epochs)."""
         epoch, index = divmod(step, self.steps_per_epoch)
         n = self.config.anchors_per_batch
-        return self._stripe(epoch)[index * n:(index + 1) * n]
+        return self._stripe(epoch)[index * n : (index + 1) * n]
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch

@@ -316,7 +316,11 @@ def generate(config: SynthConfig) -> SynthPaths:
     paths.zeroshot_json.write_text(json.dumps(task, indent=2) + "\n", encoding="utf-8")
     log.info(
         "synth: %d train, %d test, %d retrieval, %d zero-shot samples in %s (%.1f s)",
-        len(train_rows), len(test_rows), len(retrieval_rows), len(zeroshot_rows), root,
+        len(train_rows),
+        len(test_rows),
+        len(retrieval_rows),
+        len(zeroshot_rows),
+        root,
         time.perf_counter() - started,
     )
     return paths

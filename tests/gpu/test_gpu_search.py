@@ -9,8 +9,7 @@ from miner_service.miner import HardPairMiner
 from miner_service.search import Scoring
 from tests.reference import random_pairs
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 DIM = 64
 
 

@@ -34,18 +34,33 @@ INSTALL_HINT = "install the deploy tools with `bash scripts/dev.sh install`"
 # What the trainer exports (trainer/metrics.py), one endpoint per rank. The dashboard and the rules may name only
 # these; test_trainer_metric_list_matches_the_exporter checks the list against the exporter's registry.
 TRAINER_METRICS = {
-    "helip_trainer_step_seconds_bucket", "helip_trainer_step_seconds_count", "helip_trainer_step_seconds_sum",
-    "helip_trainer_data_wait_seconds_bucket", "helip_trainer_data_wait_seconds_count",
-    "helip_trainer_data_wait_seconds_sum", "helip_trainer_fallbacks_total", "helip_trainer_hard_pairs_total",
-    "helip_trainer_samples_total", "helip_trainer_hard_pair_fraction", "helip_trainer_pushed_rows_total",
-    "helip_trainer_dropped_pushes_total", "helip_trainer_mine_failures_total", "helip_trainer_foreign_ids_total",
+    "helip_trainer_step_seconds_bucket",
+    "helip_trainer_step_seconds_count",
+    "helip_trainer_step_seconds_sum",
+    "helip_trainer_data_wait_seconds_bucket",
+    "helip_trainer_data_wait_seconds_count",
+    "helip_trainer_data_wait_seconds_sum",
+    "helip_trainer_fallbacks_total",
+    "helip_trainer_hard_pairs_total",
+    "helip_trainer_samples_total",
+    "helip_trainer_hard_pair_fraction",
+    "helip_trainer_pushed_rows_total",
+    "helip_trainer_dropped_pushes_total",
+    "helip_trainer_mine_failures_total",
+    "helip_trainer_foreign_ids_total",
     "helip_trainer_bad_samples_total",
 }
 # A metric name, not part of a recording rule's name (level:metric:operations).
 METRIC_NAME = re.compile(r"(?<![:\w])helip_(?:miner|trainer)_\w+(?![:\w])")
 # Grafana's macros and variables, replaced by plain PromQL so that promtool can parse the dashboard's queries.
-GRAFANA_MACROS = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h", "$miner_job": "helip-miner",
-                  "$trainer_job": "helip-trainer", "$instance": ".*"}
+GRAFANA_MACROS = {
+    "$__rate_interval": "1m",
+    "$__interval": "1m",
+    "$__range": "1h",
+    "$miner_job": "helip-miner",
+    "$trainer_job": "helip-trainer",
+    "$instance": ".*",
+}
 
 
 def need(tool: str) -> str:
@@ -58,7 +73,9 @@ def need(tool: str) -> str:
 def run(*command: str, cwd: Path | None = None, expect_ok: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=120)
     if expect_ok:
-        assert result.returncode == 0, f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        assert result.returncode == 0, (
+            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
@@ -73,8 +90,11 @@ def dashboard_exprs() -> list[str]:
             yield from walk(panel.get("panels", []))
 
     dashboard = json.loads(DASHBOARD.read_text())
-    queries = [v["query"]["query"] if isinstance(v["query"], dict) else v["query"]
-               for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    queries = [
+        v["query"]["query"] if isinstance(v["query"], dict) else v["query"]
+        for v in dashboard["templating"]["list"]
+        if v["type"] == "query"
+    ]
     # A variable's `label_values(SELECTOR, label)` is Grafana's, around a PromQL selector.
     queries = [re.sub(r"^label_values\((.*),\s*\w+\)$", r"\1", q) for q in queries]
     return list(walk(dashboard["panels"])) + queries
@@ -87,8 +107,12 @@ def as_promql(expr: str) -> str:
 
 
 def rule_exprs() -> list[str]:
-    return [rule["expr"] for path in rule_files() for group in yaml.safe_load(path.read_text())["groups"]
-            for rule in group["rules"]]
+    return [
+        rule["expr"]
+        for path in rule_files()
+        for group in yaml.safe_load(path.read_text())["groups"]
+        for rule in group["rules"]
+    ]
 
 
 def named_metrics(exprs) -> set[str]:
@@ -112,9 +136,14 @@ def test_rule_unit_tests_pass():
 
 
 def test_alerts_cover_the_objectives():
-    alerts = {rule["alert"]: rule for group in yaml.safe_load((PROMETHEUS / "rules" / "helip-alerts.yml").read_text())["groups"]
-              for rule in group["rules"]}
-    assert {"HelipMinerDown", "HelipMineLatencyHigh", "HelipTrainerFallbacksHigh", "HelipNeighboursStale"} <= set(alerts)
+    alerts = {
+        rule["alert"]: rule
+        for group in yaml.safe_load((PROMETHEUS / "rules" / "helip-alerts.yml").read_text())["groups"]
+        for rule in group["rules"]
+    }
+    assert {"HelipMinerDown", "HelipMineLatencyHigh", "HelipTrainerFallbacksHigh", "HelipNeighboursStale"} <= set(
+        alerts
+    )
     assert alerts["HelipMineLatencyHigh"]["expr"].endswith("> 0.25") and alerts["HelipMineLatencyHigh"]["for"] == "10m"
     assert "up{" in alerts["HelipMinerDown"]["expr"] and alerts["HelipMinerDown"]["expr"].endswith("== 0")
 
@@ -123,8 +152,14 @@ def test_dashboard_queries_are_valid_promql(tmp_path):
     """promtool parses each of the dashboard's queries (Grafana's macros replaced) as a recording rule."""
     exprs = dashboard_exprs()
     assert len(exprs) >= 20
-    rules = {"groups": [{"name": "dashboard", "rules": [{"record": f"dashboard:query_{i}", "expr": as_promql(e)}
-                                                          for i, e in enumerate(exprs)]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [{"record": f"dashboard:query_{i}", "expr": as_promql(e)} for i, e in enumerate(exprs)],
+            }
+        ]
+    }
     path = tmp_path / "dashboard-queries.yml"
     path.write_text(yaml.safe_dump(rules))
     run(need("promtool"), "check", "rules", str(path))
@@ -135,15 +170,26 @@ def test_dashboard_shows_what_operators_need():
     titles = [p["title"] for p in dashboard["panels"]]
     kinds = {p["type"] for p in dashboard["panels"]}
     assert {"row", "timeseries", "heatmap"} <= kinds
-    assert [t for t in titles if p_type(dashboard, t) == "row"] == ["Miner: mining", "Miner: store and ingest", "Trainer"]
+    assert [t for t in titles if p_type(dashboard, t) == "row"] == [
+        "Miner: mining",
+        "Miner: store and ingest",
+        "Trainer",
+    ]
     exprs = " ".join(dashboard_exprs())
-    for needle in ("histogram_quantile(0.99, sum by (le) (rate(helip_miner_mine_seconds_bucket",
-                   "helip_miner_upserted_rows_total", "helip_miner_neighbour_staleness_steps_bucket",
-                   "helip_trainer_data_wait_seconds_bucket", "helip_trainer_fallbacks_total", "helip_miner_rows"):
+    for needle in (
+        "histogram_quantile(0.99, sum by (le) (rate(helip_miner_mine_seconds_bucket",
+        "helip_miner_upserted_rows_total",
+        "helip_miner_neighbour_staleness_steps_bucket",
+        "helip_trainer_data_wait_seconds_bucket",
+        "helip_trainer_fallbacks_total",
+        "helip_miner_rows",
+    ):
         assert needle in exprs, needle
     datasource = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yaml").read_text())
-    assert datasource["datasources"][0]["uid"] == next(
-        v for v in dashboard["templating"]["list"] if v["name"] == "datasource")["current"]["value"]
+    assert (
+        datasource["datasources"][0]["uid"]
+        == next(v for v in dashboard["templating"]["list"] if v["name"] == "datasource")["current"]["value"]
+    )
 
 
 def p_type(dashboard, title):
@@ -285,15 +331,23 @@ def test_shards_trainer_nodes_probes_and_durability_agree(overlay):
     gpu_limits = [c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu") for c in (container, trainer)]
     assert gpu_limits == ([1, 1] if overlay == "gpu" else [None, None])
     if overlay == "gpu":
-        assert container["image"].startswith("helip/miner-cuda") and env_of(container)["HELIP_MINER_SEARCH__DEVICE"] == "cuda"
+        assert (
+            container["image"].startswith("helip/miner-cuda")
+            and env_of(container)["HELIP_MINER_SEARCH__DEVICE"] == "cuda"
+        )
 
 
 def test_trainer_shell_builds_the_shard_list_the_trainer_parses():
     """The Job's shell loop, run by a real sh, gives the comma-separated list trainer.mining splits on."""
     job = find(render(KUSTOMIZE / "overlays" / "cpu"), "Job", "trainer")
     script = job["spec"]["template"]["spec"]["containers"][0]["args"][0].split("exec torchrun")[0]
-    result = subprocess.run(["sh", "-c", script + 'echo "$shards"'], env={"MINER_SHARDS": "3", "PATH": "/usr/bin:/bin"},
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        ["sh", "-c", script + 'echo "$shards"'],
+        env={"MINER_SHARDS": "3", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert result.stdout.strip() == "miner-0.miner:50051,miner-1.miner:50051,miner-2.miner:50051"
 
 
@@ -302,16 +356,26 @@ def test_podmonitor_component_selects_the_pods_and_ports(tmp_path, kubernetes_va
     shutil.copytree(KUSTOMIZE, tree)
     overlay = tree / "overlays" / "with-podmonitor"
     overlay.mkdir()
-    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": ["../cpu"], "components": ["../../components/podmonitor"]}))
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": ["../cpu"],
+                "components": ["../../components/podmonitor"],
+            }
+        )
+    )
     docs = render(overlay)
     monitors = [d for d in docs if d["kind"] == "PodMonitor"]
     assert len(monitors) == 2
     pods = [find(docs, "StatefulSet", "miner"), find(docs, "Job", "trainer")]
     for monitor in monitors:
-        selected = [p for p in pods if monitor["spec"]["selector"]["matchLabels"].items()
-                    <= p["spec"]["template"]["metadata"]["labels"].items()]
+        selected = [
+            p
+            for p in pods
+            if monitor["spec"]["selector"]["matchLabels"].items() <= p["spec"]["template"]["metadata"]["labels"].items()
+        ]
         assert len(selected) == 1, monitor["metadata"]["name"]
         labels = selected[0]["spec"]["template"]["metadata"]["labels"]
         assert labels[monitor["spec"]["jobLabel"]] == monitor["metadata"]["name"]  # job="helip-miner", ...
@@ -377,8 +441,9 @@ def test_compose_validator_rejects_a_broken_file(tmp_path):
 def test_compose_scrape_targets_match_the_services():
     """prometheus.yml scrapes the ports the compose services listen on."""
     config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
-    targets = {job["job_name"]: [t for s in job["static_configs"] for t in s["targets"]]
-               for job in config["scrape_configs"]}
+    targets = {
+        job["job_name"]: [t for s in job["static_configs"] for t in s["targets"]] for job in config["scrape_configs"]
+    }
     compose_text = (COMPOSE / "compose.yaml").read_text()
     assert targets["helip-miner"] == ["miner:9464"] and "--metrics-port=9464" in compose_text
     assert targets["helip-trainer"] == ["trainer-0:9500", "trainer-1:9500"]

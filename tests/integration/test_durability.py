@@ -13,7 +13,6 @@ import pytest
 from helip.miner.v1 import miner_pb2 as pb
 from miner_service.client import ClientConfig, MinerClient
 from miner_service.sharding import ShardedMinerClient, shard_of
-from tests.conftest import free_port
 from tests.reference import random_pairs
 
 DIM = 16
@@ -26,8 +25,17 @@ def client_for(address: str, retries: int = 0) -> MinerClient:
 
 
 def durable_args(redis_url, key_prefix, snapshot_dir, *extra):
-    return ("--dim", str(DIM), "--redis-url", redis_url, "--key-prefix", key_prefix,
-            "--snapshot-dir", str(snapshot_dir), *extra)
+    return (
+        "--dim",
+        str(DIM),
+        "--redis-url",
+        redis_url,
+        "--key-prefix",
+        key_prefix,
+        "--snapshot-dir",
+        str(snapshot_dir),
+        *extra,
+    )
 
 
 def assert_rows(client: MinerClient, expected: dict[int, tuple[np.ndarray, np.ndarray]], absent=()):
@@ -178,8 +186,18 @@ def test_three_shards_answer_like_one_miner(miner_factory, scoring):
 
 @pytest.mark.slow
 def test_redis_outage_refuses_writes_keeps_mining_and_recovers(miner_factory, private_redis, tmp_path):
-    args = ("--dim", str(DIM), "--redis-url", private_redis.url, "--key-prefix", "outage",
-            "--snapshot-dir", str(tmp_path / "snapshots"), "--snapshot-interval-s", "0")
+    args = (
+        "--dim",
+        str(DIM),
+        "--redis-url",
+        private_redis.url,
+        "--key-prefix",
+        "outage",
+        "--snapshot-dir",
+        str(tmp_path / "snapshots"),
+        "--snapshot-interval-s",
+        "0",
+    )
     miner = miner_factory(*args)
     client = client_for(miner.address)
     rng = np.random.default_rng(4)

@@ -31,8 +31,14 @@ def synth(tmp_path_factory) -> Path:
 
 def run_example(script: str, *args, expect_rc: int = 0, timeout_s: float = 180) -> str:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / script), *map(str, args)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=timeout_s)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == expect_rc, output[-8000:]
     return output
@@ -46,8 +52,23 @@ def miner_rows(address: str) -> int:
 def test_plain_loop_trains_with_hard_pairs_and_fills_the_miner(synth, tmp_path, miner_factory):
     miner = miner_factory("--dim", str(EMBED_DIM))
     final = tmp_path / "final.pt"
-    output = run_example("plain_loop.py", "--train-data", synth / "train.csv", "--miner", miner.address,
-                         "--steps", 30, "--batch-size", 16, "--workers", 1, "--device", "cpu", "--output", final)
+    output = run_example(
+        "plain_loop.py",
+        "--train-data",
+        synth / "train.csv",
+        "--miner",
+        miner.address,
+        "--steps",
+        30,
+        "--batch-size",
+        16,
+        "--workers",
+        1,
+        "--device",
+        "cpu",
+        "--output",
+        final,
+    )
 
     fractions = [float(f) for f in re.findall(r"step \d+ loss [0-9.]+ .* hard fraction ([0-9.]+)", output)]
     assert len(fractions) == 30, output[-4000:]
@@ -71,11 +92,42 @@ def test_open_clip_train_runs_with_the_hard_pair_plugin(synth, tmp_path, miner_f
     miner = miner_factory("--dim", str(EMBED_DIM))
     logs = tmp_path / "logs"
     output = run_example(
-        "open_clip_train_helip.py", "--helip-miner", miner.address,
-        "--train-data", synth / "train.csv", "--dataset-type", "csv", "--csv-separator", "\t",
-        "--csv-img-key", "filepath", "--csv-caption-key", "title", "--model", "helip-tiny", "--precision", "fp32",
-        "--device", "cpu", "--epochs", 2, "--batch-size", 16, "--workers", 1, "--warmup", 2,
-        "--logs", logs, "--name", "helip", "--report-to", "", "--log-every-n-steps", 5)
+        "open_clip_train_helip.py",
+        "--helip-miner",
+        miner.address,
+        "--train-data",
+        synth / "train.csv",
+        "--dataset-type",
+        "csv",
+        "--csv-separator",
+        "\t",
+        "--csv-img-key",
+        "filepath",
+        "--csv-caption-key",
+        "title",
+        "--model",
+        "helip-tiny",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        "--epochs",
+        2,
+        "--batch-size",
+        16,
+        "--workers",
+        1,
+        "--warmup",
+        2,
+        "--logs",
+        logs,
+        "--name",
+        "helip",
+        "--report-to",
+        "",
+        "--log-every-n-steps",
+        5,
+    )
 
     epochs = re.findall(r"helip epoch (\d+): hard fraction ([0-9.]+) over (\d+) batches", output)
     assert [(e, int(n)) for e, _, n in epochs] == [("0", 25), ("1", 25)], output[-4000:]

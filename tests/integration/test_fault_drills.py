@@ -81,8 +81,12 @@ def cancelled_mines(miner) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(miner.metrics_url, timeout=10).read().decode()
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == "helip_miner_requests_total" and s.labels == {"method": "Mine", "code": "CANCELLED"})
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "helip_miner_requests_total" and s.labels == {"method": "Mine", "code": "CANCELLED"}
+    )
 
 
 def test_deadline_expiring_mid_request(miner_factory):
@@ -154,9 +158,17 @@ def assert_stream_prefix(client: MinerClient, n_messages: int) -> int:
 def test_client_killed_mid_upsert_stream(miner_factory):
     miner = miner_factory("--dim", str(DIM), "--device", "cpu")
     client = client_for(miner.address)
-    writer = subprocess.Popen([sys.executable, "-c", "import sys; from tests.integration.test_fault_drills import "
-                               f"stream_until_killed; stream_until_killed({miner.address!r})"],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from tests.integration.test_fault_drills import "
+            f"stream_until_killed; stream_until_killed({miner.address!r})",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     sent = -1
     for line in writer.stdout:
         if line.startswith("sent"):
@@ -234,8 +246,13 @@ class Load:
             # Ids of their own per call, never rewritten: each call's rows stay checkable after the drill.
             ids = np.arange(32, dtype=np.uint64) + 10_000_000 * (index + 1) + 32 * call
             image, text = random_pairs(rng, 32, DIM)
-            ok = self._call("upsert", lambda: client.upsert(ids, image, text, step=2), ids=ids, image=image,
-                            text=text)
+            ok = self._call(
+                "upsert",
+                lambda: client.upsert(ids, image, text, step=2),  # noqa: B023 (called at once)
+                ids=ids,
+                image=image,
+                text=text,
+            )
             if not ok:
                 return  # the miner is going or gone
 
@@ -253,8 +270,20 @@ class Load:
 @pytest.mark.slow
 def test_sigterm_under_load(miner_factory, redis_url, key_prefix, tmp_path):
     snapshots = tmp_path / "snapshots"
-    args = ("--dim", str(DIM), "--device", "cpu", "--redis-url", redis_url, "--key-prefix", key_prefix,
-            "--snapshot-dir", str(snapshots), "--snapshot-interval-s", "0")
+    args = (
+        "--dim",
+        str(DIM),
+        "--device",
+        "cpu",
+        "--redis-url",
+        redis_url,
+        "--key-prefix",
+        key_prefix,
+        "--snapshot-dir",
+        str(snapshots),
+        "--snapshot-interval-s",
+        "0",
+    )
     miner = miner_factory(*args)
     preload(client_for(miner.address), 20_000)
     load = Load(miner.address)
@@ -328,9 +357,11 @@ def test_max_rows_refuses_instead_of_growing(miner_factory):
     assert client.stats().size == 1000
 
     # UpsertStream: the messages before the refused one stay, the refused one and everything after do not.
-    messages = [client.upsert_request([5, 6], image[:2], text[:2], step=6),
-                client.upsert_request([5000], image[:1], text[:1], step=7),
-                client.upsert_request([7], image[:1], text[:1], step=8)]
+    messages = [
+        client.upsert_request([5, 6], image[:2], text[:2], step=6),
+        client.upsert_request([5000], image[:1], text[:1], step=7),
+        client.upsert_request([7], image[:1], text[:1], step=8),
+    ]
     with pytest.raises(grpc.RpcError) as caught:
         client.upsert_stream(messages)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "message 1" in caught.value.details()
@@ -340,8 +371,22 @@ def test_max_rows_refuses_instead_of_growing(miner_factory):
 
 
 def test_max_rows_refused_writes_stay_out_of_the_log(miner_factory, redis_url, key_prefix, tmp_path):
-    args = ("--dim", str(DIM), "--device", "cpu", "--max-rows", "10", "--redis-url", redis_url,
-            "--key-prefix", key_prefix, "--snapshot-dir", str(tmp_path / "snapshots"), "--snapshot-interval-s", "0")
+    args = (
+        "--dim",
+        str(DIM),
+        "--device",
+        "cpu",
+        "--max-rows",
+        "10",
+        "--redis-url",
+        redis_url,
+        "--key-prefix",
+        key_prefix,
+        "--snapshot-dir",
+        str(tmp_path / "snapshots"),
+        "--snapshot-interval-s",
+        "0",
+    )
     miner = miner_factory(*args)
     client = client_for(miner.address)
     stream = DurabilityConfig(key_prefix=key_prefix).stream
@@ -352,8 +397,12 @@ def test_max_rows_refused_writes_stay_out_of_the_log(miner_factory, redis_url, k
         client.upsert(np.arange(100, 104), image[8:], text[8:], step=2)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     with pytest.raises(grpc.RpcError) as caught:
-        client.upsert_stream([client.upsert_request([50, 51], image[8:10], text[8:10], step=3),
-                              client.upsert_request([60, 61, 62], image[9:], text[9:], step=4)])
+        client.upsert_stream(
+            [
+                client.upsert_request([50, 51], image[8:10], text[8:10], step=3),
+                client.upsert_request([60, 61, 62], image[9:], text[9:], step=4),
+            ]
+        )
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert log.xlen(stream) == 2  # the first upsert and the stream's first message; nothing refused
     # SIGKILL: no shutdown snapshot, the restart replays the log alone.

@@ -42,13 +42,25 @@ EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 STORABLE_IDS = [*range(48), 2**28 - 1, 2**28, 2**32, 2**63 - 1]
 ID_UNIVERSE = [*STORABLE_IDS, 2**63, 2**64 - 1]
 # Mostly distinct storable ids; sometimes duplicates and ids too large to store.
-ids_strategy = (st.lists(st.sampled_from(STORABLE_IDS), unique=True, max_size=12)
-                | st.lists(st.sampled_from(ID_UNIVERSE), max_size=6))
+ids_strategy = st.lists(st.sampled_from(STORABLE_IDS), unique=True, max_size=12) | st.lists(
+    st.sampled_from(ID_UNIVERSE), max_size=6
+)
 steps = st.sampled_from([0, 1, 2, 7, 2**32, 2**64 - 1])
 WIRE = {pb.FLOAT32: "<f4", pb.FLOAT16: "<f2", pb.BFLOAT16: "<u2"}
 # Mostly well formed, so that rows get stored and Mine has work; one tensor in four is corrupted.
-CORRUPTIONS = ["none"] * 36 + ["wrong_dim", "short_data", "long_data", "shape_3d", "shape_1d", "dtype_unspecified",
-                              "dtype_unknown", "nan", "inf", "empty_message", "row_count"]
+CORRUPTIONS = ["none"] * 36 + [
+    "wrong_dim",
+    "short_data",
+    "long_data",
+    "shape_3d",
+    "shape_1d",
+    "dtype_unspecified",
+    "dtype_unknown",
+    "nan",
+    "inf",
+    "empty_message",
+    "row_count",
+]
 
 
 class Reply:
@@ -75,11 +87,13 @@ def decoded(data: bytes, dtype: int, n: int) -> np.ndarray:
 
 @st.composite
 def tensor_specs(draw):
-    return {"dtype": draw(st.sampled_from([pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16])),
-            "corruption": draw(st.sampled_from(CORRUPTIONS)),
-            # 1: unit rows; 1e3: unnormalised but fine; 1e5: overflows FLOAT16 to inf.
-            "scale": draw(st.sampled_from([1.0, 1.0, 1.0, 1e-3, 1e3, 1e5])),
-            "seed": draw(st.integers(0, 2**32 - 1))}
+    return {
+        "dtype": draw(st.sampled_from([pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16])),
+        "corruption": draw(st.sampled_from(CORRUPTIONS)),
+        # 1: unit rows; 1e3: unnormalised but fine; 1e5: overflows FLOAT16 to inf.
+        "scale": draw(st.sampled_from([1.0, 1.0, 1.0, 1e-3, 1e3, 1e5])),
+        "seed": draw(st.integers(0, 2**32 - 1)),
+    }
 
 
 def make_tensor(spec: dict, n: int) -> tuple[pb.Tensor, np.ndarray | None]:
@@ -177,8 +191,13 @@ class MinerMachine(RuleBasedStateMachine):
             request.text.CopyFrom(text)
         return request, image_rows, text_rows
 
-    @rule(ids=ids_strategy, step=steps, image_spec=tensor_specs(), text_spec=tensor_specs(),
-          missing=st.sampled_from([None] * 18 + ["image", "text"]))
+    @rule(
+        ids=ids_strategy,
+        step=steps,
+        image_spec=tensor_specs(),
+        text_spec=tensor_specs(),
+        missing=st.sampled_from([None] * 18 + ["image", "text"]),
+    )
     def upsert(self, ids, step, image_spec, text_spec, missing):
         request, image, text = self._upsert_request(ids, step, image_spec, text_spec, missing)
         expected = self.model.upsert_outcome(request, image, text)
@@ -242,15 +261,21 @@ class MinerMachine(RuleBasedStateMachine):
             want = np.stack([self.model.rows[i][column] for i in found]) if found else np.zeros((0, DIM))
             np.testing.assert_array_equal(got, want)
 
-    @rule(anchor_ids=ids_strategy, by=st.sampled_from(["id", "id", "id", "embedding", "embedding", "both", "neither"]),
-          embedding_spec=tensor_specs(), n_embeddings=st.integers(0, 4),
-          k=st.sampled_from([1, 3, 3, 5, 5, MAX_K, MAX_K, 0, MAX_K + 1, 2**32 - 1]),
-          scoring=st.sampled_from([pb.SCORING_UNSPECIFIED, pb.PRODUCT, pb.SUM, pb.IMAGE, pb.TEXT] * 3 + [5, 99]),
-          max_similarity=st.sampled_from([0.0, 0.0, 0.5, 0.9, 0.98, 1.0, 2.0] * 2 + [-0.25, math.nan, math.inf]),
-          strict=st.booleans(), exclude_ids=ids_strategy)
+    @rule(
+        anchor_ids=ids_strategy,
+        by=st.sampled_from(["id", "id", "id", "embedding", "embedding", "both", "neither"]),
+        embedding_spec=tensor_specs(),
+        n_embeddings=st.integers(0, 4),
+        k=st.sampled_from([1, 3, 3, 5, 5, MAX_K, MAX_K, 0, MAX_K + 1, 2**32 - 1]),
+        scoring=st.sampled_from([pb.SCORING_UNSPECIFIED, pb.PRODUCT, pb.SUM, pb.IMAGE, pb.TEXT] * 3 + [5, 99]),
+        max_similarity=st.sampled_from([0.0, 0.0, 0.5, 0.9, 0.98, 1.0, 2.0] * 2 + [-0.25, math.nan, math.inf]),
+        strict=st.booleans(),
+        exclude_ids=ids_strategy,
+    )
     def mine(self, anchor_ids, by, embedding_spec, n_embeddings, k, scoring, max_similarity, strict, exclude_ids):
-        request = pb.MineRequest(k=k, scoring=scoring, max_similarity=max_similarity, strict_anchors=strict,
-                                 exclude_ids=exclude_ids)
+        request = pb.MineRequest(
+            k=k, scoring=scoring, max_similarity=max_similarity, strict_anchors=strict, exclude_ids=exclude_ids
+        )
         q_image = q_text = None
         if by in ("id", "both"):
             request.anchor_ids.extend(anchor_ids)
@@ -259,8 +284,9 @@ class MinerMachine(RuleBasedStateMachine):
                 n_embeddings = len(anchor_ids) if embedding_spec["seed"] % 4 else n_embeddings
             image, q_image = make_tensor(embedding_spec, n_embeddings)
             # The text tensor is well formed: a corruption of the image (row count included) must be refused.
-            text, q_text = make_tensor({**embedding_spec, "seed": embedding_spec["seed"] + 1, "corruption": "none"},
-                                       n_embeddings)
+            text, q_text = make_tensor(
+                {**embedding_spec, "seed": embedding_spec["seed"] + 1, "corruption": "none"}, n_embeddings
+            )
             request.image.CopyFrom(image)
             request.text.CopyFrom(text)
         expected = self._mine_outcome(request, by, q_image, q_text)
@@ -316,19 +342,29 @@ class MinerMachine(RuleBasedStateMachine):
             if self_ids is not None:
                 assert self_ids[a] not in row, "an anchor's own row came back"
             assert len(set(i for i in row if i >= 0)) == sum(1 for i in row if i >= 0), "an id came back twice"
-        largest = max([np.abs(v[j]).max() for v in rows.values() for j in (0, 1)] + [np.abs(q_image).max(initial=0),
-                                                                                 np.abs(q_text).max(initial=0)])
+        largest = max(
+            [np.abs(v[j]).max() for v in rows.values() for j in (0, 1)]
+            + [np.abs(q_image).max(initial=0), np.abs(q_text).max(initial=0)]
+        )
         if not rows or not len(q_image) or largest > 10:
             return  # unnormalised rows: float32 and the float64 reference may round differently; structure only
         event("mine compared with the reference")
         cut = request.max_similarity or 0.98
-        want_ids, want_scores = reference_mine({i: v[:2] for i, v in rows.items()}, q_image, q_text, k,
-                                               request.scoring or pb.PRODUCT, cut, self_ids=self_ids,
-                                               exclude=[i for i in request.exclude_ids if i in rows])
+        want_ids, want_scores = reference_mine(
+            {i: v[:2] for i, v in rows.items()},
+            q_image,
+            q_text,
+            k,
+            request.scoring or pb.PRODUCT,
+            cut,
+            self_ids=self_ids,
+            exclude=[i for i in request.exclude_ids if i in rows],
+        )
         # Ties may order differently; the scores, and which anchors have how many neighbours, may not.
         np.testing.assert_array_equal(ids >= 0, want_ids >= 0)
-        np.testing.assert_allclose(np.where(ids >= 0, scores, 0), np.where(want_ids >= 0, want_scores, 0),
-                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            np.where(ids >= 0, scores, 0), np.where(want_ids >= 0, want_scores, 0), rtol=1e-4, atol=1e-4
+        )
 
     # ---- after every step ---------------------------------------------------------------------------------------
     @invariant()
@@ -343,8 +379,17 @@ class MinerMachine(RuleBasedStateMachine):
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory):
-    miner = start_miner(tmp_path_factory.mktemp("fuzz-miner"), "--dim", str(DIM), "--max-k", str(MAX_K),
-                        "--max-rows", str(MAX_ROWS), "--device", "cpu")
+    miner = start_miner(
+        tmp_path_factory.mktemp("fuzz-miner"),
+        "--dim",
+        str(DIM),
+        "--max-k",
+        str(MAX_K),
+        "--max-rows",
+        str(MAX_ROWS),
+        "--device",
+        "cpu",
+    )
     channel = grpc.insecure_channel(miner.address)
     grpc.channel_ready_future(channel).result(timeout=30)
     yield miner, pb_grpc.MinerStub(channel)
@@ -355,8 +400,12 @@ def fuzz_server(tmp_path_factory):
 def test_fuzz_grpc_surface(fuzz_server):
     miner, stub = fuzz_server
     MinerMachine.stub = stub
-    run = settings(max_examples=75, stateful_step_count=25, deadline=None,
-                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])(MinerMachine)
+    run = settings(
+        max_examples=75,
+        stateful_step_count=25,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )(MinerMachine)
     try:
         run.TestCase().runTest()
     finally:

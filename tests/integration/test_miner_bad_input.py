@@ -55,22 +55,36 @@ def inf_tensor():
 
 
 BAD_UPSERTS = {
-    "wrong dim": (pb.UpsertRequest(ids=[1, 2], image=good_tensor(dim=8), text=good_tensor(dim=8)), INVALID,
-                  "image.shape"),
-    "bytes vs shape": (pb.UpsertRequest(ids=[1, 2], image=tensor_with(data=b"\0" * 10), text=good_tensor()),
-                       INVALID, "image.data"),
-    "3-d shape": (pb.UpsertRequest(ids=[1, 2], image=tensor_with(shape=[2, DIM, 1]), text=good_tensor()),
-                  INVALID, "image.shape"),
-    "ids vs rows": (pb.UpsertRequest(ids=[1, 2, 3], image=good_tensor(), text=good_tensor()), INVALID,
-                    "image.shape"),
+    "wrong dim": (
+        pb.UpsertRequest(ids=[1, 2], image=good_tensor(dim=8), text=good_tensor(dim=8)),
+        INVALID,
+        "image.shape",
+    ),
+    "bytes vs shape": (
+        pb.UpsertRequest(ids=[1, 2], image=tensor_with(data=b"\0" * 10), text=good_tensor()),
+        INVALID,
+        "image.data",
+    ),
+    "3-d shape": (
+        pb.UpsertRequest(ids=[1, 2], image=tensor_with(shape=[2, DIM, 1]), text=good_tensor()),
+        INVALID,
+        "image.shape",
+    ),
+    "ids vs rows": (pb.UpsertRequest(ids=[1, 2, 3], image=good_tensor(), text=good_tensor()), INVALID, "image.shape"),
     "text rows": (pb.UpsertRequest(ids=[1, 2], image=good_tensor(), text=good_tensor(n=3)), INVALID, "text.shape"),
     "nan": (pb.UpsertRequest(ids=[1, 2], image=nan_tensor(), text=good_tensor()), INVALID, "image.data"),
     "inf": (pb.UpsertRequest(ids=[1, 2], image=good_tensor(), text=inf_tensor()), INVALID, "text.data"),
     "duplicate ids": (pb.UpsertRequest(ids=[7, 7], image=good_tensor(), text=good_tensor()), INVALID, "ids"),
-    "unspecified dtype": (pb.UpsertRequest(ids=[1, 2], image=tensor_with(dtype=pb.DTYPE_UNSPECIFIED),
-                                           text=good_tensor()), INVALID, "image.dtype"),
-    "unknown dtype": (pb.UpsertRequest(ids=[1, 2], image=tensor_with(dtype=99), text=good_tensor()), INVALID,
-                      "image.dtype"),
+    "unspecified dtype": (
+        pb.UpsertRequest(ids=[1, 2], image=tensor_with(dtype=pb.DTYPE_UNSPECIFIED), text=good_tensor()),
+        INVALID,
+        "image.dtype",
+    ),
+    "unknown dtype": (
+        pb.UpsertRequest(ids=[1, 2], image=tensor_with(dtype=99), text=good_tensor()),
+        INVALID,
+        "image.dtype",
+    ),
     "empty": (pb.UpsertRequest(), INVALID, "ids"),
     "missing text": (pb.UpsertRequest(ids=[1, 2], image=good_tensor()), INVALID, "text"),
 }
@@ -79,17 +93,26 @@ BAD_MINES = {
     "k = 0": (pb.MineRequest(anchor_ids=[1000], k=0), INVALID, "k"),
     "k above limit": (pb.MineRequest(anchor_ids=[1000], k=65), INVALID, "k"),
     "no anchors": (pb.MineRequest(k=3), INVALID, "anchor_ids"),
-    "ids vs embeddings": (pb.MineRequest(k=3, anchor_ids=[1000], image=good_tensor(), text=good_tensor()),
-                           INVALID, "anchor_ids"),
+    "ids vs embeddings": (
+        pb.MineRequest(k=3, anchor_ids=[1000], image=good_tensor(), text=good_tensor()),
+        INVALID,
+        "anchor_ids",
+    ),
     "image without text": (pb.MineRequest(k=3, image=good_tensor()), INVALID, "text"),
-    "anchor wrong dim": (pb.MineRequest(k=3, image=good_tensor(dim=4), text=good_tensor(dim=4)), INVALID,
-                         "image.shape"),
+    "anchor wrong dim": (
+        pb.MineRequest(k=3, image=good_tensor(dim=4), text=good_tensor(dim=4)),
+        INVALID,
+        "image.shape",
+    ),
     "anchor nan": (pb.MineRequest(k=3, image=nan_tensor(), text=good_tensor()), INVALID, "image.data"),
     "unknown scoring": (pb.MineRequest(k=3, anchor_ids=[1000], scoring=9), INVALID, "scoring"),
     "negative cut": (pb.MineRequest(k=3, anchor_ids=[1000], max_similarity=-0.5), INVALID, "max_similarity"),
     "nan cut": (pb.MineRequest(k=3, anchor_ids=[1000], max_similarity=float("nan")), INVALID, "max_similarity"),
-    "strict unknown anchors": (pb.MineRequest(k=3, anchor_ids=[1000, 987654], strict_anchors=True),
-                               grpc.StatusCode.NOT_FOUND, "anchor_ids"),
+    "strict unknown anchors": (
+        pb.MineRequest(k=3, anchor_ids=[1000, 987654], strict_anchors=True),
+        grpc.StatusCode.NOT_FOUND,
+        "anchor_ids",
+    ),
 }
 
 

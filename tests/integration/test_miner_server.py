@@ -46,8 +46,9 @@ def test_mine_by_id_equals_reference(loaded, scoring):
     got = client.mine(8, anchor_ids=anchors, exclude_ids=exclude, scoring=scoring)
     q_image = np.stack([rows[int(a)][0] for a in anchors])
     q_text = np.stack([rows[int(a)][1] for a in anchors])
-    ref_ids, ref_scores = reference_mine(rows, q_image, q_text, 8, scoring or pb.PRODUCT, 0.98,
-                                         anchors.astype(np.int64), exclude)
+    ref_ids, ref_scores = reference_mine(
+        rows, q_image, q_text, 8, scoring or pb.PRODUCT, 0.98, anchors.astype(np.int64), exclude
+    )
     np.testing.assert_array_equal(got.ids, ref_ids)
     np.testing.assert_allclose(got.scores, ref_scores, rtol=1e-5, atol=1e-5)
     assert got.size == 300
@@ -82,8 +83,7 @@ def test_upsert_overwrite_delete_and_padding(miner_factory):
     assert (reply.deleted, reply.size) == (2, 4)
     del rows[1], rows[4]
     got = client.mine(6, anchor_ids=[2], max_similarity=2)
-    ref_ids, ref_scores = reference_mine(rows, rows[2][0][None], rows[2][1][None], 6, pb.PRODUCT, 2,
-                                         np.array([2]))
+    ref_ids, ref_scores = reference_mine(rows, rows[2][0][None], rows[2][1][None], 6, pb.PRODUCT, 2, np.array([2]))
     np.testing.assert_array_equal(got.ids, ref_ids)
     assert got.ids[0, 3:].tolist() == [-1, -1, -1]
     stats = client.stats()
@@ -105,7 +105,7 @@ def test_eight_concurrent_clients_reach_the_sequential_state(miner_factory):
                 own = list(range(index * 1000, index * 1000 + 60))
                 mine_rows = {}
                 for round_ in range(6):
-                    chosen = own[round_ * 10: round_ * 10 + 30]  # overlapping rounds: overwrites
+                    chosen = own[round_ * 10 : round_ * 10 + 30]  # overlapping rounds: overwrites
                     mine_rows.update(upsert_rows(client, rng, chosen, step=round_))
                     got = client.mine(4, anchor_ids=chosen[:5])
                     assert got.ids.shape == (5, 4)
@@ -129,8 +129,7 @@ def test_eight_concurrent_clients_reach_the_sequential_state(miner_factory):
         got = client.mine(10, anchor_ids=anchors)
         q_image = np.stack([final[int(a)][0] for a in anchors])
         q_text = np.stack([final[int(a)][1] for a in anchors])
-        ref_ids, ref_scores = reference_mine(final, q_image, q_text, 10, pb.PRODUCT, 0.98,
-                                             anchors.astype(np.int64))
+        ref_ids, ref_scores = reference_mine(final, q_image, q_text, 10, pb.PRODUCT, 0.98, anchors.astype(np.int64))
         np.testing.assert_array_equal(got.ids, ref_ids)
         np.testing.assert_allclose(got.scores, ref_scores, rtol=1e-5, atol=1e-5)
 

@@ -42,25 +42,39 @@ class PrometheusServer:
             if accept(result):
                 return result
             if time.monotonic() > deadline:
-                raise AssertionError(f"{expr} never satisfied the check; last result {result}\n{self.log_path.read_text()[-3000:]}")
+                raise AssertionError(
+                    f"{expr} never satisfied the check; last result {result}\n{self.log_path.read_text()[-3000:]}"
+                )
             time.sleep(0.5)
 
 
 def start_prometheus(workdir: Path, scrape_configs: list[dict]) -> PrometheusServer:
     binary = shutil.which("prometheus")
     if binary is None:
-        pytest.fail("`prometheus` is not on PATH: install it with `bash scripts/dev.sh install` (Debian package prometheus)")
-    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-              "rule_files": [str(p) for p in RULES], "scrape_configs": scrape_configs}
+        pytest.fail(
+            "`prometheus` is not on PATH: install it with `bash scripts/dev.sh install` (Debian package prometheus)"
+        )
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(p) for p in RULES],
+        "scrape_configs": scrape_configs,
+    }
     config_path = workdir / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(config))
     port = free_port()
     log_path = workdir / "prometheus.log"
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(
-            [binary, f"--config.file={config_path}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
-            stdout=log_file, stderr=subprocess.STDOUT)
+            [
+                binary,
+                f"--config.file={config_path}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--storage.tsdb.retention.time=1h",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
     server = PrometheusServer(process, f"http://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + 60
     while True:
@@ -122,22 +136,25 @@ def drive_mining(address: str, stop: threading.Event, dim: int = 16, rows: int =
 @pytest.mark.slow
 def test_prometheus_scrapes_a_live_miner_and_sees_mining(miner_factory, prometheus_factory):
     miner = miner_factory("--dim", "16")
-    prometheus = prometheus_factory([{"job_name": "helip-miner",
-                                      "static_configs": [{"targets": [f"127.0.0.1:{miner.metrics_port}"]}]}])
+    prometheus = prometheus_factory(
+        [{"job_name": "helip-miner", "static_configs": [{"targets": [f"127.0.0.1:{miner.metrics_port}"]}]}]
+    )
     stop = threading.Event()
     calls: list[int] = []
     load = threading.Thread(target=lambda: calls.append(drive_mining(miner.address, stop)), daemon=True)
     load.start()
     try:
         prometheus.wait_for('up{job="helip-miner"}', lambda r: r and r[0]["value"][1] == "1")
-        rate = prometheus.wait_for("rate(helip_miner_mine_seconds_count[30s])",
-                                   lambda r: r and float(r[0]["value"][1]) > 0)
+        rate = prometheus.wait_for(
+            "rate(helip_miner_mine_seconds_count[30s])", lambda r: r and float(r[0]["value"][1]) > 0
+        )
         assert rate[0]["metric"]["job"] == "helip-miner"
         rows = prometheus.wait_for("helip_miner_rows", lambda r: r and float(r[0]["value"][1]) == 512)
         assert rows[0]["metric"]["instance"] == f"127.0.0.1:{miner.metrics_port}"
         # deploy/prometheus's recording rules, evaluated by the server on the scraped histogram.
-        p99 = prometheus.wait_for("instance:helip_miner_mine_seconds:p99_rate5m",
-                                  lambda r: r and 0 < float(r[0]["value"][1]) < 10)
+        p99 = prometheus.wait_for(
+            "instance:helip_miner_mine_seconds:p99_rate5m", lambda r: r and 0 < float(r[0]["value"][1]) < 10
+        )
         p50 = prometheus.query("instance:helip_miner_mine_seconds:p50_rate5m")
         assert 0 < float(p50[0]["value"][1]) <= float(p99[0]["value"][1])
         prometheus.wait_for("job:helip_miner_upserted_rows:rate5m", lambda r: r and float(r[0]["value"][1]) > 0)
@@ -168,24 +185,57 @@ def test_prometheus_scrapes_a_miner_and_a_training_rank(miner_factory, prometheu
     miner = miner_factory("--dim", "64")
     metrics_port = free_port()
     trainer = subprocess.Popen(
-        [sys.executable, "-m", "trainer.cli", "--config", str(ROOT / "configs/demo.yaml"), "--miner", miner.address,
-         "--train-data", str(synth / "train.csv"), "--output-dir", str(tmp_path / "run"), "--steps", "100000",
-         "--batch-size", "16", "--set", "data.synth_dir=", "--set", "run.progress=false",
-         "--set", f"run.metrics_port={metrics_port}", "--set", "run.checkpoint_every=0"],
-        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "trainer.cli",
+            "--config",
+            str(ROOT / "configs/demo.yaml"),
+            "--miner",
+            miner.address,
+            "--train-data",
+            str(synth / "train.csv"),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--steps",
+            "100000",
+            "--batch-size",
+            "16",
+            "--set",
+            "data.synth_dir=",
+            "--set",
+            "run.progress=false",
+            "--set",
+            f"run.metrics_port={metrics_port}",
+            "--set",
+            "run.checkpoint_every=0",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     try:
-        prometheus = prometheus_factory([
-            {"job_name": "helip-miner", "static_configs": [{"targets": [f"127.0.0.1:{miner.metrics_port}"]}]},
-            {"job_name": "helip-trainer", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}])
+        prometheus = prometheus_factory(
+            [
+                {"job_name": "helip-miner", "static_configs": [{"targets": [f"127.0.0.1:{miner.metrics_port}"]}]},
+                {"job_name": "helip-trainer", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]},
+            ]
+        )
         prometheus.wait_for('up{job="helip-trainer"}', lambda r: r and r[0]["value"][1] == "1", timeout_s=120)
-        rate = prometheus.wait_for("rate(helip_miner_mine_seconds_count[30s])",
-                                   lambda r: r and float(r[0]["value"][1]) > 0, timeout_s=120)
+        rate = prometheus.wait_for(
+            "rate(helip_miner_mine_seconds_count[30s])", lambda r: r and float(r[0]["value"][1]) > 0, timeout_s=120
+        )
         assert rate[0]["metric"]["job"] == "helip-miner"
-        samples = prometheus.wait_for('rate(helip_trainer_samples_total{rank="0"}[30s])',
-                                      lambda r: r and float(r[0]["value"][1]) > 0, timeout_s=120)
+        samples = prometheus.wait_for(
+            'rate(helip_trainer_samples_total{rank="0"}[30s])',
+            lambda r: r and float(r[0]["value"][1]) > 0,
+            timeout_s=120,
+        )
         assert samples[0]["metric"]["job"] == "helip-trainer"
-        prometheus.wait_for("helip_trainer_hard_pairs_total", lambda r: r and float(r[0]["value"][1]) > 0,
-                            timeout_s=120)
+        prometheus.wait_for(
+            "helip_trainer_hard_pairs_total", lambda r: r and float(r[0]["value"][1]) > 0, timeout_s=120
+        )
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
         exported = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
         assert TRAINER_METRICS <= exported

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from helip.miner.v1 import miner_pb2 as pb
 from miner_service.client import ClientConfig, MinerClient
 
 TOKEN = "s3cret-token-value"
@@ -24,23 +23,72 @@ def openssl(*args: str, cwd: Path) -> None:
 def pki(tmp_path_factory) -> Path:
     """A CA, a server certificate for localhost / 127.0.0.1 and a client certificate, made with openssl."""
     d = tmp_path_factory.mktemp("pki")
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-            "-subj", "/CN=helip-test-ca", cwd=d)
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=helip-test-ca",
+        cwd=d,
+    )
     (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
     for name in ("server", "client"):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                "-subj", f"/CN={name}", cwd=d)
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext", cwd=d)
+        openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+            cwd=d,
+        )
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            cwd=d,
+        )
     (d / "token").write_text(TOKEN + "\n")
     return d
 
 
 def tls_client(miner, pki: Path, token: str = "", client_cert: bool = False) -> MinerClient:
-    return MinerClient(ClientConfig(
-        address=miner.address, tls=True, tls_ca_file=str(pki / "ca.pem"), token=token, retries=0, timeout_s=10,
-        tls_cert_file=str(pki / "client.pem") if client_cert else "",
-        tls_key_file=str(pki / "client.key") if client_cert else ""))
+    return MinerClient(
+        ClientConfig(
+            address=miner.address,
+            tls=True,
+            tls_ca_file=str(pki / "ca.pem"),
+            token=token,
+            retries=0,
+            timeout_s=10,
+            tls_cert_file=str(pki / "client.pem") if client_cert else "",
+            tls_key_file=str(pki / "client.key") if client_cert else "",
+        )
+    )
 
 
 def upsert_one(client: MinerClient) -> None:
@@ -49,8 +97,16 @@ def upsert_one(client: MinerClient) -> None:
 
 
 def test_tls_and_token(miner_factory, pki):
-    miner = miner_factory("--dim", "8", "--tls-cert-file", str(pki / "server.pem"),
-                          "--tls-key-file", str(pki / "server.key"), "--token-file", str(pki / "token"))
+    miner = miner_factory(
+        "--dim",
+        "8",
+        "--tls-cert-file",
+        str(pki / "server.pem"),
+        "--tls-key-file",
+        str(pki / "server.key"),
+        "--token-file",
+        str(pki / "token"),
+    )
     good = tls_client(miner, pki, token=TOKEN)
     upsert_one(good)
     assert good.stats().size == 1
@@ -60,7 +116,8 @@ def test_tls_and_token(miner_factory, pki):
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with pytest.raises(grpc.RpcError) as caught:  # streams are guarded too
         tls_client(miner, pki, token="wrong").upsert_stream(
-            [MinerClient(ClientConfig()).upsert_request([2], np.ones((1, 8)), np.ones((1, 8)))])
+            [MinerClient(ClientConfig()).upsert_request([2], np.ones((1, 8)), np.ones((1, 8)))]
+        )
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     plain = MinerClient(ClientConfig(address=miner.address, token=TOKEN, retries=0, timeout_s=5))
     with pytest.raises(grpc.RpcError) as caught:  # a plain-text client cannot talk to a TLS server
@@ -75,8 +132,16 @@ def test_tls_and_token(miner_factory, pki):
 
 
 def test_mutual_tls_needs_a_client_certificate(miner_factory, pki):
-    miner = miner_factory("--dim", "8", "--tls-cert-file", str(pki / "server.pem"),
-                          "--tls-key-file", str(pki / "server.key"), "--tls-client-ca-file", str(pki / "ca.pem"))
+    miner = miner_factory(
+        "--dim",
+        "8",
+        "--tls-cert-file",
+        str(pki / "server.pem"),
+        "--tls-key-file",
+        str(pki / "server.key"),
+        "--tls-client-ca-file",
+        str(pki / "ca.pem"),
+    )
     upsert_one(tls_client(miner, pki, client_cert=True))
     with pytest.raises(grpc.RpcError) as caught:
         tls_client(miner, pki).stats()
@@ -99,7 +164,22 @@ def test_bad_tls_settings_exit_2(tmp_path):
 
     from tests.conftest import ROOT
 
-    result = subprocess.run([sys.executable, "-m", "miner_service.cli", "serve", "--dim", "8",
-                             "--tls-cert-file", str(tmp_path / "missing.pem"), "--tls-key-file", "x"],
-                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "miner_service.cli",
+            "serve",
+            "--dim",
+            "8",
+            "--tls-cert-file",
+            str(tmp_path / "missing.pem"),
+            "--tls-key-file",
+            "x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert result.returncode in (1, 2) and "tls_cert_file" in result.stderr

@@ -43,11 +43,33 @@ def test_a_stopped_miner_does_not_slow_the_steps(synth, tmp_path, miner_factory)
     out = tmp_path / "stop"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     trainer = subprocess.Popen(
-        [sys.executable, "-m", "trainer.cli", *train_command(
-            synth, out, "--miner", miner.address, "--steps", "100000", "--checkpoint-every", "0",
-            "--set", "mining.bootstrap_index=true", "--set", "mining.deadline_s=1",
-            "--set", "mining.breaker_max_cooldown_s=3")],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "trainer.cli",
+            *train_command(
+                synth,
+                out,
+                "--miner",
+                miner.address,
+                "--steps",
+                "100000",
+                "--checkpoint-every",
+                "0",
+                "--set",
+                "mining.bootstrap_index=true",
+                "--set",
+                "mining.deadline_s=1",
+                "--set",
+                "mining.breaker_max_cooldown_s=3",
+            ),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     log_path = out / "losses.jsonl"
 
     def steps_done() -> int:
@@ -79,6 +101,7 @@ def test_a_stopped_miner_does_not_slow_the_steps(synth, tmp_path, miner_factory)
     median_during = statistics.median(_step_times(during))
     assert len(during) > 20
     assert median_during <= 1.5 * median_before, (median_before, median_during)
+
     def filled(records):  # an anchor whose neighbours are all in the batch already gets a random sample
         return sum(r["n_hard"] for r in records) / (len(records) * BATCH // 2)
 
@@ -92,9 +115,25 @@ def test_a_miner_holding_another_data_sets_rows(synth, tmp_path, miner_factory):
     # A first run leaves this set's rows (ids 0..319) in the miner; from them we make 20,000 rows of "another
     # data set" with ids 320..20319: a noisy copy of each real row (so they are offered as neighbours) and
     # random rows for the rest. Then the real rows are deleted, as if only the other set had ever been there.
-    run([sys.executable, "-m", "trainer.cli", *train_command(synth, tmp_path / "first", "--miner", miner.address,
-                                                             "--steps", "1", "--checkpoint-every", "0",
-                                                             "--set", "mining.bootstrap_index=true")])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.cli",
+            *train_command(
+                synth,
+                tmp_path / "first",
+                "--miner",
+                miner.address,
+                "--steps",
+                "1",
+                "--checkpoint-every",
+                "0",
+                "--set",
+                "mining.bootstrap_index=true",
+            ),
+        ]
+    )
     rng = np.random.default_rng(0)
     with MinerClient(miner.address) as client:
         found, image, text = client.fetch(np.arange(320))
@@ -108,14 +147,34 @@ def test_a_miner_holding_another_data_sets_rows(synth, tmp_path, miner_factory):
         foreign_text = noisy(np.tile(text, (63, 1))[:20000], 0.15)
         foreign_image[320:] = noisy(np.zeros_like(foreign_image[320:]), 1.0)
         for first in range(0, 20000, 5000):
-            client.upsert(np.arange(320 + first, 320 + first + 5000, dtype=np.uint64),
-                          foreign_image[first:first + 5000], foreign_text[first:first + 5000], 1)
+            client.upsert(
+                np.arange(320 + first, 320 + first + 5000, dtype=np.uint64),
+                foreign_image[first : first + 5000],
+                foreign_text[first : first + 5000],
+                1,
+            )
         client.delete(np.arange(320, dtype=np.uint64))
         assert client.stats().size == 20000
     out = tmp_path / "second"
-    run([sys.executable, "-m", "trainer.cli", *train_command(synth, out, "--miner", miner.address, "--steps", "30",
-                                                             "--checkpoint-every", "0",
-                                                             "--set", "mining.bootstrap_index=true")])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.cli",
+            *train_command(
+                synth,
+                out,
+                "--miner",
+                miner.address,
+                "--steps",
+                "30",
+                "--checkpoint-every",
+                "0",
+                "--set",
+                "mining.bootstrap_index=true",
+            ),
+        ]
+    )
     records = losses(out)
     assert sum(r["n_hard"] for r in records) >= 0.9 * 30 * BATCH // 2
     summary = json.loads((out / "summary.json").read_text())
@@ -160,21 +219,56 @@ def _damage(synth: Path, out: Path, every: int) -> Path:
 
 def test_damaged_data_is_skipped_and_counted_until_too_much_of_it(synth, tmp_path):
     damaged = _damage(synth, tmp_path / "data", every=20)  # 16 of 320 bad: 5%
-    command = train_command(synth, tmp_path / "ok", "--train-data", str(damaged), "--steps", "25",
-                            "--checkpoint-every", "0", "--set", "mining.bootstrap_index=true",
-                            "--set", "data.max_bad_fraction=0.2", "--set", "data.bad_min_samples=50")
+    command = train_command(
+        synth,
+        tmp_path / "ok",
+        "--train-data",
+        str(damaged),
+        "--steps",
+        "25",
+        "--checkpoint-every",
+        "0",
+        "--set",
+        "mining.bootstrap_index=true",
+        "--set",
+        "data.max_bad_fraction=0.2",
+        "--set",
+        "data.bad_min_samples=50",
+    )
     result = run([sys.executable, "-m", "trainer.cli", *command])
     record = json.loads((tmp_path / "ok" / "rank0.json").read_text())
-    assert record["bad_samples"] > 0 and set(record["bad_by_kind"]) <= {"missing_file", "unreadable_image",
-                                                                        "empty_caption"}
+    assert record["bad_samples"] > 0 and set(record["bad_by_kind"]) <= {
+        "missing_file",
+        "unreadable_image",
+        "empty_caption",
+    }
     assert "skipped bad sample" in result.stderr + result.stdout
     assert sum(r["n_hard"] for r in losses(tmp_path / "ok")[5:]) > 0
 
-    strict = train_command(synth, tmp_path / "strict", "--train-data", str(damaged), "--steps", "25",
-                           "--checkpoint-every", "0", "--set", "data.max_bad_fraction=0.01",
-                           "--set", "data.bad_min_samples=50", "--hard-ratio", "0")
-    failed = subprocess.run([sys.executable, "-m", "trainer.cli", *strict], capture_output=True, text=True,
-                            timeout=600, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    strict = train_command(
+        synth,
+        tmp_path / "strict",
+        "--train-data",
+        str(damaged),
+        "--steps",
+        "25",
+        "--checkpoint-every",
+        "0",
+        "--set",
+        "data.max_bad_fraction=0.01",
+        "--set",
+        "data.bad_min_samples=50",
+        "--hard-ratio",
+        "0",
+    )
+    failed = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", *strict],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert failed.returncode != 0
     assert "data.max_bad_fraction=1.0%" in failed.stderr
 
@@ -183,13 +277,27 @@ def test_slurm_srun_ranks(synth, tmp_path, miner_factory):
     """Two processes with the variables srun sets (and no RANK / WORLD_SIZE): one world of two ranks."""
     miner = miner_factory("--dim", "64")
     out = tmp_path / "slurm"
-    command = [sys.executable, "-m", "trainer.cli", *train_command(synth, out, "--miner", miner.address,
-                                                                   "--steps", "4", "--checkpoint-every", "0")]
+    command = [
+        sys.executable,
+        "-m",
+        "trainer.cli",
+        *train_command(synth, out, "--miner", miner.address, "--steps", "4", "--checkpoint-every", "0"),
+    ]
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    base.update(OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_JOB_ID="777", MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(free_port()))
-    ranks = [subprocess.Popen(command, cwd=ROOT, env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    base.update(
+        OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_JOB_ID="777", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    )
+    ranks = [
+        subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     outputs = [p.communicate(timeout=600)[0] for p in ranks]
     assert [p.returncode for p in ranks] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2

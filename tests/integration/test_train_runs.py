@@ -29,10 +29,27 @@ def synth(tmp_path_factory) -> Path:
 
 
 def train_command(synth: Path, out: Path, *extra: str) -> list[str]:
-    return ["--config", str(ROOT / "configs/demo.yaml"), "--train-data", str(synth / "train.csv"),
-            "--eval-dir", str(synth), "--output-dir", str(out), "--batch-size", "16",
-            "--set", "run.progress=false", "--set", "data.synth_dir=", "--set", "run.log_every=5",
-            "--set", "mining.bootstrap_index=false", *extra]
+    return [
+        "--config",
+        str(ROOT / "configs/demo.yaml"),
+        "--train-data",
+        str(synth / "train.csv"),
+        "--eval-dir",
+        str(synth),
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "16",
+        "--set",
+        "run.progress=false",
+        "--set",
+        "data.synth_dir=",
+        "--set",
+        "run.log_every=5",
+        "--set",
+        "mining.bootstrap_index=false",
+        *extra,
+    ]
 
 
 def run(command: list[str], timeout_s: float = 600) -> subprocess.CompletedProcess:
@@ -50,9 +67,29 @@ def test_two_ranks_push_and_receive_hard_pairs(synth, tmp_path, miner_factory):
     miner = miner_factory("--dim", "64")
     out = tmp_path / "ddp"
     # 320 samples, 2 ranks x 8 anchors: an epoch is 20 steps; from epoch two on every anchor is indexed.
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "trainer.cli", *train_command(synth, out, "--miner", miner.address, "--steps", "28",
-                                             "--set", "run.record_ids=true", "--checkpoint-every", "0")])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "trainer.cli",
+            *train_command(
+                synth,
+                out,
+                "--miner",
+                miner.address,
+                "--steps",
+                "28",
+                "--set",
+                "run.record_ids=true",
+                "--checkpoint-every",
+                "0",
+            ),
+        ]
+    )
     seen = set()
     for rank in range(2):
         record = json.loads((out / f"rank{rank}.json").read_text())
@@ -67,8 +104,18 @@ def test_two_ranks_push_and_receive_hard_pairs(synth, tmp_path, miner_factory):
 def test_resume_continues_at_the_same_step_with_the_same_loss(synth, tmp_path):
     first = tmp_path / "first"
     # Mining off: the answers of a miner (and so the batches) depend on its state, a run without one does not.
-    plain = ["--hard-ratio", "0", "--hnml-weight", "0", "--steps", "6", "--checkpoint-every", "3",
-             "--set", "optim.warmup_steps=2"]
+    plain = [
+        "--hard-ratio",
+        "0",
+        "--hnml-weight",
+        "0",
+        "--steps",
+        "6",
+        "--checkpoint-every",
+        "3",
+        "--set",
+        "optim.warmup_steps=2",
+    ]
     run([sys.executable, "-m", "trainer.cli", *train_command(synth, first, *plain)])
     uninterrupted = losses(first)
     assert [r["micro_step"] for r in uninterrupted] == list(range(6))
@@ -83,16 +130,24 @@ def test_resume_continues_at_the_same_step_with_the_same_loss(synth, tmp_path):
         assert b["total"] == pytest.approx(a["total"], rel=1e-4, abs=1e-5)
 
 
-@pytest.mark.parametrize("args, field", [
-    (["--steps", "many"], "optim.steps"),
-    (["--set", "optim.nosuch=1"], "nosuch"),
-    (["--set", "optim.hard_ratio=1.5"], "hard_ratio"),
-    (["--set", "novalue"], "KEY=VALUE"),
-    (["--set", "run.progress=ture"], "run.progress: expected a boolean"),
-])
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (["--steps", "many"], "optim.steps"),
+        (["--set", "optim.nosuch=1"], "nosuch"),
+        (["--set", "optim.hard_ratio=1.5"], "hard_ratio"),
+        (["--set", "novalue"], "KEY=VALUE"),
+        (["--set", "run.progress=ture"], "run.progress: expected a boolean"),
+    ],
+)
 def test_cli_rejects_bad_settings_with_exit_2(args, field):
-    result = subprocess.run([sys.executable, "-m", "trainer.cli", "--config", str(ROOT / "configs/demo.yaml"),
-                             *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", "--config", str(ROOT / "configs/demo.yaml"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert result.returncode == 2
     assert field in result.stderr
 
@@ -104,11 +159,31 @@ def test_training_survives_a_miner_restart(synth, tmp_path, miner_factory, redis
     out = tmp_path / "restart"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     trainer = subprocess.Popen(
-        [sys.executable, "-m", "trainer.cli", *train_command(synth, out, "--miner", f"127.0.0.1:{port}",
-                                                             "--steps", "150", "--checkpoint-every", "0",
-                                                             "--set", "mining.bootstrap_index=true",
-                                                             "--set", "mining.deadline_s=0.5")],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "trainer.cli",
+            *train_command(
+                synth,
+                out,
+                "--miner",
+                f"127.0.0.1:{port}",
+                "--steps",
+                "150",
+                "--checkpoint-every",
+                "0",
+                "--set",
+                "mining.bootstrap_index=true",
+                "--set",
+                "mining.deadline_s=0.5",
+            ),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     log_path = out / "losses.jsonl"
     deadline = time.monotonic() + 300
     while not (log_path.exists() and len(log_path.read_text().splitlines()) >= 20):
@@ -139,8 +214,16 @@ def test_zero2_bf16_with_gradient_accumulation(synth, tmp_path):
     config["gradient_accumulation_steps"] = 2
     (tmp_path / "ds.json").write_text(json.dumps(config))
     out = tmp_path / "zero2"
-    run([sys.executable, "-m", "trainer.cli", *train_command(synth, out, "--steps", "3", "--checkpoint-every", "0",
-                                                             "--deepspeed-config", str(tmp_path / "ds.json"))])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.cli",
+            *train_command(
+                synth, out, "--steps", "3", "--checkpoint-every", "0", "--deepspeed-config", str(tmp_path / "ds.json")
+            ),
+        ]
+    )
     assert [r["micro_step"] for r in losses(out)] == list(range(6))
     assert json.loads((out / "eval" / "final.json").read_text())["zero_shot/top1"] >= 0
     assert (out / "checkpoints" / "step_3").is_dir()

@@ -23,8 +23,7 @@ def clustered(rng, n, dim):
     centres = rng.standard_normal((20, dim)).astype(np.float32)
     image = centres[np.arange(n) % 20] + 0.2 * rng.standard_normal((n, dim)).astype(np.float32)
     text = image + 0.1 * rng.standard_normal((n, dim)).astype(np.float32)
-    return (image / np.linalg.norm(image, axis=1, keepdims=True),
-            text / np.linalg.norm(text, axis=1, keepdims=True))
+    return (image / np.linalg.norm(image, axis=1, keepdims=True), text / np.linalg.norm(text, axis=1, keepdims=True))
 
 
 class TensorPairs(torch.utils.data.Dataset):
@@ -44,7 +43,7 @@ def push_all(config, image, text, as_torch=False):
     pusher = EmbeddingPusher(client, config, counters)
     for first in range(0, N, 100):
         ids = np.arange(first, first + 100)
-        rows_i, rows_t = image[first:first + 100], text[first:first + 100]
+        rows_i, rows_t = image[first : first + 100], text[first : first + 100]
         if as_torch:  # what a training loop hands over: torch tensors, ids as a LongTensor
             ids, rows_i, rows_t = torch.from_numpy(ids), torch.from_numpy(rows_i), torch.from_numpy(rows_t)
         assert pusher.push(ids, rows_i, rows_t, 1)
@@ -58,8 +57,9 @@ def test_dataloader_workers_get_hard_pairs_from_the_miner(miner_factory):
     config = MiningConfig(address=miner.address, k=10, prefetch=2, deadline_s=5.0)
     image, text = clustered(np.random.default_rng(0), N, DIM)
     push_all(config, image, text, as_torch=True)
-    sampler = HardPairSampler(N, 16, miner.address, config, hard_ratio=0.5, seed=2, num_workers=2,
-                              prefetch_factor=2, steps=12)
+    sampler = HardPairSampler(
+        N, 16, miner.address, config, hard_ratio=0.5, seed=2, num_workers=2, prefetch_factor=2, steps=12
+    )
     assert sampler.lookahead == 2 * 2 + 2 + 1
     loader = hard_pair_loader(TensorPairs(), sampler)
     steps, same_cluster = [], 0
@@ -84,8 +84,15 @@ def test_dataloader_workers_get_hard_pairs_from_the_miner(miner_factory):
 def test_miner_down_falls_back_opens_the_breaker_and_recovers(miner_factory):
     port = free_port()
     miner = miner_factory("--dim", str(DIM), "--port", str(port))
-    config = MiningConfig(address=f"127.0.0.1:{port}", k=10, prefetch=0, deadline_s=2.0, breaker_failures=2,
-                          breaker_cooldown_s=0.5, breaker_max_cooldown_s=1.0)
+    config = MiningConfig(
+        address=f"127.0.0.1:{port}",
+        k=10,
+        prefetch=0,
+        deadline_s=2.0,
+        breaker_failures=2,
+        breaker_cooldown_s=0.5,
+        breaker_max_cooldown_s=1.0,
+    )
     image, text = clustered(np.random.default_rng(0), N, DIM)
     push_all(config, image, text)
     counters = MiningCounters()

@@ -68,8 +68,12 @@ def test_an_evaluation_set_refuses_bad_samples(damaged):
 def _batch(n: int, bad: int) -> PairBatch:
     from trainer.data import BadSample
 
-    return PairBatch(torch.arange(n), torch.zeros(n, 3, 2, 2), torch.zeros(n, 4, dtype=torch.long),
-                     [BadSample(100 + i, "missing_file", "gone") for i in range(bad)])
+    return PairBatch(
+        torch.arange(n),
+        torch.zeros(n, 3, 2, 2),
+        torch.zeros(n, 4, dtype=torch.long),
+        [BadSample(100 + i, "missing_file", "gone") for i in range(bad)],
+    )
 
 
 def test_ledger_counts_and_stops_past_the_fraction(caplog):

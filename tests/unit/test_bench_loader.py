@@ -4,10 +4,30 @@ from bench.loader import Run, summarize_runs
 
 
 def test_summarize_runs_pools_repeats_and_sizes_workers():
-    runs = [Run("hard", 2, samples=1000, seconds=2.0, cpu_main_s=0.1, cpu_workers_s=1.9, n_hard=400, hard_slots=500,
-                counters={"mine_calls": 5, "mine_late": 1}),
-            Run("hard", 2, samples=1000, seconds=2.0, cpu_main_s=0.1, cpu_workers_s=1.9, n_hard=500, hard_slots=500,
-                counters={"mine_calls": 5})]
+    runs = [
+        Run(
+            "hard",
+            2,
+            samples=1000,
+            seconds=2.0,
+            cpu_main_s=0.1,
+            cpu_workers_s=1.9,
+            n_hard=400,
+            hard_slots=500,
+            counters={"mine_calls": 5, "mine_late": 1},
+        ),
+        Run(
+            "hard",
+            2,
+            samples=1000,
+            seconds=2.0,
+            cpu_main_s=0.1,
+            cpu_workers_s=1.9,
+            n_hard=500,
+            hard_slots=500,
+            counters={"mine_calls": 5},
+        ),
+    ]
     s = summarize_runs(runs, target_rate=1000.0)
     assert s["samples_per_s"] == 500.0 and s["samples_per_s_per_worker"] == 250.0
     assert s["samples_per_s_runs"] == [500.0, 500.0] and s["spread"] == 0.0

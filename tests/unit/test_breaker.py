@@ -49,8 +49,14 @@ def test_opens_after_consecutive_failures_then_probes_with_backoff():
     assert breaker.allow()
 
 
-@pytest.mark.parametrize("kwargs, field", [({"failures": 0}, "failures"), ({"cooldown_s": 0}, "cooldown_s"),
-                                           ({"cooldown_s": 5, "max_cooldown_s": 1}, "cooldown_s")])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"failures": 0}, "failures"),
+        ({"cooldown_s": 0}, "cooldown_s"),
+        ({"cooldown_s": 5, "max_cooldown_s": 1}, "cooldown_s"),
+    ],
+)
 def test_config_is_validated(kwargs, field):
     with pytest.raises(ValueError, match=field):
         BreakerConfig(**kwargs)

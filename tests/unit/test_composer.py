@@ -39,16 +39,16 @@ def test_ratio_zero_is_plain_batches():
 
 
 def test_more_hard_slots_than_anchors_cycle():
-    batch = compose_batch(np.array([1, 2]), np.array([[5, 6, 7], [8, 9, 10]]), 6, 100,
-                          np.random.default_rng(0), top=3)
+    batch = compose_batch(np.array([1, 2]), np.array([[5, 6, 7], [8, 9, 10]]), 6, 100, np.random.default_rng(0), top=3)
     assert batch.n_hard == 4 and len(set(batch.ids.tolist())) == 6
-    for anchor_pos, hard_pos in batch.couples:
+    for anchor_pos, _hard_pos in batch.couples:
         assert batch.ids[anchor_pos] in (1, 2)
 
 
 def test_sampler_partitions_ranks_and_is_deterministic():
-    configs = [SamplerConfig(n_samples=103, batch_size=8, hard_ratio=0.5, world_size=2, rank=r, seed=3)
-               for r in range(2)]
+    configs = [
+        SamplerConfig(n_samples=103, batch_size=8, hard_ratio=0.5, world_size=2, rank=r, seed=3) for r in range(2)
+    ]
     samplers = [AnchorSampler(c) for c in configs]
     assert samplers[0].steps_per_epoch == 103 // (2 * 4)
     epoch0 = [np.concatenate([s.anchors(b) for b in range(s.steps_per_epoch)]) for s in samplers]

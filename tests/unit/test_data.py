@@ -60,7 +60,9 @@ def test_csv_absolute_paths_resolve_the_same(synth_set, tmp_path):
     elsewhere = tmp_path / "lists" / "abs.tsv"
     elsewhere.parent.mkdir()
     lines = synth_set.train_csv.read_text(encoding="utf-8").splitlines()
-    rows = [lines[0]] + [f"{synth_set.root / path}\t{title}" for path, title in (l.split("\t") for l in lines[1:])]
+    rows = [lines[0]] + [
+        f"{synth_set.root / path}\t{title}" for path, title in (line.split("\t") for line in lines[1:])
+    ]
     elsewhere.write_text("\n".join(rows) + "\n", encoding="utf-8")
     relative = CsvPairs(synth_set.train_csv, TRANSFORM, TOKENIZE)
     absolute = open_pairs(elsewhere, TRANSFORM, TOKENIZE)

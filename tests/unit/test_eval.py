@@ -85,29 +85,31 @@ def test_hits_counts_ties_against_the_target():
 
 
 def test_oracle_scores_one_on_retrieval(synth_set):
-    metrics = helip_eval.retrieval(_retrieval_oracle(synth_set.retrieval_csv), TOKENIZE, TRANSFORM,
-                                   synth_set.retrieval_csv, batch_size=16)
+    metrics = helip_eval.retrieval(
+        _retrieval_oracle(synth_set.retrieval_csv), TOKENIZE, TRANSFORM, synth_set.retrieval_csv, batch_size=16
+    )
     assert set(metrics) == {f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)}
     assert all(v == 1.0 for v in metrics.values()), metrics
 
 
 def test_wrong_retrieval_model_scores_zero(synth_set):
-    metrics = helip_eval.retrieval(_retrieval_oracle(synth_set.retrieval_csv, shift=1), TOKENIZE, TRANSFORM,
-                                   synth_set.retrieval_csv, batch_size=16)
+    metrics = helip_eval.retrieval(
+        _retrieval_oracle(synth_set.retrieval_csv, shift=1), TOKENIZE, TRANSFORM, synth_set.retrieval_csv, batch_size=16
+    )
     assert metrics["image_to_text_R@1"] == metrics["text_to_image_R@1"] == 0.0
     # One-hot scores: the true match scores 0 like every other non-hit, so pessimistic ranking never recalls it.
     assert metrics["image_to_text_R@10"] == 0.0
 
 
 def test_oracle_scores_one_on_zero_shot(synth_set):
-    metrics = helip_eval.zero_shot(_zero_shot_oracle(synth_set.root), TOKENIZE, TRANSFORM, synth_set.root,
-                                   batch_size=7)
+    metrics = helip_eval.zero_shot(_zero_shot_oracle(synth_set.root), TOKENIZE, TRANSFORM, synth_set.root, batch_size=7)
     assert metrics == {"top1": 1.0, "top5": 1.0}
 
 
 def test_wrong_class_model_scores_zero_on_zero_shot(synth_set):
-    metrics = helip_eval.zero_shot(_zero_shot_oracle(synth_set.root, shift=1), TOKENIZE, TRANSFORM,
-                                   synth_set.zeroshot_json)
+    metrics = helip_eval.zero_shot(
+        _zero_shot_oracle(synth_set.root, shift=1), TOKENIZE, TRANSFORM, synth_set.zeroshot_json
+    )
     assert metrics == {"top1": 0.0, "top5": 0.0}
 
 
@@ -148,8 +150,20 @@ def test_cli_prints_and_writes_json(synth_set, tmp_path, capsys):
     checkpoint = tmp_path / "plain.pt"
     torch.save(model.state_dict(), checkpoint)
     out = tmp_path / "metrics" / "eval.json"
-    code = helip_eval.main(["--model", TINY_CONFIG, "--checkpoint", str(checkpoint), "--data", str(synth_set.root),
-                            "--out", str(out), "--device", "cpu"])
+    code = helip_eval.main(
+        [
+            "--model",
+            TINY_CONFIG,
+            "--checkpoint",
+            str(checkpoint),
+            "--data",
+            str(synth_set.root),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(out.read_text())

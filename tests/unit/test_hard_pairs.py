@@ -44,8 +44,9 @@ class _Deadline(grpc.RpcError):
 
 
 N = 100_000
-CONFIG = MiningConfig(k=1, prefetch=2, deadline_s=0.5, breaker_failures=2, breaker_cooldown_s=60,
-                      breaker_max_cooldown_s=60)
+CONFIG = MiningConfig(
+    k=1, prefetch=2, deadline_s=0.5, breaker_failures=2, breaker_cooldown_s=60, breaker_max_cooldown_s=60
+)
 
 
 def _drain(sampler, pause_s=0.02):

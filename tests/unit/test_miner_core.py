@@ -6,7 +6,7 @@ from miner_service.errors import NotFound, ResourceExhausted
 from miner_service.ivf import IvfConfig
 from miner_service.miner import HardPairMiner
 from miner_service.search import Scoring
-from tests.reference import reference_mine, random_pairs
+from tests.reference import random_pairs, reference_mine
 
 DIM = 16
 
@@ -33,8 +33,9 @@ def test_mine_by_id_matches_reference(scoring, topk):
     result = miner.mine(5, anchor_ids=anchors, exclude_ids=np.array(exclude, dtype=np.uint64), scoring=scoring)
     q_image = np.stack([rows[int(a)][0] for a in anchors])
     q_text = np.stack([rows[int(a)][1] for a in anchors])
-    ref_ids, ref_scores = reference_mine(rows, q_image, q_text, 5, int(scoring), 0.98, anchors.astype(np.int64),
-                                         exclude)
+    ref_ids, ref_scores = reference_mine(
+        rows, q_image, q_text, 5, int(scoring), 0.98, anchors.astype(np.int64), exclude
+    )
     np.testing.assert_array_equal(result.neighbour_ids, ref_ids)
     np.testing.assert_allclose(result.scores, ref_scores, rtol=1e-5, atol=1e-5)
     assert (result.neighbour_steps == 1).all()

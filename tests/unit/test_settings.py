@@ -8,21 +8,35 @@ def test_miner_config_layers_file_environment_flags(tmp_path):
     path = tmp_path / "miner.yaml"
     path.write_text("dim: 64\nsearch:\n  max_k: 32\n  ivf:\n    nprobe: 8\n")
     config = load_file(path)
-    config = from_environment(config, {"HELIP_MINER_PORT": "7000", "HELIP_MINER_SEARCH__DEVICE": "cpu",
-                                       "HELIP_MINER_DURABILITY__FOLLOW": "true", "OTHER": "x"})
+    config = from_environment(
+        config,
+        {
+            "HELIP_MINER_PORT": "7000",
+            "HELIP_MINER_SEARCH__DEVICE": "cpu",
+            "HELIP_MINER_DURABILITY__FOLLOW": "true",
+            "OTHER": "x",
+        },
+    )
     config = with_overrides(config, {"port": 7001, "search.ivf.min_rows": "5", "host": None})
     assert (config.dim, config.port, config.host) == (64, 7001, "127.0.0.1")
-    assert (config.search.max_k, config.search.device, config.search.ivf.nprobe, config.search.ivf.min_rows) == \
-        (32, "cpu", 8, 5)
+    assert (config.search.max_k, config.search.device, config.search.ivf.nprobe, config.search.ivf.min_rows) == (
+        32,
+        "cpu",
+        8,
+        5,
+    )
     assert config.durability.follow is True
     assert MinerConfig().port == 50051  # defaults untouched (frozen copies)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"search.nosuch": 1}, "flags.search.nosuch: unknown setting"),
-    ({"port": "eighty"}, "flags.port: cannot read 'eighty' as int"),
-    ({"search": 3}, "flags.search: expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"search.nosuch": 1}, "flags.search.nosuch: unknown setting"),
+        ({"port": "eighty"}, "flags.port: cannot read 'eighty' as int"),
+        ({"search": 3}, "flags.search: expected a mapping"),
+    ],
+)
 def test_miner_config_errors_name_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
         with_overrides(MinerConfig(), overrides)
@@ -31,8 +45,10 @@ def test_miner_config_errors_name_the_key(overrides, message):
 def test_trainer_config_file_and_overrides(tmp_path):
     path = tmp_path / "train.yaml"
     path.write_text("optim:\n  lr: 1\n  steps: 5\nmodel:\n  pretrained: null\n")
-    config = train_config.load(str(path), {"optim.hard_ratio": "0.25", "mining.update_index": "false",
-                                           "model.pretrained": "ckpt.pt", "run.resume": None})
+    config = train_config.load(
+        str(path),
+        {"optim.hard_ratio": "0.25", "mining.update_index": "false", "model.pretrained": "ckpt.pt", "run.resume": None},
+    )
     assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
     assert (config.optim.steps, config.optim.hard_ratio, config.mining.update_index) == (5, 0.25, False)
     assert config.model.pretrained == "ckpt.pt" and config.run.resume == ""
@@ -40,14 +56,17 @@ def test_trainer_config_file_and_overrides(tmp_path):
         train_config.load(None, {"optim.nosuch": 1})
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"run.progress": "ture"}, r"flags.run.progress: expected a boolean .* got 'ture'"),
-    ({"run.progress": 2}, "flags.run.progress: expected a boolean"),
-    ({"optim.steps": 1.5}, "flags.optim.steps: expected int, got float 1.5"),
-    ({"optim.steps": True}, "flags.optim.steps: expected int, got bool"),
-    ({"optim.lr": "fast"}, "flags.optim.lr: cannot read 'fast' as float"),
-    ({"model.name": 7}, "flags.model.name: expected text, got int 7"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"run.progress": "ture"}, r"flags.run.progress: expected a boolean .* got 'ture'"),
+        ({"run.progress": 2}, "flags.run.progress: expected a boolean"),
+        ({"optim.steps": 1.5}, "flags.optim.steps: expected int, got float 1.5"),
+        ({"optim.steps": True}, "flags.optim.steps: expected int, got bool"),
+        ({"optim.lr": "fast"}, "flags.optim.lr: cannot read 'fast' as float"),
+        ({"model.name": 7}, "flags.model.name: expected text, got int 7"),
+    ],
+)
 def test_settings_of_the_wrong_type_are_refused_by_name(overrides, message):
     with pytest.raises(ValueError, match=message):
         train_config.load(None, overrides)

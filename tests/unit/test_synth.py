@@ -76,9 +76,7 @@ def test_captions_match_pixels(small_set):
             extent = max(xs.max() - xs.min(), ys.max() - ys.min()) + 1
             assert (extent >= 11) == (objects[0][0] == "large"), (row["title"], extent)
         elif objects[0][2] != objects[1][2]:
-            (ya, xa), (yb, xb) = (
-                np.mean(np.nonzero(colour_map == NAMES.index(obj[2])), axis=1) for obj in objects
-            )
+            (ya, xa), (yb, xb) = (np.mean(np.nonzero(colour_map == NAMES.index(obj[2])), axis=1) for obj in objects)
             expected = {"left of": xa < xb, "right of": xa > xb, "above": ya < yb, "below": ya > yb}
             assert expected[m.group(5)], row["title"]
             checked_relations += 1

@@ -21,8 +21,9 @@ def test_upsert_bytes_are_the_serialised_message(wire_dtype, rows, dim):
         expected = client.upsert_request(ids, image, text, step).SerializeToString()
         assert client.upsert_request_bytes(ids, image, text, step) == expected
     half = torch.from_numpy(image).half()
-    assert (client.upsert_request_bytes(ids, half, half, 1)
-            == client.upsert_request(ids, half, half, 1).SerializeToString())
+    assert (
+        client.upsert_request_bytes(ids, half, half, 1) == client.upsert_request(ids, half, half, 1).SerializeToString()
+    )
     client.close()
 
 
