@@ -32,7 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0: pick a free one, -1: off)")
     serve.add_argument("--metrics-host", help="address to bind /metrics on (default 127.0.0.1)")
     serve.add_argument("--dim", type=int, help="embedding dimension per modality")
-    serve.add_argument("--max-rows", type=int, help="refuse upserts past this many rows (0: no limit)")
+    serve.add_argument("--max-rows", type=int, help="refuse upserts past this many rows in a namespace (0: no limit)")
+    serve.add_argument(
+        "--max-total-rows", type=int, help="refuse upserts past this many rows over all namespaces (0: no limit)"
+    )
+    serve.add_argument("--max-namespaces", type=int, help="namespaces this miner holds at most (default 64)")
+    serve.add_argument(
+        "--max-namespace-dim", type=int, help="largest dim a client may create a namespace with (default 4096)"
+    )
     serve.add_argument("--workers", type=int, help="gRPC handler threads")
     serve.add_argument("--device", dest="search.device", metavar="DEVICE", help="auto | cpu | cuda | cuda:N")
     serve.add_argument(
@@ -127,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         if config.dim <= 0:
             raise ValueError(f"--dim must be positive, got {config.dim}")
+        for name in ("max_rows", "max_total_rows"):
+            if getattr(config, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
+        for name in ("max_namespaces", "max_namespace_dim"):
+            if getattr(config, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
         if config.port < 0 or config.port > 65535:
             raise ValueError(f"--port must be in 0..65535, got {config.port}")
         for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "token_file"):

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-# Field order of UpsertRequest on the wire: ids (1), image (2), text (3), step (4).
+# Field order of UpsertRequest on the wire: ids (1), image (2), text (3), step (4), namespace (20).
 _UPSERT_IMAGE_FIELD = pb.UpsertRequest.DESCRIPTOR.fields_by_name["image"].number
 _UPSERT_TEXT_FIELD = pb.UpsertRequest.DESCRIPTOR.fields_by_name["text"].number
 
@@ -46,6 +46,7 @@ class ClientConfig:
     tls_key_file: str = ""
     tls_server_name: str = ""  # expected name in the server's certificate, when it differs from the address
     token: str = field(default="", repr=False)  # bearer token sent on every call
+    namespace: str = ""  # the namespace every call names; empty: the miner's "default"
 
     @classmethod
     def with_token_from(cls, token_file: str = "", **kwargs) -> ClientConfig:
@@ -96,6 +97,10 @@ class MinerClient:
             response_deserializer=pb.UpsertReply.FromString,
         )
 
+    @property
+    def namespace(self) -> str:
+        return self.config.namespace
+
     def close(self) -> None:
         self.channel.close()
 
@@ -122,7 +127,11 @@ class MinerClient:
     def upsert_request(self, ids, image, text, step: int = 0) -> pb.UpsertRequest:
         dtype = self.config.wire_dtype
         return pb.UpsertRequest(
-            ids=_ids(ids).tolist(), image=encode(image, dtype), text=encode(text, dtype), step=int(step)
+            ids=_ids(ids).tolist(),
+            image=encode(image, dtype),
+            text=encode(text, dtype),
+            step=int(step),
+            namespace=self.config.namespace,
         )
 
     def upsert_request_bytes(self, ids, image, text, step: int = 0) -> bytes:
@@ -133,7 +142,7 @@ class MinerClient:
                 pb.UpsertRequest(ids=_ids(ids).tolist()).SerializeToString(),
                 *encode_field(_UPSERT_IMAGE_FIELD, image, dtype),
                 *encode_field(_UPSERT_TEXT_FIELD, text, dtype),
-                pb.UpsertRequest(step=int(step)).SerializeToString(),
+                pb.UpsertRequest(step=int(step), namespace=self.config.namespace).SerializeToString(),
             ]
         )
 
@@ -162,6 +171,7 @@ class MinerClient:
             max_similarity=max_similarity,
             scoring=scoring,
             strict_anchors=strict_anchors,
+            namespace=self.config.namespace,
         )
         if anchor_ids is not None:
             request.anchor_ids.extend(_ids(anchor_ids).tolist())
@@ -173,17 +183,38 @@ class MinerClient:
         return decode_neighbours(reply)
 
     def delete(self, ids, timeout_s: float | None = None) -> pb.DeleteReply:
-        return self._invoke(self.stub.Delete, pb.DeleteRequest(ids=_ids(ids).tolist()), timeout_s, retry=True)
+        return self._invoke(
+            self.stub.Delete,
+            pb.DeleteRequest(ids=_ids(ids).tolist(), namespace=self.config.namespace),
+            timeout_s,
+            retry=True,
+        )
 
     def fetch(self, ids, timeout_s: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(found mask, image [found, dim], text [found, dim]) of the stored rows of `ids`."""
         ids = _ids(ids)
-        reply = self._invoke(self.stub.Fetch, pb.FetchRequest(ids=ids.tolist()), timeout_s, retry=True)
+        reply = self._invoke(
+            self.stub.Fetch, pb.FetchRequest(ids=ids.tolist(), namespace=self.config.namespace), timeout_s, retry=True
+        )
         found = np.isin(ids, np.array(reply.found_ids, dtype=np.uint64))
         return found, decode(reply.image, "image"), decode(reply.text, "text")
 
     def stats(self, timeout_s: float | None = None) -> pb.StatsReply:
-        return self._invoke(self.stub.Stats, pb.StatsRequest(), timeout_s, retry=True)
+        return self._invoke(self.stub.Stats, pb.StatsRequest(namespace=self.config.namespace), timeout_s, retry=True)
+
+    def ensure_namespace(
+        self, dim: int = 0, fingerprint: str = "", reset: bool = False, timeout_s: float | None = None
+    ) -> pb.EnsureNamespaceReply:
+        """Create this client's namespace unless it exists (with `reset`: drop it first, then create it)."""
+        request = pb.EnsureNamespaceRequest(
+            namespace=self.config.namespace, dim=dim, fingerprint=fingerprint, reset=reset
+        )
+        # A reset is not idempotent (a retry after a lost reply would drop rows written since): no retry then.
+        return self._invoke(self.stub.EnsureNamespace, request, timeout_s, retry=not reset)
+
+    def drop_namespace(self, timeout_s: float | None = None) -> pb.DropNamespaceReply:
+        request = pb.DropNamespaceRequest(namespace=self.config.namespace)
+        return self._invoke(self.stub.DropNamespace, request, timeout_s, retry=False)
 
 
 def decode_neighbours(reply: pb.MineReply) -> Neighbours:

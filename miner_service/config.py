@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from miner_service.ivf import IvfConfig
+from miner_service.log import DEFAULT_NAMESPACE, stream_key
 from miner_service.security import SecurityConfig
 from miner_service.settings import nest, overlay
 
@@ -42,7 +43,8 @@ class DurabilityConfig:
 
     @property
     def stream(self) -> str:
-        return f"{self.key_prefix}:miner:log:shard-{self.shard_index}-of-{self.shard_count}"
+        """The log stream of the default namespace (namespaces.NamespaceDurability names the others')."""
+        return stream_key(self.key_prefix, DEFAULT_NAMESPACE, self.shard_index, self.shard_count)
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,10 @@ class MinerConfig:
     port: int = 50051
     metrics_port: int = 9464  # 0: pick a free port, -1: no /metrics endpoint
     metrics_host: str = "127.0.0.1"
-    max_rows: int = 0  # 0: no limit
+    max_rows: int = 0  # rows per namespace; 0: no limit
+    max_total_rows: int = 0  # rows over all namespaces together; 0: no limit
+    max_namespaces: int = 64  # namespaces one miner holds at most (each is a metrics label value)
+    max_namespace_dim: int = 4096  # largest dim a client may create a namespace with (the configured dim may be more)
     workers: int = 16  # gRPC handler threads
     # 4096 x 1024 fp32 rows per modality is 32 MiB for the pair; leave room for ids and framing.
     max_message_bytes: int = 64 * 1024 * 1024

@@ -19,6 +19,21 @@ from miner_service.errors import Unavailable
 log = logging.getLogger(__name__)
 
 _DTYPES = {"f4": np.dtype("<f4"), "f2": np.dtype("<f2")}
+DEFAULT_NAMESPACE = "default"
+
+
+def stream_key(key_prefix: str, namespace: str, shard_index: int = 0, shard_count: int = 1) -> str:
+    """The Redis stream of one namespace's log. "default" keeps the key it had before namespaces existed, so a
+    deployment's existing log stays its default namespace."""
+    shard = f"shard-{shard_index}-of-{shard_count}"
+    if namespace == DEFAULT_NAMESPACE:
+        return f"{key_prefix}:miner:log:{shard}"
+    return f"{key_prefix}:miner:ns:{namespace}:log:{shard}"
+
+
+def registry_key(key_prefix: str, shard_index: int = 0, shard_count: int = 1) -> str:
+    """The Redis hash of the namespace registry (name -> dim, fingerprint, generation) of one shard."""
+    return f"{key_prefix}:miner:namespaces:shard-{shard_index}-of-{shard_count}"
 
 
 @dataclass(frozen=True, order=True)

@@ -8,6 +8,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Sub-millisecond to seconds: a GPU Mine over a small store takes ~100 us, a CPU Mine over millions of rows ~1 s.
 LATENCY_BUCKETS_S = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Per-namespace series: names are chosen by operators and capped (max_namespaces), never per request.
+NAMESPACE_LABEL = ("namespace",)
 STALENESS_BUCKETS_STEPS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000, 10000)
 
 
@@ -26,6 +28,7 @@ class MinerMetrics:
     neighbour_staleness: Histogram
     returned_neighbours: Counter
     ivf_rows: Gauge
+    namespaces: Gauge
 
     @classmethod
     def create(cls) -> MinerMetrics:
@@ -34,21 +37,25 @@ class MinerMetrics:
             registry=r,
             mine_seconds=Histogram(
                 "helip_miner_mine_seconds",
-                "Time to answer one Mine call (server side)",
+                "Time to answer one Mine call (server side), by namespace",
+                NAMESPACE_LABEL,
                 buckets=LATENCY_BUCKETS_S,
                 registry=r,
             ),
             upsert_seconds=Histogram(
                 "helip_miner_upsert_seconds",
-                "Time to apply one upsert message (Upsert, or one message of UpsertStream)",
+                "Time to apply one upsert message (Upsert, or one message of UpsertStream), by namespace",
+                NAMESPACE_LABEL,
                 buckets=LATENCY_BUCKETS_S,
                 registry=r,
             ),
             delete_seconds=Histogram(
                 "helip_miner_delete_seconds", "Time to answer one Delete call", buckets=LATENCY_BUCKETS_S, registry=r
             ),
-            rows=Gauge("helip_miner_rows", "Pairs stored", registry=r),
-            upserted_rows=Counter("helip_miner_upserted_rows", "Rows written by upserts", registry=r),
+            rows=Gauge("helip_miner_rows", "Pairs stored, by namespace", NAMESPACE_LABEL, registry=r),
+            upserted_rows=Counter(
+                "helip_miner_upserted_rows", "Rows written by upserts, by namespace", NAMESPACE_LABEL, registry=r
+            ),
             deleted_rows=Counter("helip_miner_deleted_rows", "Rows removed by deletes", registry=r),
             mined_anchors=Counter("helip_miner_mined_anchors", "Anchors answered by Mine", registry=r),
             unknown_anchors=Counter(
@@ -68,4 +75,13 @@ class MinerMetrics:
             ivf_rows=Gauge(
                 "helip_miner_ivf_rows", "Rows covered by the IVF candidate index (0: exact only)", registry=r
             ),
+            namespaces=Gauge("helip_miner_namespaces", "Namespaces this miner holds", registry=r),
         )
+
+    def forget_namespace(self, name: str) -> None:
+        """Remove a dropped namespace's series, so that dropped names do not pile up in /metrics."""
+        for metric in (self.mine_seconds, self.upsert_seconds, self.rows, self.upserted_rows):
+            try:
+                metric.remove(name)
+            except KeyError:
+                pass

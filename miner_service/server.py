@@ -18,7 +18,6 @@ from helip.miner.v1 import miner_pb2 as pb
 from helip.miner.v1 import miner_pb2_grpc as pb_grpc
 from miner_service import validation
 from miner_service.config import MinerConfig
-from miner_service.durable import DurableMiner
 from miner_service.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -29,6 +28,7 @@ from miner_service.errors import (
 )
 from miner_service.metrics import MinerMetrics
 from miner_service.miner import HardPairMiner
+from miner_service.namespaces import DEFAULT, Namespace, NamespaceRegistry, validate_fingerprint, validate_name
 from miner_service.search import SearchCancelled
 from miner_service.security import TokenInterceptor, load_token, server_credentials
 from miner_service.sharding import shard_of
@@ -46,16 +46,28 @@ _STATUS_OF_ERROR = {
 }
 
 
-class MinerServicer(pb_grpc.MinerServicer):
-    """miner: the core (HardPairMiner) or the core behind its durable log (DurableMiner); same interface."""
+def _rows_per_message(max_message_bytes: int, dim: int) -> int:
+    # One message can carry at most this many rows (two fp32 tensors of dim per row must fit a message).
+    return max(1, max_message_bytes // (8 * dim))
 
-    def __init__(self, miner, config: MinerConfig, metrics: MinerMetrics):
-        self.miner = miner
+
+def _declared_dim(request: pb.UpsertRequest, fallback: int) -> int:
+    """The dim an upsert's image tensor declares: what a namespace created by this write gets."""
+    shape = request.image.shape
+    return int(shape[1]) if len(shape) == 2 and shape[1] > 0 else fallback
+
+
+class MinerServicer(pb_grpc.MinerServicer):
+    """Routes each request to its namespace's core (a HardPairMiner, or a DurableMiner around one)."""
+
+    def __init__(self, registry: NamespaceRegistry, config: MinerConfig, metrics: MinerMetrics):
+        self.registry = registry
         self.config = config
         self.metrics = metrics
-        # One message can carry at most this many rows (two fp32 tensors of dim per row must fit a message).
-        self.max_rows_per_request = max(1, config.max_message_bytes // (8 * miner.dim))
-        self.metrics.rows.set(miner.size)
+        registry.on_dropped = metrics.forget_namespace
+        for namespace in registry.all():
+            self.metrics.rows.labels(namespace.name).set(namespace.rows)
+        self.metrics.namespaces.set(len(registry.names()))
 
     @contextmanager
     def _call(self, method: str, context: grpc.ServicerContext):
@@ -85,6 +97,9 @@ class MinerServicer(pb_grpc.MinerServicer):
         else:
             self.metrics.requests.labels(method, "OK").inc()
 
+    def _namespace(self, request) -> Namespace:
+        return self.registry.get(validate_name(request.namespace))
+
     def _check_owned(self, ids: np.ndarray) -> None:
         shards = self.config.durability.shard_count
         if shards > 1:
@@ -97,40 +112,51 @@ class MinerServicer(pb_grpc.MinerServicer):
                     f"{shards}, not to this one ({self.config.durability.shard_index})",
                 )
 
-    def _apply_upsert(self, request: pb.UpsertRequest) -> int:
+    def _apply_upsert(self, request: pb.UpsertRequest) -> tuple[int, Namespace]:
         started = time.perf_counter()
-        batch = validation.upsert_batch(request, self.miner.dim, self.max_rows_per_request)
+        name = validate_name(request.namespace)
+        namespace = self.registry.find(name)
+        # A namespace's first write creates it with the write's dim; validate against that dim first.
+        dim = namespace.dim if namespace else _declared_dim(request, self.config.dim)
+        batch = validation.upsert_batch(request, dim, _rows_per_message(self.config.max_message_bytes, dim))
         self._check_owned(batch.ids)
-        _, size = self.miner.upsert(batch.ids, batch.image, batch.text, batch.step)
-        self.metrics.upsert_seconds.observe(time.perf_counter() - started)
-        self.metrics.upserted_rows.inc(len(batch.ids))
-        self.metrics.rows.set(size)
-        return len(batch.ids)
+        if namespace is None:
+            namespace = self.registry.for_write(name, dim)
+            self.metrics.namespaces.set(len(self.registry.names()))
+        _, size = self.registry.upsert(namespace, batch.ids, batch.image, batch.text, batch.step)
+        self.metrics.upsert_seconds.labels(name).observe(time.perf_counter() - started)
+        self.metrics.upserted_rows.labels(name).inc(len(batch.ids))
+        self.metrics.rows.labels(name).set(size)
+        return len(batch.ids), namespace
 
     def Upsert(self, request, context):
         with self._call("Upsert", context):
-            accepted = self._apply_upsert(request)
-            return pb.UpsertReply(accepted=accepted, size=self.miner.size)
+            accepted, namespace = self._apply_upsert(request)
+            return pb.UpsertReply(accepted=accepted, size=namespace.rows)
 
     def UpsertStream(self, request_iterator, context):
         accepted = 0
+        namespace = None
         with self._call("UpsertStream", context):
             for index, request in enumerate(request_iterator):
                 try:
-                    accepted += self._apply_upsert(request)
+                    rows, namespace = self._apply_upsert(request)
+                    accepted += rows
                 except MinerError as error:
                     # Messages before this one are applied and stay; say where the stream stopped.
                     raise type(error)(
                         error.field, f"message {index} (after {accepted} rows applied): {error.message}"
                     ) from error
-            return pb.UpsertReply(accepted=accepted, size=self.miner.size)
+            size = namespace.rows if namespace else self.registry.get(DEFAULT).rows
+            return pb.UpsertReply(accepted=accepted, size=size)
 
     def Mine(self, request, context):
         with self._call("Mine", context):
             started = time.perf_counter()
+            namespace = self._namespace(request)
             search = self.config.search
-            query = validation.mine_query(request, self.miner.dim, search.max_k, search.max_anchors)
-            result = self.miner.mine(
+            query = validation.mine_query(request, namespace.dim, search.max_k, search.max_anchors)
+            result = namespace.miner.mine(
                 query.k,
                 anchor_ids=query.anchor_ids,
                 image=query.image,
@@ -147,7 +173,7 @@ class MinerServicer(pb_grpc.MinerServicer):
             reply.scores.extend(result.scores.ravel().tolist())
             reply.neighbour_steps.extend(result.neighbour_steps.ravel().tolist())
             reply.unknown_anchor_ids.extend(result.unknown_anchor_ids.tolist())
-            self.metrics.mine_seconds.observe(time.perf_counter() - started)
+            self.metrics.mine_seconds.labels(namespace.name).observe(time.perf_counter() - started)
             self.metrics.mined_anchors.inc(query.n_anchors)
             self.metrics.unknown_anchors.inc(len(result.unknown_anchor_ids))
             found = result.neighbour_ids >= 0
@@ -160,29 +186,34 @@ class MinerServicer(pb_grpc.MinerServicer):
     def Delete(self, request, context):
         with self._call("Delete", context):
             started = time.perf_counter()
+            namespace = self._namespace(request)
             ids = validation.delete_ids(request)
             self._check_owned(ids)
-            deleted, size = self.miner.delete(ids)
+            deleted, size = namespace.miner.delete(ids)
             self.metrics.delete_seconds.observe(time.perf_counter() - started)
             self.metrics.deleted_rows.inc(deleted)
-            self.metrics.rows.set(size)
+            self.metrics.rows.labels(namespace.name).set(size)
             return pb.DeleteReply(deleted=deleted, size=size)
 
     def Fetch(self, request, context):
         with self._call("Fetch", context):
-            ids = validation.fetch_ids(request, self.max_rows_per_request)
-            found, image, text, steps = self.miner.fetch(ids)
+            namespace = self._namespace(request)
+            ids = validation.fetch_ids(request, _rows_per_message(self.config.max_message_bytes, namespace.dim))
+            found, image, text, steps = namespace.miner.fetch(ids)
             return pb.FetchReply(
                 found_ids=ids[found].tolist(), image=encode(image), text=encode(text), steps=steps.tolist()
             )
 
     def Stats(self, request, context):
         with self._call("Stats", context):
-            s = self.miner.stats()
+            namespace = self._namespace(request)
+            s = namespace.miner.stats()
             self.metrics.ivf_rows.set(s.ivf_rows)
             durability = self.config.durability
-            durable = isinstance(self.miner, DurableMiner)
+            durable = namespace.durable is not None
             role = ("follower" if durability.follow else "leader") if durable else "standalone"
+            namespaces = self.registry.all()
+            self.metrics.namespaces.set(len(namespaces))  # a follower learns of namespaces without writes
             return pb.StatsReply(
                 size=s.size,
                 dim=s.dim,
@@ -195,10 +226,36 @@ class MinerServicer(pb_grpc.MinerServicer):
                 ivf_rows=s.ivf_rows,
                 max_k=s.max_k,
                 role=role,
-                log_offset=str(self.miner.applied) if durable else "",
+                log_offset=str(namespace.durable.applied) if durable else "",
                 shard_index=durability.shard_index,
                 shard_count=durability.shard_count,
+                namespace=namespace.name,
+                namespaces=[_info(n) for n in namespaces],
+                total_rows=sum(n.rows for n in namespaces),
+                max_total_rows=self.config.max_total_rows,
             )
+
+    def EnsureNamespace(self, request, context):
+        with self._call("EnsureNamespace", context):
+            name = validate_name(request.namespace)
+            fingerprint = validate_fingerprint(request.fingerprint)
+            namespace, created = self.registry.ensure(name, int(request.dim), fingerprint, bool(request.reset))
+            self.metrics.namespaces.set(len(self.registry.names()))
+            self.metrics.rows.labels(name).set(namespace.rows)
+            return pb.EnsureNamespaceReply(info=_info(namespace), created=created)
+
+    def DropNamespace(self, request, context):
+        with self._call("DropNamespace", context):
+            name = validate_name(request.namespace)
+            dropped_rows = self.registry.drop(name)
+            self.metrics.namespaces.set(len(self.registry.names()))
+            return pb.DropNamespaceReply(dropped_rows=dropped_rows)
+
+
+def _info(namespace: Namespace) -> pb.NamespaceInfo:
+    return pb.NamespaceInfo(
+        name=namespace.name, dim=namespace.dim, rows=namespace.rows, fingerprint=namespace.record.fingerprint
+    )
 
 
 def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -210,16 +267,13 @@ class MinerServer:
 
     def __init__(self, config: MinerConfig, miner: HardPairMiner | None = None):
         self.config = config
-        core = miner or HardPairMiner(config.dim, config.search, max_rows=config.max_rows)
-        self.durable = None
-        if config.durability.redis_url:
-            self.durable = DurableMiner(core, config.durability)
-            self.durable.recover()  # snapshot + log replay, before the port opens
-        elif config.durability.follow:
+        if config.durability.follow and not config.durability.redis_url:
             raise ValueError("--follow needs --redis-url: a follower tails the leader's log")
-        self.miner = self.durable or core
+        # Every namespace's core is built here; with a log, each recovers (snapshot + replay) before the port opens.
+        self.registry = NamespaceRegistry(config, default_core=miner)
+        self.registry.open()
         self.metrics = MinerMetrics.create()
-        self.servicer = MinerServicer(self.miner, config, self.metrics)
+        self.servicer = MinerServicer(self.registry, config, self.metrics)
         self.health = health.HealthServicer()
         token = load_token(config.security.token_file)
         interceptors = []
@@ -258,17 +312,17 @@ class MinerServer:
             )
             self.metrics_port = self._metrics_server.server_port
         self.server.start()
-        if self.durable is not None:
-            self.durable.start()
+        self.registry.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "miner serving on %s:%d (metrics on %s), dim=%d, device=%s, %s",
+            "miner serving on %s:%d (metrics on %s), dim=%d, device=%s, namespaces=%s, %s",
             self.config.host,
             self.port,
             f"{self.config.metrics_host}:{self.metrics_port}" if self.metrics_port else "off",
-            self.miner.dim,
-            self.miner.device,
+            self.config.dim,
+            self.registry.get(DEFAULT).core.device,
+            ",".join(self.registry.names()),
             self.security_summary,
         )
         return self
@@ -280,8 +334,7 @@ class MinerServer:
         self._stopped.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(self.config.grace_s if grace_s is None else grace_s).wait()
-        if self.durable is not None:
-            self.durable.stop()  # after the last write finished: the final snapshot covers every ack
+        self.registry.stop()  # after the last write finished: the final snapshots cover every ack
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         log.info("miner stopped")

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from helip.miner.v1 import miner_pb2 as pb
 from miner_service.client import ClientConfig, MinerClient, Neighbours, _ids
 
 _MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -56,6 +57,10 @@ class ShardedMinerClient:
     @property
     def shard_count(self) -> int:
         return len(self.clients)
+
+    @property
+    def namespace(self) -> str:
+        return self.clients[0].namespace
 
     def close(self) -> None:
         for client in self.clients:
@@ -180,6 +185,22 @@ class ShardedMinerClient:
 
     def stats(self):
         return self._each([(c, lambda c: c.stats()) for c in self.clients])
+
+    def ensure_namespace(self, dim: int = 0, fingerprint: str = "", reset: bool = False, timeout_s=None):
+        """EnsureNamespace on every shard, as one reply: rows summed; a shard whose fingerprint differs from
+        `fingerprint` decides the reported one, so that the caller sees any mismatch."""
+        replies = self._each(
+            [(c, lambda c: c.ensure_namespace(dim, fingerprint, reset, timeout_s)) for c in self.clients]
+        )
+        differing = [r for r in replies if r.info.fingerprint != fingerprint]
+        info = pb.NamespaceInfo()
+        info.CopyFrom((differing or replies)[0].info)
+        info.rows = sum(r.info.rows for r in replies)
+        return pb.EnsureNamespaceReply(info=info, created=any(r.created for r in replies))
+
+    def drop_namespace(self, timeout_s=None):
+        replies = self._each([(c, lambda c: c.drop_namespace(timeout_s)) for c in self.clients])
+        return pb.DropNamespaceReply(dropped_rows=sum(r.dropped_rows for r in replies))
 
 
 def _host(array):

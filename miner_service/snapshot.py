@@ -16,10 +16,50 @@ from pathlib import Path
 
 import numpy as np
 
-from miner_service.log import Offset
+from miner_service.log import DEFAULT_NAMESPACE, Offset
 
 log = logging.getLogger(__name__)
 PREFIX = "snap-"
+NAMESPACES_DIR = "namespaces"
+GENERATION_FILE = "GENERATION"
+
+
+def namespace_dir(root: Path, namespace: str) -> Path:
+    """Where one namespace's snapshots live: the default namespace in `root` itself (where they were before
+    namespaces existed), any other in `root/namespaces/<name>`."""
+    return root if namespace == DEFAULT_NAMESPACE else root / NAMESPACES_DIR / namespace
+
+
+def remove_all(directory: Path) -> int:
+    """Remove every snapshot (and the generation marker) in `directory`; returns how many snapshots went."""
+    offsets = list_offsets(directory)
+    for offset in offsets:
+        shutil.rmtree(directory / f"{PREFIX}{offset}", ignore_errors=True)
+    (directory / GENERATION_FILE).unlink(missing_ok=True)
+    return len(offsets)
+
+
+def read_generation(directory: Path) -> str:
+    """The generation `directory`'s snapshots belong to ("" when unmarked)."""
+    marker = directory / GENERATION_FILE
+    return marker.read_text().strip() if marker.exists() else ""
+
+
+def claim_generation(directory: Path, generation: str) -> bool:
+    """Mark `directory` as holding snapshots of `generation` of its namespace. Snapshots of another generation
+    (the namespace was dropped and created again meanwhile) are removed first: they would bring back rows that
+    were dropped. Returns whether any were removed. A directory without a marker is kept (written before
+    namespaces had generations)."""
+    if not generation:
+        return False  # not known yet (a follower before the leader registered the namespace)
+    marker = directory / GENERATION_FILE
+    removed = False
+    if marker.exists() and marker.read_text().strip() != generation:
+        log.info("snapshots in %s belong to an earlier generation of their namespace: removed", directory)
+        removed = remove_all(directory) > 0
+    directory.mkdir(parents=True, exist_ok=True)
+    marker.write_text(generation)
+    return removed
 
 
 @dataclass(frozen=True)

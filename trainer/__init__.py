@@ -28,6 +28,9 @@ _EXPORTS = {
     "HelipLoss": "trainer.losses",
     "LossConfig": "trainer.losses",
     "bootstrap_index": "trainer.bootstrap",
+    "claim_namespace": "trainer.namespace",
+    "dataset_fingerprint": "trainer.namespace",
+    "NamespaceMismatch": "trainer.namespace",
 }
 __all__ = sorted(_EXPORTS)
 

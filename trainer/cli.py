@@ -79,10 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from trainer.engine import Trainer
     from trainer.ledger import TooManyBadSamples
+    from trainer.namespace import NamespaceMismatch
 
     # SIGTERM (an orchestrator stopping the pod) unwinds like Ctrl-C, so the local miner is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    trainer = Trainer(config)
+    try:
+        trainer = Trainer(config)
+    except NamespaceMismatch as error:  # the miner holds another data set there: the user decides, no traceback
+        logging.getLogger("helip-train").error("%s", error)
+        return 1
     try:
         result = trainer.train()
     except TooManyBadSamples as error:  # the data's fault, not the program's: no traceback

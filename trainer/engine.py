@@ -30,6 +30,7 @@ from trainer.losses import HelipLoss
 from trainer.metrics import TrainerMetrics
 from trainer.mining import MiningCounters, make_client
 from trainer.model import build_model, save_checkpoint, vectorize_scalar_parameters
+from trainer.namespace import NamespaceMismatch, claim_namespace, dataset_fingerprint, run_namespace
 from trainer.pusher import EmbeddingPusher
 from trainer.runlog import RunLog
 from trainer.schedule import warmup_cosine
@@ -166,8 +167,13 @@ class Trainer:
         self.client = self.pusher = None
         self.mining = config.mining  # with the local miner's address filled in below, when there is one
         if self.mining_on:
-            self.mining = dataclasses.replace(config.mining, address=self._miner_address())
+            self.mining = dataclasses.replace(
+                config.mining,
+                address=self._miner_address(),
+                namespace=config.mining.namespace or run_namespace(self.output_dir),
+            )
             self.client = make_client(self.mining)
+            self._claim_namespace()
             self.pusher = EmbeddingPusher(self.client, self.mining, self.counters)
         self.metrics = TrainerMetrics.create(self.rank)
         if config.run.metrics_port:
@@ -193,6 +199,27 @@ class Trainer:
             self.local_miner = LocalMiner(self.output_dir, self.embed_dim)
             address = self.local_miner.address
         return broadcast(address)
+
+    def _claim_namespace(self) -> None:
+        """Rank 0 claims the run's namespace for this data set; every rank stops on a mismatch."""
+        refusal = None
+        if self.is_main:
+            try:
+                claim_namespace(
+                    self.client,
+                    self.mining.namespace,
+                    self.embed_dim,
+                    dataset_fingerprint(self.dataset),
+                    reset=self.mining.reset_namespace,
+                )
+            except NamespaceMismatch as error:
+                refusal = str(error)
+        refusal = broadcast(refusal)
+        if refusal is not None:
+            self.client.close()
+            if self.local_miner is not None:
+                self.local_miner.stop()
+            raise NamespaceMismatch(refusal)
 
     def _probe_dim(self) -> int:
         with torch.no_grad():

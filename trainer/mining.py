@@ -19,6 +19,8 @@ import numpy as np
 
 from helip.miner.v1 import miner_pb2 as pb
 from miner_service.client import ClientConfig, MinerClient
+from miner_service.errors import InvalidArgument
+from miner_service.namespaces import validate_name
 from miner_service.sharding import ShardedMinerClient
 from trainer.breaker import BreakerConfig, CircuitBreaker
 
@@ -57,8 +59,15 @@ class MiningConfig:
     tls_key_file: str = ""
     tls_server_name: str = ""
     token_file: str = ""
+    namespace: str = ""  # miner namespace of this run's rows; empty: the run's output dir name (helip-train)
+    reset_namespace: bool = False  # drop and recreate the namespace when it holds another data set's rows
 
     def __post_init__(self):
+        if self.namespace:
+            try:
+                validate_name(self.namespace, "mining.namespace")
+            except InvalidArgument as error:
+                raise ValueError(str(error)) from None
         for name in ("k", "max_in_flight", "push_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"mining.{name} must be >= 1, got {getattr(self, name)}")
@@ -124,11 +133,23 @@ def make_client(config: MiningConfig):
         tls_cert_file=config.tls_cert_file,
         tls_key_file=config.tls_key_file,
         tls_server_name=config.tls_server_name,
+        namespace=config.namespace,
     )
     addresses = [a.strip() for a in config.address.split(",") if a.strip()]
     if len(addresses) > 1:
         return ShardedMinerClient(addresses, client_config)
     return MinerClient(client_config)
+
+
+def check_client_namespace(client, config: MiningConfig) -> None:
+    """A pusher or prefetcher sends every call to its client's namespace: refuse a client bound to another
+    namespace than `config.namespace` (when that is set), rather than write one run's rows into another's."""
+    bound = getattr(client, "namespace", "")
+    if config.namespace and bound != config.namespace:
+        raise ValueError(
+            f"mining.namespace is {config.namespace!r} but the client calls namespace {bound or 'default'!r}: "
+            f"build the client with make_client(config)"
+        )
 
 
 class RateLimitedLog:
@@ -150,6 +171,7 @@ class MinePrefetcher:
     """Mine calls for batches ahead, at most `max_in_flight` running at once, behind a circuit breaker."""
 
     def __init__(self, client, config: MiningConfig, counters: MiningCounters | None = None):
+        check_client_namespace(client, config)
         self.client = client
         self.config = config
         self.counters = counters or MiningCounters()

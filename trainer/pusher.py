@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from trainer.breaker import CircuitBreaker
-from trainer.mining import MiningConfig, MiningCounters, RateLimitedLog
+from trainer.mining import MiningConfig, MiningCounters, RateLimitedLog, check_client_namespace
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class EmbeddingPusher:
     """Sends (ids, image_emb, text_emb, step) batches to the miner in the background."""
 
     def __init__(self, client, config: MiningConfig = MiningConfig(), counters: MiningCounters | None = None):
+        check_client_namespace(client, config)
         self.client = client
         self.counters = counters or MiningCounters()
         self.breaker = CircuitBreaker(config.breaker, on_open=lambda: self.counters.add(breaker_opened=1))

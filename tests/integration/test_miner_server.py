@@ -143,13 +143,15 @@ def test_metrics_parse_and_count_mine_calls(miner_factory):
     text = urllib.request.urlopen(miner.metrics_url, timeout=10).read().decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
-    assert samples[("helip_miner_mine_seconds_count", ())] == 7
-    assert samples[("helip_miner_mine_seconds_bucket", (("le", "0.0001"),))] <= 7
-    assert samples[("helip_miner_mine_seconds_bucket", (("le", "10.0"),))] == 7
-    assert samples[("helip_miner_rows", ())] == 50
-    assert samples[("helip_miner_upserted_rows_total", ())] == 50
+    default = (("namespace", "default"),)
+    assert samples[("helip_miner_mine_seconds_count", default)] == 7
+    assert samples[("helip_miner_mine_seconds_bucket", (("le", "0.0001"), *default))] <= 7
+    assert samples[("helip_miner_mine_seconds_bucket", (("le", "10.0"), *default))] == 7
+    assert samples[("helip_miner_rows", default)] == 50
+    assert samples[("helip_miner_upserted_rows_total", default)] == 50
     assert samples[("helip_miner_requests_total", (("code", "OK"), ("method", "Mine")))] == 7
-    assert samples[("helip_miner_upsert_seconds_count", ())] == 1
+    assert samples[("helip_miner_upsert_seconds_count", default)] == 1
+    assert samples[("helip_miner_namespaces", ())] == 1
 
 
 def test_sigterm_shuts_down_cleanly(miner_factory):

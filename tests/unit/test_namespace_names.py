@@ -1,0 +1,75 @@
+"""Namespace names, data set fingerprints and the trainer's namespace settings (no processes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from miner_service.errors import InvalidArgument
+from miner_service.namespaces import NamespaceRecord, validate_name
+from trainer.mining import MiningConfig, check_client_namespace
+from trainer.namespace import dataset_fingerprint, run_namespace
+
+
+@pytest.mark.parametrize("name", ["a", "run-1", "Run.2_b", "9" * 64])
+def test_good_names_pass(name):
+    assert validate_name(name) == name
+
+
+def test_empty_name_is_default():
+    assert validate_name("") == "default"
+
+
+@pytest.mark.parametrize("name", ["-a", ".a", "_a", "a/b", "a:b", "a b", "ü", "9" * 65])
+def test_bad_names_name_the_field(name):
+    with pytest.raises(InvalidArgument) as info:
+        validate_name(name, "mining.namespace")
+    assert info.value.field == "mining.namespace"
+
+
+def test_record_round_trips():
+    record = NamespaceRecord(32, "fp", "gen")
+    assert NamespaceRecord.decode(record.encode()) == record
+
+
+class Captions:
+    def __init__(self, captions):
+        self.captions = captions
+
+    def __len__(self):
+        return len(self.captions)
+
+    def caption(self, i):
+        return self.captions[i]
+
+
+def test_fingerprint_changes_with_count_and_captions_and_is_stable():
+    base = [f"caption {i}" for i in range(1000)]
+    fingerprint = dataset_fingerprint(Captions(base))
+    assert fingerprint.startswith("samples=1000;captions=")
+    assert dataset_fingerprint(Captions(list(base))) == fingerprint
+    assert dataset_fingerprint(Captions(base[:-1])) != fingerprint
+    assert dataset_fingerprint(Captions(["other"] + base[1:])) != fingerprint  # the first caption is hashed
+    assert dataset_fingerprint(Captions(base[:-1] + ["other"])) != fingerprint  # so is the last
+    assert dataset_fingerprint(Captions([])) == dataset_fingerprint(Captions([]))
+
+
+def test_run_namespace_is_a_valid_name(tmp_path):
+    assert run_namespace(tmp_path / "my run#3") == "my-run-3"
+    assert run_namespace(tmp_path / "__") == "run"
+    validate_name(run_namespace(tmp_path / ("x" * 200)))
+
+
+def test_mining_namespace_is_validated():
+    assert MiningConfig(namespace="ok-1").namespace == "ok-1"
+    with pytest.raises(ValueError, match="mining.namespace"):
+        MiningConfig(namespace="not/ok")
+
+
+def test_a_client_bound_to_another_namespace_is_refused():
+    class Client:
+        namespace = "a"
+
+    check_client_namespace(Client(), MiningConfig())  # unset: the client decides
+    check_client_namespace(Client(), MiningConfig(namespace="a"))
+    with pytest.raises(ValueError, match="'b'"):
+        check_client_namespace(Client(), MiningConfig(namespace="b"))
