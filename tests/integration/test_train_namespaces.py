@@ -41,6 +41,7 @@ def helip_train(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
 
 
+@pytest.mark.timeout(1500)  # two trainer starts; each imports DeepSpeed, minutes on a loaded 2-core box
 def test_a_namespace_of_another_data_set_is_refused_and_reset_proceeds(tmp_path, miner_factory):
     synth = tmp_path / "synth"
     generate(SynthConfig(out_dir=synth, train_size=96, test_size=32, seed=0))
