@@ -241,18 +241,27 @@ def test_kill_9_with_two_namespaces_loses_nothing_and_a_drop_stays_dropped(
     put(doomed, rng, range(25), 4)
     time.sleep(0.5)  # a snapshot of "doomed" exists before it is dropped
     assert doomed.drop_namespace().dropped_rows == 25
-    for client in (default, other, doomed):
+    # "again" is created anew by a reset (another dim): a follower must not keep its first life's rows.
+    again = client_for(leader.address, "again")
+    put(again, rng, range(40), 4)
+    time.sleep(0.5)
+    assert again.ensure_namespace(dim=6, fingerprint="second", reset=True).created
+    acked["again"] = put(again, rng, range(3), 6)
+    for client in (default, other, doomed, again):
         client.close()
 
     # The follower discovered "other" (created after it started), and forgot "doomed".
     reader = client_for(follower.address, "other")
     deadline = time.monotonic() + 15
-    expected = {"default": len(acked[""]), "other": len(acked["other"])}
+    expected = {"default": len(acked[""]), "other": len(acked["other"]), "again": 3}
     while {n.name: n.rows for n in reader.stats().namespaces} != expected:
         assert time.monotonic() < deadline, f"follower did not converge: {reader.stats().namespaces}"
         time.sleep(0.1)
     assert_rows(reader, acked["other"])
     reader.close()
+    with client_for(follower.address, "again") as reader:
+        assert_rows(reader, acked["again"])
+        assert (reader.stats().dim, reader.stats().size) == (6, 3)
 
     leader.process.send_signal(signal.SIGKILL)
     leader.process.wait(10)
@@ -266,6 +275,7 @@ def test_kill_9_with_two_namespaces_loses_nothing_and_a_drop_stays_dropped(
         assert {n.name: (n.dim, n.rows) for n in stats.namespaces} == {
             "default": (DIM, len(acked[""])),
             "other": (8, len(acked["other"])),
+            "again": (6, 3),
         }
         assert stats.role == "leader"
     assert not (tmp_path / "snapshots" / "namespaces" / "doomed").exists() or not any(
