@@ -49,6 +49,12 @@ class MiningConfig:
     # Push each step's embeddings (online HELIP). Off with bootstrap_index on: the index stays as the starting
     # model saw the data, i.e. the paper's offline mining.
     update_index: bool = True
+    # Streaming mode (no bootstrap: the index fills from the training pushes). Mining starts at start_step and
+    # once the index holds start_coverage of the data set; hard pairs then ramp in over ramp_steps steps.
+    start_step: int = 0  # no Mine before this global step (a warm-up for a model trained from scratch)
+    start_coverage: float = 0.0  # fraction of the data set the index must hold before mining starts (0: any)
+    ramp_steps: int = 0  # steps over which the mined share of hard slots grows to all of them (0: at once)
+    coverage_poll_s: float = 2.0  # how often the miner's row count is polled until start_coverage is reached
     # Security towards the miner: TLS (trusting tls_ca_file, else the system roots), a client certificate for
     # mutual TLS, and a bearer token read from token_file (else $HELIP_AUTH_TOKEN).
     tls: bool = False
@@ -71,6 +77,14 @@ class MiningConfig:
             raise ValueError(f"mining.scoring must be one of {list(pb.Scoring.keys())}, got {self.scoring!r}")
         if self.wire_dtype not in pb.DType.keys():
             raise ValueError(f"mining.wire_dtype must be one of {list(pb.DType.keys())}, got {self.wire_dtype!r}")
+        if self.start_step < 0 or self.ramp_steps < 0:
+            raise ValueError(
+                f"mining.start_step and mining.ramp_steps must be >= 0, got {self.start_step}, {self.ramp_steps}"
+            )
+        if not 0.0 <= self.start_coverage <= 1.0:
+            raise ValueError(f"mining.start_coverage must be in [0, 1], got {self.start_coverage}")
+        if self.coverage_poll_s <= 0:
+            raise ValueError(f"mining.coverage_poll_s must be > 0, got {self.coverage_poll_s}")
         if self.breaker_failures < 1:
             raise ValueError(f"mining.breaker_failures must be >= 1, got {self.breaker_failures}")
         if not 0 < self.breaker_cooldown_s <= self.breaker_max_cooldown_s:
@@ -92,6 +106,7 @@ class MiningCounters:
     mine_failures: int = 0  # ...that failed (error or past deadline_s)
     mine_late: int = 0  # answers not there when their batch was composed (the batch fell back)
     mine_skipped: int = 0  # batches not asked for because the circuit breaker was open
+    mine_not_started: int = 0  # batches composed before mining started (start_step, start_coverage)
     foreign_ids: int = 0  # neighbour ids the data set does not hold (a miner with other rows), dropped
     breaker_opened: int = 0
     pushed_rows: int = 0
