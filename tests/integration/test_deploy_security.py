@@ -495,3 +495,94 @@ def test_the_kubernetes_manifests_run_a_miner_that_refuses_unauthenticated_calls
 
 def trainer_env(spec: dict) -> dict[str, str]:
     return {e["name"]: e["value"] for e in spec.get("env", []) if "value" in e}
+
+
+@pytest.mark.slow
+def test_the_compose_file_runs_a_miner_that_refuses_unauthenticated_calls(tmp_path):
+    # The shipped make-secrets.sh, run in a copy of the compose directory (the checkout's secrets/ stays as it is).
+    workdir = tmp_path / "compose"
+    workdir.mkdir()
+    shutil.copy(COMPOSE / "make-secrets.sh", workdir)
+    subprocess.run(["sh", str(workdir / "make-secrets.sh")], check=True, capture_output=True)
+    made = workdir / "secrets"
+    assert (made.stat().st_mode & 0o777) == 0o700
+    config = json.loads(compose("config", "--format", "json").stdout)
+    services = config["services"]
+    secret_file = {name: made / Path(spec["file"]).name for name, spec in config["secrets"].items()}
+    token = (made / "miner-token").read_text().strip()
+    password = (made / "redis-password").read_text().strip()
+    redis_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+
+    def mounted(service: dict, root: Path) -> FakeRoot:
+        """The service's secrets at their targets and its bind mounts, under `root`."""
+        targets = {}
+        for secret in service.get("secrets", []):
+            target = secret["target"] if secret["target"].startswith("/") else f"/run/secrets/{secret['target']}"
+            targets[target] = secret_file[secret["source"]].read_bytes()
+        for mount in service.get("volumes", []):
+            if mount["type"] == "bind":
+                targets[mount["target"]] = Path(mount["source"]).read_bytes()
+        directories = [str(Path(target).parent) for target in targets]  # the scripts name some by directory
+        fake = FakeRoot(root, [*targets, *directories, *(m["target"] for m in service.get("volumes", []))])
+        for target, content in targets.items():
+            fake.place(target, content)
+        return fake
+
+    def shell(text: str) -> str:
+        return text.replace("$$", "$")  # compose's escape for a literal $, which the container's shell expands
+
+    redis_service = services["redis"]
+    redis_root = mounted(redis_service, tmp_path / "redis-root")
+    redis_root.path("/data").mkdir(parents=True)
+    *shell_argv, script = redis_service["command"]
+    script = substitute(
+        shell(redis_root.localise(script)),
+        {"redis-server -": f"redis-server - --port {redis_port} --bind 127.0.0.1 --dir {redis_root.path('/data')}"},
+    )
+    redis_server = Started([*shell_argv, script], base_env(), tmp_path / "redis.log")
+    miner = None
+    try:
+        kind, health = redis_service["healthcheck"]["test"]
+        assert kind == "CMD-SHELL"
+        health = substitute(shell(redis_root.localise(health)), {"redis-cli": f"redis-cli -p {redis_port}"})
+        redis_server.wait_until(lambda: succeeds(["sh", "-c", health]), "redis (health check)")
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=redis_port).ping()
+
+        miner_service = services["miner"]
+        root = mounted(miner_service, tmp_path / "miner-root")
+        root.path("/snapshots").mkdir(parents=True)
+        (script,) = miner_service["command"]
+        script = substitute(
+            shell(root.localise(script)),
+            {
+                "0.0.0.0": "127.0.0.1",
+                "--port=50051": f"--port={grpc_port}",
+                "--metrics-port=9464": f"--metrics-port={metrics_port}",
+                "@redis:6379": f"@127.0.0.1:{redis_port}",
+            },
+        )
+        miner = Started([*miner_service["entrypoint"], script], base_env(), tmp_path / "miner.log")
+        kind, *health = miner_service["healthcheck"]["test"]
+        assert kind == "CMD"
+        health = [sys.executable if a == "python" else root.localise(a) for a in health]
+        miner.wait_until(lambda: succeeds([*health, "--address", f"127.0.0.1:{grpc_port}"]), "miner (health check)")
+
+        trainer = services["trainer-0"]
+        trainer_root = mounted(trainer, tmp_path / "trainer-root")
+        sets = dict(a.removeprefix("--set=").split("=", 1) for a in trainer["command"] if a.startswith("--set=mining."))
+        sets = {k: trainer_root.localise(v) for k, v in sets.items()}
+        server_name = next(a for a in trainer["command"] if a.startswith("--miner=")).split("=", 1)[1].split(":")[0]
+        mining = mining_config_from(sets, f"127.0.0.1:{grpc_port}", server_name)
+        assert mining.tls and mining.token_file
+
+        # The miner's shard is 0 of 1 here: any id is its own.
+        ca_file = root.path("/etc/helip/tls/ca.crt")
+        check_the_miner_refuses_without_the_token(grpc_port, server_name, ca_file, mining, token)
+        log = miner.log()
+        assert "tls=on, token=on" in log and "redis://:***@127.0.0.1" in log
+        assert password not in log and token not in log
+    finally:
+        if miner is not None:
+            miner.stop()
+        redis_server.stop()
