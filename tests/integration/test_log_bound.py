@@ -34,9 +34,11 @@ def test_a_leader_with_a_log_and_no_snapshot_dir_exits_2_naming_the_flag(redis_u
     assert "--snapshot-dir" in result.stderr and "grows without bound" in result.stderr
 
 
-def test_the_refusal_never_prints_the_redis_password(tmp_path):
-    result = serve("--redis-url", "redis://helip:hunter2-not-logged@127.0.0.1:1/0")
-    assert result.returncode == 2 and "--snapshot-dir" in result.stderr
+def test_the_miner_logs_its_redis_url_with_the_password_masked():
+    """A follower (no snapshot dir needed) of a Redis that is not there: it logs the URL, then fails to start."""
+    result = serve("--follow", "--redis-url", "redis://helip:hunter2-not-logged@127.0.0.1:1/0")
+    assert result.returncode != 0
+    assert "redis://helip:***@127.0.0.1:1/0" in result.stderr
     assert "hunter2-not-logged" not in result.stderr + result.stdout
 
 
