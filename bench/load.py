@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import queue
+import shutil
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -180,13 +182,15 @@ def main() -> None:
 
     server = None
     key_prefix = None
+    snapshot_dir = None
     if args.address:
         address, pid = args.address, args.miner_pid
     else:
         extra = ()
         if args.redis_url:
             key_prefix = f"helip-bench-load-{uuid.uuid4().hex[:8]}"
-            extra = ("--redis-url", args.redis_url, "--key-prefix", key_prefix)
+            snapshot_dir = tempfile.mkdtemp(prefix="helip-bench-load-")  # a leader with a log needs one
+            extra = ("--redis-url", args.redis_url, "--key-prefix", key_prefix, "--snapshot-dir", snapshot_dir)
         server = MinerSubprocess("--dim", str(args.dim), "--device", args.device, "--log-level", "WARNING", *extra)
         address, pid = server.address, server.process.pid
     try:
@@ -217,6 +221,8 @@ def main() -> None:
             for key in client.scan_iter(f"{key_prefix}:*"):
                 client.delete(key)
             client.close()
+        if snapshot_dir:
+            shutil.rmtree(snapshot_dir, ignore_errors=True)
 
     expected = {"Upsert": "OK", "Mine": "OK", DELIBERATE: "INVALID_ARGUMENT"}
     errors = {f"{rpc} {code}": n for (rpc, code), n in codes.items() if code != expected[rpc]}

@@ -30,9 +30,9 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class DurabilityConfig:
-    redis_url: str = ""  # empty: no log, rows live in memory only (the embedded default)
+    redis_url: str = field(default="", repr=False)  # empty: no log, rows in memory only; repr: it may hold a password
     key_prefix: str = "helip"
-    snapshot_dir: str = ""  # empty: no snapshots (a restart replays the whole log)
+    snapshot_dir: str = ""  # required by a leader with a log (the CLI refuses without): the log is trimmed below it
     snapshot_interval_s: float = 300.0  # 0: only on shutdown
     keep_snapshots: int = 2
     follow: bool = False  # a read-only follower tailing the leader's log
