@@ -103,6 +103,40 @@ def test_followers_answer_mines_fail_over_when_killed_and_spare_the_leader(miner
     client.close()
 
 
+def test_a_follower_that_reports_not_serving_is_skipped_by_its_channel():
+    """Client-side health checking (the follower channels' service config): a follower that says NOT_SERVING, as a
+    miner does from the start of its graceful shutdown, is failed over at once and rests; SERVING again, it is
+    asked again once its rest is over."""
+    from grpc_health.v1 import health_pb2
+
+    from miner_service.config import MinerConfig
+    from miner_service.server import SERVICE_NAME, MinerServer
+
+    leader, follower = (MinerServer(MinerConfig(dim=DIM, port=0, metrics_port=-1)).start() for _ in range(2))
+    try:
+        image, text = random_pairs(np.random.default_rng(6), 50, DIM)
+        for server in (leader, follower):
+            connected(f"127.0.0.1:{server.port}").upsert(np.arange(50), image, text, step=1)
+        client = ReplicatedMinerClient(
+            f"127.0.0.1:{leader.port}", [f"127.0.0.1:{follower.port}"], CONFIG, retry_after_s=0.5
+        )
+        answered = lambda server: server.metrics.requests.labels("Mine", "OK")._value.get()  # noqa: E731
+        client.mine(5, anchor_ids=[1, 2])
+        assert (answered(follower), answered(leader)) == (1, 0)
+        follower.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        time.sleep(0.3)  # the health watch reports the change
+        client.mine(5, anchor_ids=[1, 2])
+        assert (answered(follower), answered(leader)) == (1, 1) and client.rotation.resting() == [0]
+        follower.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        time.sleep(0.6)
+        client.mine(5, anchor_ids=[1, 2])
+        assert (answered(follower), answered(leader)) == (2, 1)
+        client.close()
+    finally:
+        for server in (leader, follower):
+            server.stop(0)
+
+
 def rows_of(ids, image, text, keep) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     return {int(i): (image[j], text[j]) for j, i in enumerate(ids) if keep[j]}
 
