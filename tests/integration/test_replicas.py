@@ -77,12 +77,24 @@ def test_followers_answer_mines_fail_over_when_killed_and_spare_the_leader(miner
     assert [mines_answered(f) for f in followers] == [5, 5]  # round-robin
     assert mines_answered(leader) == 1  # only the test's own reference Mine above
 
+    # A hung follower: its attempt gets half the deadline, and the other follower answers in the other half.
+    followers[0].process.send_signal(signal.SIGSTOP)
+    started = time.monotonic()
+    answer = client.mine(8, anchor_ids=anchors, timeout_s=4.0)
+    assert answer.served_by_follower and time.monotonic() - started < 4.0
+    np.testing.assert_array_equal(answer.ids, expected)
+    assert client.rotation.resting() == [0] and mines_answered(followers[1]) == 6
+    followers[0].process.send_signal(signal.SIGCONT)
+    time.sleep(1.1)  # its rest is over
+    assert client.rotation.resting() == []
+    before = mines_answered(followers[0])  # (it may have finished the abandoned call after all)
+
     followers[1].stop(signal.SIGKILL)
     for _ in range(10):  # every Mine is still answered: the killed one's share fails over to the other
         answer = client.mine(8, anchor_ids=anchors)
         np.testing.assert_array_equal(answer.ids, expected)
         assert answer.served_by_follower
-    assert mines_answered(followers[0]) == 15
+    assert mines_answered(followers[0]) == before + 10
     assert mines_answered(leader) == 1
     assert client.rotation.resting() == [1]
     # Writes still go to the leader, even while reads go elsewhere.
