@@ -55,7 +55,8 @@ def follower_lag(redis_client, stream: str, applied: Offset) -> ReplicaLag:
 class LagSampler:
     """Samples `measure()` every `interval_s` on a thread of its own; `current` is the latest sample.
 
-    A failed sample (Redis away) keeps the previous value and is logged; the next interval retries.
+    A failed sample (Redis away) keeps the previous value and is logged (once per run of failures: the follow loop
+    already reports Redis being away every second); the next interval retries.
     """
 
     def __init__(
@@ -72,12 +73,16 @@ class LagSampler:
         self._on_sample = on_sample
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._failing = False
 
     def sample(self) -> ReplicaLag:
         try:
             self.current = self._measure()
+            self._failing = False
         except Exception as error:  # the follower keeps serving; its last known lag stands
-            log.warning("could not sample the follower's lag (%s); keeping %.3f s", error, self.current.seconds)
+            report = log.debug if self._failing else log.warning
+            report("could not sample the follower's lag (%s); keeping %.3f s", error, self.current.seconds)
+            self._failing = True
         if self._on_sample is not None:
             self._on_sample(self.current)
         return self.current

@@ -254,3 +254,20 @@ def test_a_follower_behind_reports_its_lag_in_replies_stats_and_metrics(miner_fa
     assert reader.stats().replica_lag_seconds == 0
     prefetcher.close()
     prefetcher.client.close()
+
+
+def test_lag_is_measured_from_the_oldest_unapplied_entry_by_redis_clock(redis_url, key_prefix):
+    import redis
+
+    from miner_service.lag import follower_lag
+    from miner_service.log import Offset
+
+    client = redis.Redis.from_url(redis_url)
+    stream = f"{key_prefix}:lag-probe"
+    now_ms = int(client.time()[0]) * 1000
+    for ms in (now_ms - 60_000, now_ms - 20_000):  # entries written a minute and 20 s ago
+        client.xadd(stream, {"op": b"delete", "ids": b"\0" * 8}, id=f"{ms}-0")
+    assert 60 <= follower_lag(client, stream, Offset.ZERO).seconds < 70
+    assert 20 <= follower_lag(client, stream, Offset(now_ms - 60_000, 0)).seconds < 30
+    assert follower_lag(client, stream, Offset(now_ms - 20_000, 0)).seconds == 0
+    client.close()

@@ -105,3 +105,21 @@ def test_counters_keep_running_maxima():
     counters.raise_to(max_replica_lag_ms=30)
     counters.raise_to(max_replica_lag_ms=10)
     assert counters.snapshot()["max_replica_lag_ms"] == 30
+
+
+def test_lag_sampler_keeps_its_last_sample_when_one_fails():
+    from miner_service.lag import LagSampler, ReplicaLag
+
+    samples = iter([ReplicaLag(0.5), RuntimeError("redis away"), ReplicaLag(0.0)])
+    exported = []
+
+    def measure():
+        value = next(samples)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    sampler = LagSampler(measure, on_sample=lambda lag: exported.append(lag.seconds))
+    assert [sampler.sample().seconds for _ in range(3)] == [0.5, 0.5, 0.0] == exported
+    with pytest.raises(ValueError, match="interval_s"):
+        LagSampler(measure, interval_s=0)
