@@ -211,6 +211,7 @@ def test_a_killed_shard_leaves_exact_answers_from_the_others_flagged_and_strict_
     degraded.close()
 
 
+@pytest.mark.slow
 def test_a_follower_behind_reports_its_lag_in_replies_stats_and_metrics(miner_factory, redis_url, key_prefix):
     leader = miner_factory(*durable(redis_url, key_prefix))
     follower = miner_factory(*durable(redis_url, key_prefix, "--follow"))
