@@ -17,6 +17,7 @@ import numpy as np
 from miner_service import snapshot
 from miner_service.config import DurabilityConfig
 from miner_service.errors import FailedPrecondition, ResourceExhausted
+from miner_service.lag import ReplicaLag, follower_lag
 from miner_service.log import LogRecord, Offset, RedisLog
 from miner_service.miner import HardPairMiner
 
@@ -105,6 +106,13 @@ class DurableMiner:
             result = self.core.delete(ids)
             self.applied = offset
             return result
+
+    # ---- lag (follower) -------------------------------------------------------------------------------------
+    def lag(self) -> ReplicaLag:
+        """How far this miner is behind its log (one Redis round trip; a leader is never behind)."""
+        if not self.config.follow:
+            return ReplicaLag()
+        return follower_lag(self.log.redis, self.log.stream, self.applied)
 
     # ---- snapshots ------------------------------------------------------------------------------------------
     def snapshot_now(self) -> Path | None:

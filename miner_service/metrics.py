@@ -26,6 +26,7 @@ class MinerMetrics:
     neighbour_staleness: Histogram
     returned_neighbours: Counter
     ivf_rows: Gauge
+    replica_lag_seconds: Gauge
 
     @classmethod
     def create(cls) -> MinerMetrics:
@@ -67,5 +68,11 @@ class MinerMetrics:
             returned_neighbours=Counter("helip_miner_returned_neighbours", "Neighbours returned by Mine", registry=r),
             ivf_rows=Gauge(
                 "helip_miner_ivf_rows", "Rows covered by the IVF candidate index (0: exact only)", registry=r
+            ),
+            replica_lag_seconds=Gauge(
+                "helip_miner_replica_lag_seconds",
+                "A follower's lag at its last sample: age of the oldest log entry not applied yet (0: caught up, "
+                "and always on a leader)",
+                registry=r,
             ),
         )

@@ -27,6 +27,7 @@ from miner_service.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from miner_service.lag import LagSampler, ReplicaLag
 from miner_service.metrics import MinerMetrics
 from miner_service.miner import HardPairMiner
 from miner_service.search import SearchCancelled
@@ -47,12 +48,14 @@ _STATUS_OF_ERROR = {
 
 
 class MinerServicer(pb_grpc.MinerServicer):
-    """miner: the core (HardPairMiner) or the core behind its durable log (DurableMiner); same interface."""
+    """miner: the core (HardPairMiner) or the core behind its durable log (DurableMiner); same interface.
+    lag: a follower's latest lag sample (None: not a follower)."""
 
-    def __init__(self, miner, config: MinerConfig, metrics: MinerMetrics):
+    def __init__(self, miner, config: MinerConfig, metrics: MinerMetrics, lag: LagSampler | None = None):
         self.miner = miner
         self.config = config
         self.metrics = metrics
+        self.lag = lag
         # One message can carry at most this many rows (two fp32 tensors of dim per row must fit a message).
         self.max_rows_per_request = max(1, config.max_message_bytes // (8 * miner.dim))
         self.metrics.rows.set(miner.size)
@@ -142,7 +145,13 @@ class MinerServicer(pb_grpc.MinerServicer):
                 self_ids=query.self_ids,
                 cancelled=lambda: not context.is_active(),
             )
-            reply = pb.MineReply(k=query.k, size=result.size)
+            lag = self._replica_lag()
+            reply = pb.MineReply(
+                k=query.k,
+                size=result.size,
+                served_by_follower=self.lag is not None,
+                replica_lag_seconds=lag.seconds,
+            )
             reply.neighbour_ids.extend(result.neighbour_ids.ravel().tolist())
             reply.scores.extend(result.scores.ravel().tolist())
             reply.neighbour_steps.extend(result.neighbour_steps.ravel().tolist())
@@ -156,6 +165,9 @@ class MinerServicer(pb_grpc.MinerServicer):
                 self.metrics.neighbour_staleness.observe(float(staleness.mean()))
                 self.metrics.returned_neighbours.inc(int(found.sum()))
             return reply
+
+    def _replica_lag(self) -> ReplicaLag:
+        return self.lag.current if self.lag is not None else ReplicaLag()
 
     def Delete(self, request, context):
         with self._call("Delete", context):
@@ -198,6 +210,7 @@ class MinerServicer(pb_grpc.MinerServicer):
                 log_offset=str(self.miner.applied) if durable else "",
                 shard_index=durability.shard_index,
                 shard_count=durability.shard_count,
+                replica_lag_seconds=self._replica_lag().seconds,
             )
 
 
@@ -219,7 +232,12 @@ class MinerServer:
             raise ValueError("--follow needs --redis-url: a follower tails the leader's log")
         self.miner = self.durable or core
         self.metrics = MinerMetrics.create()
-        self.servicer = MinerServicer(self.miner, config, self.metrics)
+        self.lag = None
+        if self.durable is not None and config.durability.follow:
+            self.lag = LagSampler(
+                self.durable.lag, on_sample=lambda lag: self.metrics.replica_lag_seconds.set(lag.seconds)
+            )
+        self.servicer = MinerServicer(self.miner, config, self.metrics, self.lag)
         self.health = health.HealthServicer()
         token = load_token(config.security.token_file)
         interceptors = []
@@ -260,6 +278,8 @@ class MinerServer:
         self.server.start()
         if self.durable is not None:
             self.durable.start()
+        if self.lag is not None:
+            self.lag.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -280,6 +300,8 @@ class MinerServer:
         self._stopped.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(self.config.grace_s if grace_s is None else grace_s).wait()
+        if self.lag is not None:
+            self.lag.stop()
         if self.durable is not None:
             self.durable.stop()  # after the last write finished: the final snapshot covers every ack
         if self._metrics_server is not None:

@@ -48,6 +48,9 @@ TRAINER_METRICS = {
     "helip_trainer_dropped_pushes_total",
     "helip_trainer_mine_failures_total",
     "helip_trainer_foreign_ids_total",
+    "helip_trainer_follower_mines_total",
+    "helip_trainer_degraded_mines_total",
+    "helip_trainer_replica_lag_max_seconds",
     "helip_trainer_bad_samples_total",
 }
 # A metric name, not part of a recording rule's name (level:metric:operations).
