@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import ROOT, report
+from bench.common import ROOT, ensure_synth, report
 from bench.train_overhead import TrainRun, train
 
 METRICS = {
@@ -157,6 +157,7 @@ def main() -> None:
         "run.eval_every": 0,
     }
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    ensure_synth(args.synth_dir, args.synth_train, args.synth_test)
 
     def one_seed(seed: int) -> tuple[dict | None, dict[str, TrainRun]]:
         """The starting checkpoint's metrics (None when reused) and the continuations of one seed."""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import ROOT, report
+from bench.common import ROOT, ensure_synth, report
 from bench.quality import METRICS, mean_std
 from bench.train_overhead import TrainRun, train
 
@@ -95,6 +95,7 @@ def main() -> None:
         "run.eval_every": 0,
     }
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    ensure_synth(args.synth_dir, args.synth_train, args.synth_test)
     jobs = [(seed, variant) for seed in args.seeds for variant in args.variants]
 
     def one(job: tuple[int, str]) -> TrainRun:
