@@ -20,12 +20,22 @@ ENV_PREFIX = "HELIP_MINER_"
 class SearchConfig:
     device: str = "auto"  # "auto" (cuda when visible), "cpu", "cuda", "cuda:N"
     storage_dtype: str = "auto"  # "auto" (float16 on cuda, float32 on cpu), "float32", "float16"
-    block_rows: int = 0  # rows scored per block; 0 picks by device
+    block_rows: int = 0  # stored rows scored at once; 0 picks by device
+    store_block_rows: int = 1 << 16  # rows per storage block: growth allocates one block, a writer locks one
     topk: str = "auto"  # running top-k: "auto" (FAISS heaps on the CPU, torch.topk on a GPU), "heap", "torch"
     max_k: int = 1024
     max_anchors: int = 8192
     default_max_similarity: float = DEFAULT_MAX_SIMILARITY
     ivf: IvfConfig = field(default_factory=IvfConfig)
+
+    def __post_init__(self):
+        if self.block_rows < 0:
+            raise ValueError(f"search.block_rows must be >= 0 (0: by device), got {self.block_rows}")
+        for name in ("max_k", "max_anchors"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"search.{name} must be >= 1, got {getattr(self, name)}")
+        if self.store_block_rows <= 0:
+            raise ValueError(f"search.store_block_rows must be positive, got {self.store_block_rows}")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from helip.miner.v1 import miner_pb2 as pb
 from helip.miner.v1 import miner_pb2_grpc as pb_grpc
 from miner_service import validation
 from miner_service.config import MinerConfig
+from miner_service.core_api import MinerCore
 from miner_service.durable import DurableMiner
 from miner_service.errors import (
     FailedPrecondition,
@@ -47,9 +48,9 @@ _STATUS_OF_ERROR = {
 
 
 class MinerServicer(pb_grpc.MinerServicer):
-    """miner: the core (HardPairMiner) or the core behind its durable log (DurableMiner); same interface."""
+    """miner: any MinerCore (the in-memory core, or the core behind its durable log)."""
 
-    def __init__(self, miner, config: MinerConfig, metrics: MinerMetrics):
+    def __init__(self, miner: MinerCore, config: MinerConfig, metrics: MinerMetrics):
         self.miner = miner
         self.config = config
         self.metrics = metrics
@@ -130,18 +131,7 @@ class MinerServicer(pb_grpc.MinerServicer):
             started = time.perf_counter()
             search = self.config.search
             query = validation.mine_query(request, self.miner.dim, search.max_k, search.max_anchors)
-            result = self.miner.mine(
-                query.k,
-                anchor_ids=query.anchor_ids,
-                image=query.image,
-                text=query.text,
-                exclude_ids=query.exclude_ids,
-                max_similarity=query.max_similarity,
-                scoring=query.scoring,
-                strict_anchors=query.strict_anchors,
-                self_ids=query.self_ids,
-                cancelled=lambda: not context.is_active(),
-            )
+            result = self.miner.mine(query, cancelled=lambda: not context.is_active())
             reply = pb.MineReply(k=query.k, size=result.size)
             reply.neighbour_ids.extend(result.neighbour_ids.ravel().tolist())
             reply.scores.extend(result.scores.ravel().tolist())
@@ -181,8 +171,6 @@ class MinerServicer(pb_grpc.MinerServicer):
             s = self.miner.stats()
             self.metrics.ivf_rows.set(s.ivf_rows)
             durability = self.config.durability
-            durable = isinstance(self.miner, DurableMiner)
-            role = ("follower" if durability.follow else "leader") if durable else "standalone"
             return pb.StatsReply(
                 size=s.size,
                 dim=s.dim,
@@ -194,8 +182,8 @@ class MinerServicer(pb_grpc.MinerServicer):
                 ivf_ready=s.ivf_ready,
                 ivf_rows=s.ivf_rows,
                 max_k=s.max_k,
-                role=role,
-                log_offset=str(self.miner.applied) if durable else "",
+                role=s.role,
+                log_offset=s.log_offset,
                 shard_index=durability.shard_index,
                 shard_count=durability.shard_count,
             )
@@ -217,7 +205,7 @@ class MinerServer:
             self.durable.recover()  # snapshot + log replay, before the port opens
         elif config.durability.follow:
             raise ValueError("--follow needs --redis-url: a follower tails the leader's log")
-        self.miner = self.durable or core
+        self.miner: MinerCore = self.durable or core
         self.metrics = MinerMetrics.create()
         self.servicer = MinerServicer(self.miner, config, self.metrics)
         self.health = health.HealthServicer()
