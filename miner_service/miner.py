@@ -36,11 +36,10 @@ def resolve_devices(name: str) -> list[torch.device]:
     if name == "auto":
         return [torch.device("cuda" if torch.cuda.is_available() else "cpu")]
     devices = [torch.device(part.strip()) for part in name.split(",")]
-    for device in devices:
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device '{name}' asked for but no CUDA device is visible")
     if len({device.type for device in devices}) > 1:
         raise ValueError(f"device '{name}' mixes device types; give CPU or CUDA devices")
+    if devices[0].type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{name}' asked for but no CUDA device is visible")
     return devices
 
 

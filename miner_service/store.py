@@ -194,12 +194,13 @@ class PairStore:
                 used = block.used
                 live = block.live[:used].copy()
                 mask = torch.from_numpy(live).to(block.device)
-                yield (
+                copied = (
                     block.ids[:used][live].copy(),
                     block.steps[:used][live].copy(),
                     block.image[:used][mask].float().cpu().numpy(),
                     block.text[:used][mask].float().cpu().numpy(),
                 )
+            yield copied  # outside the lock: the consumer's pace must not hold writers
 
     def step_range(self) -> tuple[int, int]:
         """(min, max) step over the stored rows; (0, 0) when empty."""
