@@ -13,6 +13,7 @@ import threading
 import numpy as np
 import torch
 
+from miner_service.budget import ScratchAdmission, bytes_per_score, chunk_rows
 from miner_service.config import SearchConfig
 from miner_service.core_api import Cancelled, MineQuery, MineResult, MinerStats
 from miner_service.errors import NotFound
@@ -60,7 +61,10 @@ class HardPairMiner:
         self.devices = resolve_devices(config.device)
         self.device = self.devices[0]
         self.dtype = resolve_dtype(config.storage_dtype, self.device)
+        # The most stored rows scored at once; the scratch budget makes it fewer for Mines with many anchors.
         self.block_rows = config.block_rows or (1 << 20 if self.device.type == "cuda" else 1 << 13)
+        self.admission = ScratchAdmission(config.scratch_budget_bytes, config.mine_queue_limit)
+        self._bytes_per_score = bytes_per_score(self.dtype)
         self.store = PairStore(dim, self.devices, self.dtype, max_rows=max_rows, block_rows=config.store_block_rows)
         self._newest_step = 0
         # Small shared state under _state_lock, never held while searching: the newest step, and the IVF state (the
@@ -171,12 +175,16 @@ class HardPairMiner:
         with self._state_lock:
             ivf, fresh_ids = self._ivf, self._fresh_id_array()
         used_ivf = ivf is not None and self.store.size >= self.config.ivf.min_rows > 0
-        topk = make_topk(q_image.shape[0], k, self.device, self.config.topk)
-        if q_image.shape[0] and self.store.size:
-            if used_ivf:
-                self._ivf_search(search, ivf, fresh_ids, topk)
-            else:
-                exact_search(search, self.store.blocks(), self.block_rows, topk, cancelled)
+        n_search = q_image.shape[0]
+        rows_at_once = self.chunk_rows(n_search)
+        topk = make_topk(n_search, k, self.device, self.config.topk)
+        if n_search and self.store.size:
+            scratch = self.scratch_bytes(n_search, rows_at_once, k if used_ivf else 0)
+            with self.admission.admitted(scratch, cancelled):
+                if used_ivf:
+                    self._ivf_search(search, ivf, fresh_ids, rows_at_once, topk)
+                else:
+                    exact_search(search, self.store.blocks(), rows_at_once, topk, cancelled)
         scores, labels = topk.result()
         found_ids, scores, found_steps = self._finish(
             labels.cpu().numpy(), scores.cpu().numpy().astype(np.float32, copy=False), query.exclude_ids, self_ids
@@ -190,6 +198,19 @@ class HardPairMiner:
             ids_out[known], scores_out[known], steps_out[known] = found_ids, scores, found_steps
             found_ids, scores, found_steps = ids_out, scores_out, steps_out
         return MineResult(found_ids, scores, found_steps, self.store.size, unknown, used_ivf, self._newest_step)
+
+    def chunk_rows(self, n_anchors: int) -> int:
+        """Stored rows one Mine with n_anchors scores at once, within mine_scratch_bytes."""
+        return chunk_rows(n_anchors, self.config.mine_scratch_bytes, self._bytes_per_score, self.block_rows)
+
+    def scratch_bytes(self, n_anchors: int, rows_at_once: int, ivf_k: int = 0) -> int:
+        """What one Mine is admitted for: its score chunk, plus on the IVF path its gathered candidate rows."""
+        scratch = n_anchors * rows_at_once * self._bytes_per_score
+        if ivf_k:
+            n_candidates = max(64, ivf_k * self.config.ivf.candidates_per_k)
+            per_candidate = 2 * self.dim * self.dtype.itemsize + self._bytes_per_score
+            scratch += n_anchors * n_candidates * per_candidate
+        return scratch
 
     def _finish(self, ids: np.ndarray, scores: np.ndarray, exclude_ids: np.ndarray, self_ids: np.ndarray | None):
         """Ids, scores and current steps of the neighbours, with the filters applied once more by id.
@@ -217,7 +238,9 @@ class HardPairMiner:
             self._fresh_array = np.fromiter(self._fresh_ids, dtype=np.uint64, count=len(self._fresh_ids))
         return self._fresh_array
 
-    def _ivf_search(self, query: SearchQuery, ivf: IvfCandidates, fresh_ids: np.ndarray, topk) -> None:
+    def _ivf_search(
+        self, query: SearchQuery, ivf: IvfCandidates, fresh_ids: np.ndarray, rows_at_once: int, topk
+    ) -> None:
         q_image = query.image.float().cpu().numpy()
         q_text = query.text.float().cpu().numpy()
         n_anchors = q_image.shape[0]
@@ -242,8 +265,8 @@ class HardPairMiner:
         )
         fresh_slots = self.store.slots_of(fresh_ids)
         fresh_ids, fresh_slots = fresh_ids[fresh_slots >= 0], fresh_slots[fresh_slots >= 0]
-        for first in range(0, len(fresh_slots), self.block_rows):
-            chunk = slice(first, first + self.block_rows)
+        for first in range(0, len(fresh_slots), rows_at_once):
+            chunk = slice(first, first + rows_at_once)
             fresh = self.store.gather(fresh_slots[chunk], expected_ids=fresh_ids[chunk])
             slot_of_column = torch.from_numpy(np.where(fresh.found, fresh_slots[chunk], -1)).to(self.device)
             block_scores = score_block(query, fresh.image, fresh.text)

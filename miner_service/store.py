@@ -24,6 +24,7 @@ on the same stream, so they run in the order the locks admitted them.
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -279,7 +280,12 @@ class PairStore:
 
 
 def _as_tensor(rows) -> torch.Tensor:
-    return rows if isinstance(rows, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(rows))
+    if isinstance(rows, torch.Tensor):
+        return rows
+    with warnings.catch_warnings():
+        # Request rows are read-only views of the message bytes; they are only read (copied into a block).
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(rows))
 
 
 def _rows_for_block(rows: torch.Tensor, picked: np.ndarray, total: int) -> torch.Tensor:
