@@ -26,6 +26,7 @@ class MinerMetrics:
     neighbour_staleness: Histogram
     returned_neighbours: Counter
     ivf_rows: Gauge
+    ivf_enabled: Gauge
 
     @classmethod
     def create(cls) -> MinerMetrics:
@@ -67,5 +68,10 @@ class MinerMetrics:
             returned_neighbours=Counter("helip_miner_returned_neighbours", "Neighbours returned by Mine", registry=r),
             ivf_rows=Gauge(
                 "helip_miner_ivf_rows", "Rows covered by the IVF candidate index (0: exact only)", registry=r
+            ),
+            ivf_enabled=Gauge(
+                "helip_miner_ivf_enabled",
+                "1 when this miner may answer from the IVF candidate index, 0 when it searches exactly (a GPU miner)",
+                registry=r,
             ),
         )

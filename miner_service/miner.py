@@ -156,7 +156,8 @@ class HardPairMiner:
                 raise NotFound("anchor_ids", f"{len(unknown)} anchor ids are not stored, e.g. {unknown[:5].tolist()}")
             self_ids = query.anchor_ids[known]
             self_slots = slots[known]
-            q_image, q_text = anchors.image[torch.from_numpy(known)], anchors.text[torch.from_numpy(known)]
+            on_device = torch.from_numpy(known).to(self.device)
+            q_image, q_text = anchors.image[on_device], anchors.text[on_device]
         else:
             self_ids = query.self_ids
             self_slots = self.store.slots_of(self_ids) if self_ids is not None else np.full(len(query.image), -1)

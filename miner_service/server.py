@@ -57,6 +57,7 @@ class MinerServicer(pb_grpc.MinerServicer):
         # One message can carry at most this many rows (two fp32 tensors of dim per row must fit a message).
         self.max_rows_per_request = max(1, config.max_message_bytes // (8 * miner.dim))
         self.metrics.rows.set(miner.size)
+        self.metrics.ivf_enabled.set(int(miner.stats().ivf_enabled))
 
     @contextmanager
     def _call(self, method: str, context: grpc.ServicerContext):

@@ -202,3 +202,10 @@ def test_copy_rows_lets_writers_in_between_blocks():
     all_ids = np.concatenate([ids] + [part[0] for part in rest])
     assert sorted(all_ids.tolist()) == [i for i in range(20) if i != 4]
     np.testing.assert_allclose(image[0], rows[0][0], rtol=1e-6)
+
+
+def test_the_ivf_path_is_on_for_a_cpu_miner_only_when_asked():
+    from miner_service.ivf import IvfConfig
+
+    assert HardPairMiner(DIM, SearchConfig(device="cpu", ivf=IvfConfig(min_rows=10))).stats().ivf_enabled
+    assert not HardPairMiner(DIM, SearchConfig(device="cpu", ivf=IvfConfig(min_rows=0))).stats().ivf_enabled
