@@ -178,15 +178,17 @@ class HardPairMiner:
         used_ivf = ivf is not None and self.store.size >= self.config.ivf.min_rows > 0
         n_search = q_image.shape[0]
         rows_at_once = self.chunk_rows(n_search)
+        anchors_at_once = self.ivf_anchors_at_once(k) if used_ivf else n_search
         topk = make_topk(n_search, k, self.device, self.config.topk)
+        scores, labels = topk.result()  # padding, for an empty store or no known anchor
         if n_search and self.store.size:
             scratch = self.scratch_bytes(n_search, rows_at_once, k if used_ivf else 0)
             with self.admission.admitted(scratch, cancelled):
                 if used_ivf:
-                    self._ivf_search(search, ivf, fresh_ids, rows_at_once, topk)
+                    scores, labels = self._ivf_search(search, ivf, fresh_ids, rows_at_once, anchors_at_once)
                 else:
                     exact_search(search, self.store.blocks(), rows_at_once, topk, cancelled)
-        scores, labels = topk.result()
+                    scores, labels = topk.result()
         found_ids, scores, found_steps = self._finish(
             labels.cpu().numpy(), scores.cpu().numpy().astype(np.float32, copy=False), query.exclude_ids, self_ids
         )
@@ -204,14 +206,21 @@ class HardPairMiner:
         """Stored rows one Mine with n_anchors scores at once, within mine_scratch_bytes."""
         return chunk_rows(n_anchors, self.config.mine_scratch_bytes, self._bytes_per_score, self.block_rows)
 
+    def _ivf_candidate_bytes(self, k: int) -> tuple[int, int]:
+        """(candidates per anchor, scratch bytes per anchor) of the IVF path: the gathered rows and their scores."""
+        n_candidates = max(64, k * self.config.ivf.candidates_per_k)
+        return n_candidates, n_candidates * (2 * self.dim * self.dtype.itemsize + self._bytes_per_score)
+
+    def ivf_anchors_at_once(self, k: int) -> int:
+        """Anchors whose IVF candidates are gathered and re-ranked together, within mine_scratch_bytes."""
+        return max(1, self.config.mine_scratch_bytes // self._ivf_candidate_bytes(k)[1])
+
     def scratch_bytes(self, n_anchors: int, rows_at_once: int, ivf_k: int = 0) -> int:
-        """What one Mine is admitted for: its score chunk, plus on the IVF path its gathered candidate rows."""
-        scratch = n_anchors * rows_at_once * self._bytes_per_score
-        if ivf_k:
-            n_candidates = max(64, ivf_k * self.config.ivf.candidates_per_k)
-            per_candidate = 2 * self.dim * self.dtype.itemsize + self._bytes_per_score
-            scratch += n_anchors * n_candidates * per_candidate
-        return scratch
+        """What one Mine is admitted for: its score chunk, or on the IVF path a group of anchors' candidates."""
+        if not ivf_k:
+            return n_anchors * rows_at_once * self._bytes_per_score
+        group = min(n_anchors, self.ivf_anchors_at_once(ivf_k))
+        return group * (self._ivf_candidate_bytes(ivf_k)[1] + rows_at_once * self._bytes_per_score)
 
     def _finish(self, ids: np.ndarray, scores: np.ndarray, exclude_ids: np.ndarray, self_ids: np.ndarray | None):
         """Ids, scores and current steps of the neighbours, with the filters applied once more by id.
@@ -240,12 +249,23 @@ class HardPairMiner:
         return self._fresh_array
 
     def _ivf_search(
-        self, query: SearchQuery, ivf: IvfCandidates, fresh_ids: np.ndarray, rows_at_once: int, topk
-    ) -> None:
+        self, query: SearchQuery, ivf: IvfCandidates, fresh_ids: np.ndarray, rows_at_once: int, anchors_at_once: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, ids) of the IVF path, `anchors_at_once` anchors at a time (each group's candidate rows are
+        gathered at once, so a group is what the scratch budget bounds)."""
+        parts = []
+        for first in range(0, query.image.shape[0], anchors_at_once):
+            group = query.anchors(slice(first, first + anchors_at_once))
+            topk = make_topk(group.image.shape[0], query.k, self.device, self.config.topk)
+            self._ivf_group(group, ivf, fresh_ids, rows_at_once, topk)
+            parts.append(topk.result())
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _ivf_group(self, query: SearchQuery, ivf: IvfCandidates, fresh_ids: np.ndarray, rows_at_once: int, topk):
         q_image = query.image.float().cpu().numpy()
         q_text = query.text.float().cpu().numpy()
         n_anchors = q_image.shape[0]
-        n_candidates = max(64, query.k * self.config.ivf.candidates_per_k)
+        n_candidates = self._ivf_candidate_bytes(query.k)[0]
         candidate_ids = ivf.candidates(q_image, q_text, n_candidates)
         # A rewritten row is searched among the fresh rows only, so it cannot be returned twice.
         candidate_ids[np.isin(candidate_ids, fresh_ids.astype(np.int64))] = -1

@@ -42,6 +42,18 @@ class SearchQuery:
     self_slots: torch.Tensor
     exclude_slots: torch.Tensor
 
+    def anchors(self, part: slice) -> SearchQuery:
+        """The same search for a slice of the anchors."""
+        return SearchQuery(
+            self.image[part],
+            self.text[part],
+            self.k,
+            self.scoring,
+            self.max_similarity,
+            self.self_slots[part],
+            self.exclude_slots,
+        )
+
     def to(self, device: torch.device) -> SearchQuery:
         return SearchQuery(
             self.image.to(device),

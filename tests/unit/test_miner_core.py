@@ -153,3 +153,21 @@ def test_search_stops_when_the_caller_is_gone():
     with pytest.raises(SearchCancelled, match="after 30 of 100 rows"):
         miner.mine(MineQuery(3, anchor_ids=np.array([1], dtype=np.uint64)), cancelled=cancelled)
     assert miner.mine(MineQuery(3, anchor_ids=np.array([1], dtype=np.uint64)), cancelled=lambda: False).size == 100
+
+
+def test_both_cores_implement_the_protocol_explicitly():
+    from miner_service.core_api import MinerCore
+    from miner_service.durable import DurableMiner
+
+    assert isinstance(make_miner(), MinerCore)
+    members = ("dim", "size", "device", "upsert", "delete", "check_capacity", "mine", "fetch", "stats")
+    assert all(name in vars(DurableMiner) for name in members)  # defined, not forwarded
+    assert "__getattr__" not in vars(DurableMiner)
+
+
+def test_mine_query_takes_plain_lists_and_checks_its_shape():
+    query = MineQuery(3, anchor_ids=[1, 2], exclude_ids=[5], scoring=2)
+    assert query.anchor_ids.dtype == np.uint64 and query.exclude_ids.tolist() == [5]
+    assert query.scoring == Scoring.SUM and query.n_anchors == 2
+    with pytest.raises(AssertionError):
+        MineQuery(3, anchor_ids=[1], image=np.zeros((1, DIM)), text=np.zeros((1, DIM)))

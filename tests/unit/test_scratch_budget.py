@@ -139,3 +139,28 @@ def test_a_waiting_mine_whose_caller_left_gives_up_its_place():
     leaver.done()
     assert admission.waiting == 0 and admission.in_use_bytes == 100
     holder.done()
+
+
+def test_the_ivf_path_reranks_a_group_of_anchors_at_a_time_with_the_same_answer():
+    import dataclasses
+
+    from miner_service.ivf import IvfConfig
+
+    dim, n, rng = 16, 3000, np.random.default_rng(9)
+    centres = rng.standard_normal((30, dim)).astype(np.float32)
+    image = centres[rng.integers(0, 30, n)] + 0.3 * rng.standard_normal((n, dim)).astype(np.float32)
+    text = image + 0.2 * rng.standard_normal((n, dim)).astype(np.float32)
+    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    miner = HardPairMiner(dim, SearchConfig(device="cpu", ivf=IvfConfig(min_rows=2000, nprobe=8)))
+    miner.upsert(np.arange(n, dtype=np.uint64), image, text, 1)
+    assert miner.wait_for_ivf(60)
+    query = MineQuery(10, anchor_ids=np.arange(0, n, 150), exclude_ids=[3, 4])
+    whole = miner.mine(query)
+    # 80 candidates x (two fp32 rows of 16 + 10 bytes of scores) = 11,040 bytes an anchor: two anchors a group.
+    miner.config = dataclasses.replace(miner.config, mine_scratch_bytes=25_000)
+    assert miner.ivf_anchors_at_once(10) == 2
+    grouped = miner.mine(query)
+    assert whole.used_ivf and grouped.used_ivf
+    np.testing.assert_array_equal(whole.neighbour_ids, grouped.neighbour_ids)
+    np.testing.assert_allclose(whole.scores, grouped.scores, rtol=1e-6)
