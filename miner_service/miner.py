@@ -179,14 +179,14 @@ class HardPairMiner:
         n_search = q_image.shape[0]
         rows_at_once = self.chunk_rows(n_search)
         anchors_at_once = self.ivf_anchors_at_once(k) if used_ivf else n_search
-        topk = make_topk(n_search, k, self.device, self.config.topk)
-        scores, labels = topk.result()  # padding, for an empty store or no known anchor
+        scores, labels = torch.full((n_search, k), NEG_INF), torch.full((n_search, k), -1, dtype=torch.int64)
         if n_search and self.store.size:
             scratch = self.scratch_bytes(n_search, rows_at_once, k if used_ivf else 0)
             with self.admission.admitted(scratch, cancelled):
                 if used_ivf:
                     scores, labels = self._ivf_search(search, ivf, fresh_ids, rows_at_once, anchors_at_once)
                 else:
+                    topk = make_topk(n_search, k, self.device, self.config.topk)
                     exact_search(search, self.store.blocks(), rows_at_once, topk, cancelled)
                     scores, labels = topk.result()
         found_ids, scores, found_steps = self._finish(
