@@ -203,6 +203,15 @@ class PairStore:
                 )
             yield copied  # outside the lock: the consumer's pace must not hold writers
 
+    def copy_all(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """`copy_rows` joined: (ids, steps, image float32, text) of all live rows."""
+        parts = list(self.copy_rows())
+        if not parts:
+            empty = np.zeros((0, self.dim), dtype=np.float32)
+            return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint64), empty, empty.copy()
+        ids, steps, image, text = (np.concatenate(column) for column in zip(*parts))
+        return ids, steps, image, text
+
     def step_range(self) -> tuple[int, int]:
         """(min, max) step over the stored rows; (0, 0) when empty."""
         low, high = None, 0

@@ -69,7 +69,7 @@ def test_blocks_spread_over_two_gpus_answer_like_one():
 
 
 def test_the_ivf_setting_is_off_on_a_gpu_miner_and_says_so(caplog):
-    with caplog.at_level(logging.WARNING, logger="miner_service.miner"):
+    with caplog.at_level(logging.WARNING, logger="miner_service.ivf_path"):
         miner = HardPairMiner(DIM, SearchConfig(device="cuda", ivf=IvfConfig(min_rows=1000)))
     assert "IVF candidate path off" in caplog.text
     image, text = random_pairs(np.random.default_rng(2), 2000, DIM)

@@ -158,8 +158,8 @@ def test_the_ivf_path_reranks_a_group_of_anchors_at_a_time_with_the_same_answer(
     query = MineQuery(10, anchor_ids=np.arange(0, n, 150), exclude_ids=[3, 4])
     whole = miner.mine(query)
     # 80 candidates x (two fp32 rows of 16 + 10 bytes of scores) = 11,040 bytes an anchor: two anchors a group.
-    miner.config = dataclasses.replace(miner.config, mine_scratch_bytes=25_000)
-    assert miner.ivf_anchors_at_once(10) == 2
+    miner.ivf.config = dataclasses.replace(miner.ivf.config, mine_scratch_bytes=25_000)
+    assert miner.ivf.anchors_at_once(10) == 2
     grouped = miner.mine(query)
     assert whole.used_ivf and grouped.used_ivf
     np.testing.assert_array_equal(whole.neighbour_ids, grouped.neighbour_ids)
