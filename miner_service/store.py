@@ -10,7 +10,7 @@ search hold one block at a time: a row never moves under a reader.
 Locking, and why per-block locks rather than copy-on-write blocks: an upsert touches a few hundred rows, and
 copying a 64K-row block to change them would cost more than the write itself, on every write. So:
 - writers (upsert, delete) serialise on one mutex among themselves and take the write lock of each block they
-  change, one block at a time;
+  change, one block at a time, last block first (against the searches' direction, so they cross a search once);
 - a search takes a block's read lock only while it scores a chunk of that block, so an upsert waits for at most
   one chunk of each running Mine, never for whole Mines;
 - a short directory lock guards the id -> slot map, the free slots and the block list, and is never held while
@@ -243,7 +243,7 @@ class PairStore:
             slots[new] = self._allocate(n_new)
             blocks = self.blocks()
             block_of = slots // self.block_rows
-            for block_index in np.unique(block_of):
+            for block_index in _against_the_scan(block_of):
                 rows = np.flatnonzero(block_of == block_index)
                 block = blocks[int(block_index)]
                 # Converted before taking the lock: readers wait for the copy into the block only.
@@ -267,7 +267,7 @@ class PairStore:
                 self._size -= len(slots)
                 blocks = list(self._blocks)
             block_of = slots // self.block_rows
-            for block_index in np.unique(block_of):
+            for block_index in _against_the_scan(block_of):
                 block = blocks[int(block_index)]
                 with block.lock.write():
                     block.kill(slots[block_of == block_index] - block.first_slot)
@@ -295,6 +295,12 @@ def _as_tensor(rows) -> torch.Tensor:
         # Request rows are read-only views of the message bytes; they are only read (copied into a block).
         warnings.filterwarnings("ignore", "The given NumPy array is not writable")
         return torch.from_numpy(np.ascontiguousarray(rows))
+
+
+def _against_the_scan(block_of: np.ndarray) -> np.ndarray:
+    """The blocks a write touches, last first. Searches scan first to last: a writer going the other way meets
+    each running search once, where one going the same way would follow it, a chunk's wait at every block."""
+    return np.unique(block_of)[::-1]
 
 
 def _rows_for_block(rows: torch.Tensor, picked: np.ndarray, total: int) -> torch.Tensor:

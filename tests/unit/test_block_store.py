@@ -209,3 +209,21 @@ def test_the_ivf_path_is_on_for_a_cpu_miner_only_when_asked():
 
     assert HardPairMiner(DIM, SearchConfig(device="cpu", ivf=IvfConfig(min_rows=10))).stats().ivf_enabled
     assert not HardPairMiner(DIM, SearchConfig(device="cpu", ivf=IvfConfig(min_rows=0))).stats().ivf_enabled
+
+
+def test_a_write_meets_a_search_once_going_against_its_direction():
+    rng = np.random.default_rng(9)
+    miner, rows = make_miner(), {}
+    put(miner, rows, rng, range(32))  # blocks 0..3
+    blocks = miner.store.blocks()
+    image, text = random_pairs(rng, 4, DIM)
+    writer = threading.Thread(
+        target=miner.upsert, args=(np.array([1, 9, 17, 25], dtype=np.uint64), image, text, 7), daemon=True
+    )
+    with blocks[1].lock.read():  # a search scoring block 1; it goes on to blocks 2 and 3 next
+        writer.start()
+        assert blocks[1].lock.wait_for_writers(1, WAIT_S)
+        # Blocks 3 and 2, ahead of the search, are written already; block 0, behind it, comes after block 1.
+        assert [int(blocks[b].steps[1]) for b in range(4)] == [1, 1, 7, 7]
+    writer.join(WAIT_S)
+    assert [int(blocks[b].steps[1]) for b in range(4)] == [7, 7, 7, 7]
