@@ -46,6 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--storage-dtype", dest="search.storage_dtype", metavar="STORAGE_DTYPE", help="auto | float32 | float16"
     )
     serve.add_argument("--max-k", dest="search.max_k", metavar="MAX_K", type=int, help="largest k a Mine may ask for")
+    for flag, metavar, help_text in (
+        ("store-block-rows", "ROWS", "rows per storage block (growth and write locking go a block at a time)"),
+        ("mine-scratch-bytes", "BYTES", "scratch memory of one Mine: its anchors x rows scored at once"),
+        ("scratch-budget-bytes", "BYTES", "scratch memory of all running Mines together"),
+        ("mine-queue-limit", "N", "Mines that may wait for scratch memory; more are refused (RESOURCE_EXHAUSTED)"),
+    ):
+        serve.add_argument(
+            f"--{flag}", dest=f"search.{flag.replace('-', '_')}", metavar=metavar, type=int, help=help_text
+        )
     serve.add_argument(
         "--ivf-min-rows",
         dest="search.ivf.min_rows",

@@ -27,6 +27,7 @@ class MinerMetrics:
     returned_neighbours: Counter
     ivf_rows: Gauge
     replica_lag_seconds: Gauge
+    ivf_enabled: Gauge
 
     @classmethod
     def create(cls) -> MinerMetrics:
@@ -73,6 +74,11 @@ class MinerMetrics:
                 "helip_miner_replica_lag_seconds",
                 "A follower's lag at its last sample: age of the oldest log entry not applied yet (0: caught up, "
                 "and always on a leader)",
+                registry=r,
+            ),
+            ivf_enabled=Gauge(
+                "helip_miner_ivf_enabled",
+                "1 when this miner may answer from the IVF candidate index, 0 when it searches exactly (a GPU miner)",
                 registry=r,
             ),
         )

@@ -11,6 +11,11 @@ class ReadWriteLock:
         self._writer = False
         self._writers_waiting = 0
 
+    def wait_for_writers(self, count: int, timeout_s: float | None = None) -> bool:
+        """Block until at least `count` writers wait for this lock (tests). Returns whether they do."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._writers_waiting >= count, timeout_s)
+
     @contextmanager
     def read(self):
         with self._cond:
@@ -29,6 +34,7 @@ class ReadWriteLock:
     def write(self):
         with self._cond:
             self._writers_waiting += 1
+            self._cond.notify_all()  # wakes wait_for_writers
             while self._writer or self._readers:
                 self._cond.wait()
             self._writers_waiting -= 1

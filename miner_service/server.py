@@ -18,6 +18,7 @@ from helip.miner.v1 import miner_pb2 as pb
 from helip.miner.v1 import miner_pb2_grpc as pb_grpc
 from miner_service import validation
 from miner_service.config import MinerConfig
+from miner_service.core_api import MinerCore
 from miner_service.durable import DurableMiner
 from miner_service.errors import (
     FailedPrecondition,
@@ -48,10 +49,10 @@ _STATUS_OF_ERROR = {
 
 
 class MinerServicer(pb_grpc.MinerServicer):
-    """miner: the core (HardPairMiner) or the core behind its durable log (DurableMiner); same interface.
+    """miner: any MinerCore (the in-memory core, or the core behind its durable log).
     lag: a follower's latest lag sample (None: not a follower)."""
 
-    def __init__(self, miner, config: MinerConfig, metrics: MinerMetrics, lag: LagSampler | None = None):
+    def __init__(self, miner: MinerCore, config: MinerConfig, metrics: MinerMetrics, lag: LagSampler | None = None):
         self.miner = miner
         self.config = config
         self.metrics = metrics
@@ -59,6 +60,7 @@ class MinerServicer(pb_grpc.MinerServicer):
         # One message can carry at most this many rows (two fp32 tensors of dim per row must fit a message).
         self.max_rows_per_request = max(1, config.max_message_bytes // (8 * miner.dim))
         self.metrics.rows.set(miner.size)
+        self.metrics.ivf_enabled.set(int(miner.stats().ivf_enabled))
 
     @contextmanager
     def _call(self, method: str, context: grpc.ServicerContext):
@@ -133,18 +135,7 @@ class MinerServicer(pb_grpc.MinerServicer):
             started = time.perf_counter()
             search = self.config.search
             query = validation.mine_query(request, self.miner.dim, search.max_k, search.max_anchors)
-            result = self.miner.mine(
-                query.k,
-                anchor_ids=query.anchor_ids,
-                image=query.image,
-                text=query.text,
-                exclude_ids=query.exclude_ids,
-                max_similarity=query.max_similarity,
-                scoring=query.scoring,
-                strict_anchors=query.strict_anchors,
-                self_ids=query.self_ids,
-                cancelled=lambda: not context.is_active(),
-            )
+            result = self.miner.mine(query, cancelled=lambda: not context.is_active())
             lag = self._replica_lag()
             reply = pb.MineReply(
                 k=query.k,
@@ -193,8 +184,6 @@ class MinerServicer(pb_grpc.MinerServicer):
             s = self.miner.stats()
             self.metrics.ivf_rows.set(s.ivf_rows)
             durability = self.config.durability
-            durable = isinstance(self.miner, DurableMiner)
-            role = ("follower" if durability.follow else "leader") if durable else "standalone"
             return pb.StatsReply(
                 size=s.size,
                 dim=s.dim,
@@ -206,8 +195,8 @@ class MinerServicer(pb_grpc.MinerServicer):
                 ivf_ready=s.ivf_ready,
                 ivf_rows=s.ivf_rows,
                 max_k=s.max_k,
-                role=role,
-                log_offset=str(self.miner.applied) if durable else "",
+                role=s.role,
+                log_offset=s.log_offset,
                 shard_index=durability.shard_index,
                 shard_count=durability.shard_count,
                 replica_lag_seconds=self._replica_lag().seconds,
@@ -230,7 +219,7 @@ class MinerServer:
             self.durable.recover()  # snapshot + log replay, before the port opens
         elif config.durability.follow:
             raise ValueError("--follow needs --redis-url: a follower tails the leader's log")
-        self.miner = self.durable or core
+        self.miner: MinerCore = self.durable or core
         self.metrics = MinerMetrics.create()
         self.lag = None
         if self.durable is not None and config.durability.follow:
