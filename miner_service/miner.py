@@ -58,7 +58,9 @@ class HardPairMiner:
         self.block_rows = config.block_rows or (1 << 20 if self.device.type == "cuda" else 1 << 13)
         self.admission = ScratchAdmission(config.scratch_budget_bytes, config.mine_queue_limit)
         self._bytes_per_score = bytes_per_score(self.dtype)
-        self.store = PairStore(dim, self.devices, self.dtype, max_rows=max_rows, block_rows=config.store_block_rows)
+        # A capped store never needs a block larger than its cap (a small namespace, a test miner).
+        store_block_rows = min(config.store_block_rows, max_rows) if max_rows else config.store_block_rows
+        self.store = PairStore(dim, self.devices, self.dtype, max_rows=max_rows, block_rows=store_block_rows)
         self._newest_step = 0
         self._step_lock = threading.Lock()
         self.ivf = IvfPath(self.store, config, self.device, self._bytes_per_score)

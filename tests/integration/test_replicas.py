@@ -57,8 +57,10 @@ def connected(address: str) -> MinerClient:
 
 
 @pytest.mark.slow
-def test_followers_answer_mines_fail_over_when_killed_and_spare_the_leader(miner_factory, redis_url, key_prefix):
-    leader = miner_factory(*durable(redis_url, key_prefix))
+def test_followers_answer_mines_fail_over_when_killed_and_spare_the_leader(
+    miner_factory, redis_url, key_prefix, tmp_path
+):
+    leader = miner_factory(*durable(redis_url, key_prefix, "--snapshot-dir", str(tmp_path / "snapshots")))
     ports = [free_port(), free_port()]
     followers = [miner_factory(*durable(redis_url, key_prefix, "--follow", "--port", str(p))) for p in ports]
     writer = connected(leader.address)
@@ -212,8 +214,8 @@ def test_a_killed_shard_leaves_exact_answers_from_the_others_flagged_and_strict_
 
 
 @pytest.mark.slow
-def test_a_follower_behind_reports_its_lag_in_replies_stats_and_metrics(miner_factory, redis_url, key_prefix):
-    leader = miner_factory(*durable(redis_url, key_prefix))
+def test_a_follower_behind_reports_its_lag_in_replies_stats_and_metrics(miner_factory, redis_url, key_prefix, tmp_path):
+    leader = miner_factory(*durable(redis_url, key_prefix, "--snapshot-dir", str(tmp_path / "snapshots")))
     follower = miner_factory(*durable(redis_url, key_prefix, "--follow"))
     writer, reader = connected(leader.address), connected(follower.address)
     image, text = random_pairs(np.random.default_rng(5), 64, DIM)
