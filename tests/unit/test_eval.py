@@ -11,6 +11,7 @@ from torch import nn
 from torchvision import transforms
 
 from trainer import eval as helip_eval
+from trainer import eval_metrics
 from trainer.data import CsvPairs, read_csv_rows
 from trainer.synth import SynthConfig, generate
 
@@ -79,7 +80,7 @@ def _zero_shot_oracle(task_dir, shift: int = 0) -> LookupModel:
 
 def test_hits_counts_ties_against_the_target():
     scores = torch.tensor([[0.9, 0.1, 0.5], [0.7, 0.7, 0.0], [0.2, 0.8, 0.1]])
-    hits = helip_eval._hits(scores, torch.tensor([0, 1, 2]), (1, 2, 3))
+    hits = eval_metrics._hits(scores, torch.tensor([0, 1, 2]), (1, 2, 3))
     # row 0: rank 0; row 1: tied with one other, so rank 1; row 2: two score higher, so rank 2
     assert hits == pytest.approx({1: 1 / 3, 2: 2 / 3, 3: 1.0})
 
