@@ -52,8 +52,8 @@ def fit(
     optimizer = torch.optim.LBFGS(
         [weights, bias],
         max_iter=config.max_iter,
-        tolerance_grad=1e-10,
-        tolerance_change=1e-12,
+        tolerance_grad=1e-7,
+        tolerance_change=1e-10,
         history_size=20,
         line_search_fn="strong_wolfe",
     )
