@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"optim.hard_ratio must be in [0, 1), got {config.optim.hard_ratio}")
         if not (config.data.train or config.data.synth_dir):
             raise ValueError("data.train (--train-data) or data.synth_dir must be set")
-        from trainer.eval import suite_from_data
+        from trainer.eval import check_data_sources
 
-        suite_from_data(config.data)  # bad evaluation data fails now, not after training
+        check_data_sources(config.data)  # bad evaluation data fails now, not after training
     except (ValueError, OSError) as error:
         parser.error(str(error))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

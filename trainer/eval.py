@@ -10,6 +10,7 @@ for retrieval. Metric keys name their source: "zero_shot/…" and "retrieval/…
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -105,6 +106,13 @@ def suite_from_data(data) -> EvalSuite | None:
         return load_suite(*sources, img_key=data.img_key, caption_key=data.caption_key, sep=data.separator)
     except EvalDataError as error:
         raise ValueError(f"{CONFIG_KEY_OF.get(error.field, error.field)}: {error.detail}") from None
+
+
+def check_data_sources(data) -> None:
+    """What `helip-train` checks before starting: suite_from_data, except for a synth layout the run will generate."""
+    if data.eval_dir and data.synth_dir and Path(data.eval_dir) == Path(data.synth_dir):
+        data = dataclasses.replace(data, eval_dir="")
+    suite_from_data(data)
 
 
 def build_model(model: str, checkpoint: str | Path | None, device: str | torch.device = "cpu"):
