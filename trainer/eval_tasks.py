@@ -126,7 +126,10 @@ def _read_list(path: Path, field: str) -> list[str] | dict[str, str]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
-        raise EvalDataError(field, f"cannot read {path}: {error.strerror or error}") from None
+        names = {"classnames": f"'{IMAGENET}'", "templates": " or ".join(f"'{name}'" for name in TEMPLATE_SETS)}
+        raise EvalDataError(
+            field, f"cannot read {path} ({error.strerror or error}); give a file or {names.get(field, 'a file')}"
+        ) from None
     stripped = text.lstrip()
     if stripped.startswith(("[", "{")):
         try:
@@ -192,7 +195,7 @@ def image_folder_samples(root: str | Path, field: str = "zeroshot_dir") -> tuple
         raise EvalDataError(field, f"{root} is not a directory")
     try:
         folder = ImageFolder(str(root))
-    except (FileNotFoundError, OSError) as error:  # no class folders, or class folders without images
+    except OSError as error:  # FileNotFoundError: no class folders, or class folders without images
         raise EvalDataError(field, f"{root}: {error}") from None
     return folder.classes, [Path(path) for path, _ in folder.samples], [label for _, label in folder.samples]
 
