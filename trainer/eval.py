@@ -157,11 +157,21 @@ def _parser() -> argparse.ArgumentParser:
         "--linear-probe", action="store_true", help="also fit a logistic-regression probe on frozen image features"
     )
     parser.add_argument("--probe-train-dir", type=Path, help="ImageFolder to fit the probe on (else split the set)")
-    parser.add_argument("--probe-test-fraction", type=float, default=probe.ProbeConfig.test_fraction)
-    parser.add_argument("--probe-seed", type=int, default=probe.ProbeConfig.seed)
-    parser.add_argument("--probe-weight-decay", type=float, default=probe.ProbeConfig.weight_decay)
+    parser.add_argument(
+        "--probe-test-fraction",
+        type=float,
+        default=probe.ProbeConfig.test_fraction,
+        help="share of the set the probe is scored on, without --probe-train-dir",
+    )
+    parser.add_argument("--probe-seed", type=int, default=probe.ProbeConfig.seed, help="seed of that split")
+    parser.add_argument(
+        "--probe-weight-decay",
+        type=float,
+        default=probe.ProbeConfig.weight_decay,
+        help="L2 penalty on the probe's weights",
+    )
     parser.add_argument("--out", type=Path, help="also write the metrics JSON here")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="images or texts per forward pass")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
