@@ -122,10 +122,11 @@ def linear_probe(
             train_features = _task_images(model, transform, train_task, batch_size, device)
             train_labels, test_features, test_labels = torch.tensor(train_task.labels), features, labels
         else:
-            train_idx, test_idx = probe.split_indices(len(labels), config.test_fraction, config.seed)
+            train_idx, test_idx = probe.split_indices(labels, config.test_fraction, config.seed)
             train_features, train_labels = features[train_idx], labels[train_idx]
             test_features, test_labels = features[test_idx], labels[test_idx]
-    top1 = probe.accuracy(train_features, train_labels, test_features, test_labels, len(task.classnames), config)
+    n_classes = len(task.classnames)
+    top1 = probe.accuracy(train_features, train_labels, test_features, test_labels, n_classes, config, device)
     return {"top1": top1}
 
 

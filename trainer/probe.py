@@ -17,7 +17,7 @@ import torch.nn.functional as F
 class ProbeConfig:
     weight_decay: float = 1e-3  # L2 penalty on the weights: loss = cross-entropy + weight_decay / 2 * |W|^2
     max_iter: int = 500  # L-BFGS iterations
-    test_fraction: float = 0.5  # share of a labelled set held out for scoring when no separate training set is given
+    test_fraction: float = 0.5  # share of each class held out for scoring when no separate training set is given
     seed: int = 0  # of that split
 
     def __post_init__(self):
@@ -29,26 +29,40 @@ class ProbeConfig:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
 
 
-def split_indices(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train indices, test indices): a seeded permutation of range(n), the first round(n * test_fraction) held out."""
-    if n < 2:
-        raise ValueError(f"a train/test split needs at least 2 samples, got {n}")
-    n_test = min(n - 1, max(1, round(n * test_fraction)))
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return order[n_test:].sort().values, order[:n_test].sort().values
+def split_indices(labels: torch.Tensor, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, test indices), stratified: each class holds out a seeded round(n * test_fraction) of its n
+    samples, but keeps at least one on each side when it has two or more; a class of one sample only trains."""
+    generator = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for label in labels.unique():  # sorted, so the draws do not depend on the samples' order of classes
+        members = (labels == label).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        n_test = 0 if len(members) < 2 else min(len(members) - 1, max(1, round(len(members) * test_fraction)))
+        test.append(members[:n_test])
+        train.append(members[n_test:])
+    test_indices = torch.cat(test) if test else torch.empty(0, dtype=torch.long)
+    if len(test_indices) == 0:
+        raise ValueError("a train/test split needs a class with at least 2 samples")
+    return torch.cat(train).sort().values, test_indices.sort().values
 
 
 def fit(
-    features: torch.Tensor, labels: torch.Tensor, n_classes: int, config: ProbeConfig = ProbeConfig()
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    n_classes: int,
+    config: ProbeConfig = ProbeConfig(),
+    device: str | torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [n_classes, D], bias [n_classes]) in float64 minimising mean cross-entropy + the L2 penalty.
 
-    features: [N, D] floats; labels: [N] ints in [0, n_classes).
+    features: [N, D] floats; labels: [N] ints in [0, n_classes). device: where to fit (default: the features'),
+    e.g. a GPU for ImageNet-sized sets; the result comes back on the CPU.
     """
-    x = features.detach().to(torch.float64)
-    y = labels.detach().long()
-    weights = torch.zeros(n_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    device = torch.device(device) if device is not None else features.device
+    x = features.detach().to(device, torch.float64)
+    y = labels.detach().to(device).long()
+    weights = torch.zeros(n_classes, x.shape[1], dtype=torch.float64, device=device, requires_grad=True)
+    bias = torch.zeros(n_classes, dtype=torch.float64, device=device, requires_grad=True)
     optimizer = torch.optim.LBFGS(
         [weights, bias],
         max_iter=config.max_iter,
@@ -65,7 +79,7 @@ def fit(
         return loss
 
     optimizer.step(closure)
-    return weights.detach(), bias.detach()
+    return weights.detach().cpu(), bias.detach().cpu()
 
 
 def accuracy(
@@ -75,6 +89,7 @@ def accuracy(
     test_labels: torch.Tensor,
     n_classes: int | None = None,
     config: ProbeConfig = ProbeConfig(),
+    device: str | torch.device | None = None,
 ) -> float:
     """Top-1 accuracy on the test set of a probe fitted on the training set (classes: 0..n_classes-1, by default
     up to the largest label seen). A tie between classes goes to the lower index."""
@@ -82,6 +97,6 @@ def accuracy(
         raise ValueError("the linear probe needs non-empty training and test sets")
     if n_classes is None:
         n_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    weights, bias = fit(train_features, train_labels, n_classes, config)
-    predicted = (test_features.to(torch.float64) @ weights.T + bias).argmax(dim=1)
+    weights, bias = fit(train_features, train_labels, n_classes, config, device)
+    predicted = (test_features.cpu().to(torch.float64) @ weights.T + bias).argmax(dim=1)
     return (predicted == test_labels.long()).double().mean().item()

@@ -18,7 +18,7 @@ def test_separable_features_score_one():
     offsets = torch.rand(40, 2, generator=generator) - 0.5
     features = torch.cat([offsets[:20] + torch.tensor([-1.0, 1.0]), offsets[20:] + torch.tensor([1.0, -1.0])])
     labels = torch.tensor([0] * 20 + [1] * 20)
-    train, test = probe.split_indices(40, 0.5, seed=1)
+    train, test = probe.split_indices(labels, 0.5, seed=1)
     acc = probe.accuracy(features[train], labels[train], features[test], labels[test])
     assert acc == 1.0
 
@@ -65,17 +65,18 @@ def test_weight_decay_shrinks_the_weights():
     assert strong.norm() < weak.norm()
 
 
-def test_split_is_seeded_disjoint_and_whole():
-    train, test = probe.split_indices(10, 0.3, seed=7)
-    assert len(test) == 3 and len(train) == 7
-    assert sorted(torch.cat([train, test]).tolist()) == list(range(10))
-    again = probe.split_indices(10, 0.3, seed=7)
+def test_split_is_stratified_seeded_disjoint_and_whole():
+    labels = torch.tensor([0] * 10 + [1] * 4 + [2] * 2 + [3])
+    train, test = probe.split_indices(labels, 0.3, seed=7)
+    assert sorted(torch.cat([train, test]).tolist()) == list(range(len(labels)))
+    # Per class: 3 of 10, 1 of 4, 1 of 2 (each side keeps one), 0 of 1 (a lone sample only trains).
+    assert torch.bincount(labels[test], minlength=4).tolist() == [3, 1, 1, 0]
+    again = probe.split_indices(labels, 0.3, seed=7)
     assert torch.equal(again[0], train) and torch.equal(again[1], test)
-    assert len({tuple(probe.split_indices(10, 0.3, seed=s)[1].tolist()) for s in range(6)}) > 1  # the seed matters
-    # Neither side is ever empty.
-    assert [len(part) for part in probe.split_indices(2, 0.99, seed=0)] == [1, 1]
-    with pytest.raises(ValueError, match="at least 2"):
-        probe.split_indices(1, 0.5, seed=0)
+    held_out = {tuple(probe.split_indices(labels, 0.3, seed=s)[1].tolist()) for s in range(6)}
+    assert len(held_out) > 1  # the seed matters
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        probe.split_indices(torch.tensor([0, 1, 2]), 0.5, seed=0)
 
 
 @pytest.mark.parametrize(
