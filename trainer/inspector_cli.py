@@ -205,7 +205,7 @@ def _anchor_ids(parser: argparse.ArgumentParser, args: argparse.Namespace, n_sam
     return pick_anchors(n_samples, args.anchors, args.seed)
 
 
-def _in_process(parser, args, rule) -> tuple[PairDataset, list[AnchorPairs], str]:
+def _in_process(parser, args, rule, dataset: PairDataset, anchor_ids: list[int]) -> tuple[list[AnchorPairs], str]:
     from trainer import model as models
 
     try:
@@ -220,8 +220,9 @@ def _in_process(parser, args, rule) -> tuple[PairDataset, list[AnchorPairs], str
             step = int(models.load_checkpoint(model, args.checkpoint).get("step", 0))
         except (ValueError, RuntimeError) as error:
             parser.error(f"argument --checkpoint: {error}")
-    dataset = _open_dataset(parser, args.data, transform, tokenize)
-    anchor_ids = _anchor_ids(parser, args, len(dataset))
+    # The data set was opened before the (slow) model build so that bad flags fail fast; it gets the model's
+    # preprocessing now.
+    dataset.transform, dataset.tokenize = transform, tokenize
     ids, image, text = embed_dataset(
         model,
         dataset,
@@ -232,16 +233,14 @@ def _in_process(parser, args, rule) -> tuple[PairDataset, list[AnchorPairs], str
     )
     pairs = mine_embeddings(image, text, ids, anchor_ids, args.k, caption_of(dataset), rule, step, args.device)
     weights = f"checkpoint {args.checkpoint} (step {step})" if args.checkpoint else "random weights"
-    return dataset, pairs, f"{args.model}, {weights}, mined in-process over {len(ids)} rows of {args.data}"
+    return pairs, f"{args.model}, {weights}, mined in-process over {len(ids)} rows of {args.data}"
 
 
-def _from_miner(parser, args, rule) -> tuple[PairDataset, list[AnchorPairs], str]:
+def _from_miner(parser, args, rule, dataset: PairDataset, anchor_ids: list[int]) -> tuple[list[AnchorPairs], str]:
     import grpc
 
     from miner_service.client import ClientConfig, MinerClient
 
-    dataset = _open_dataset(parser, args.data, None, None)  # captions and raw images only: no model here
-    anchor_ids = _anchor_ids(parser, args, len(dataset))
     client = MinerClient(ClientConfig.with_token_from(args.token_file, address=args.miner))
     try:
         client.wait_ready(10.0)
@@ -256,7 +255,7 @@ def _from_miner(parser, args, rule) -> tuple[PairDataset, list[AnchorPairs], str
     outside = sorted({p.id for a in pairs for p in a.pairs if p.id >= len(dataset)})
     if outside:
         parser.error(f"argument --miner: rows {outside[:10]} are not ids of {args.data} (another data set?)")
-    return dataset, pairs, f"miner {args.miner} ({size} rows), data {args.data}"
+    return pairs, f"miner {args.miner} ({size} rows), data {args.data}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 0:
         parser.error(f"argument --workers: must be >= 0, got {args.workers}")
     rule = _rule(parser, args)
-    dataset, pairs, source = (_from_miner if args.miner else _in_process)(parser, args, rule)
+    # Captions and raw images need no model; the in-process path attaches the model's preprocessing later.
+    dataset = _open_dataset(parser, args.data, None, None)
+    anchor_ids = _anchor_ids(parser, args, len(dataset))
+    pairs, source = (_from_miner if args.miner else _in_process)(parser, args, rule, dataset, anchor_ids)
 
     from trainer.inspector_page import GridLayout, render_grid, render_html
 

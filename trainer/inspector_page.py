@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -154,10 +153,9 @@ class GridLayout:
     padding_px: int = 6
     text_lines: int = 4
     line_px: int = 12
-    chars_per_line: int = 18
 
     def __post_init__(self):
-        for name in ("thumb_px", "line_px", "chars_per_line"):
+        for name in ("thumb_px", "line_px"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GridLayout.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("padding_px", "text_lines"):
@@ -184,17 +182,32 @@ def _font(line_px: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def _cell_lines(caption: str, details: str, layout: GridLayout) -> list[str]:
-    """Caption lines (cut to what fits) and one line of details, `layout.text_lines` at most."""
+def _fit(text: str, font, width_px: int) -> str:
+    """`text`, cut and ended with an ellipsis where it is wider than `width_px`."""
+    if font.getlength(text) <= width_px:
+        return text
+    while text and font.getlength(text + "…") > width_px:
+        text = text[:-1]
+    return text + "…"
+
+
+def _cell_lines(caption: str, details: str, font, layout: GridLayout) -> list[str]:
+    """The caption wrapped to the thumbnail's width (cut to the lines left) and one line of details below."""
     if layout.text_lines == 0:
         return []
-    caption_lines = textwrap.wrap(caption, layout.chars_per_line) or [""]
-    room = max(layout.text_lines - 1, 0)
-    if len(caption_lines) > room:
-        caption_lines = caption_lines[:room]
-        if caption_lines:
-            caption_lines[-1] = caption_lines[-1][: layout.chars_per_line - 1] + "…"
-    return [*caption_lines, details][: layout.text_lines]
+    width = layout.thumb_px
+    lines: list[str] = []
+    for word in caption.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    room = layout.text_lines - 1
+    if len(lines) > room:
+        lines = lines[:room]
+        if lines:
+            lines[-1] += " …"
+    return [_fit(line, font, width) for line in [*lines, details]]
 
 
 def render_grid(anchors: Sequence[AnchorPairs], image_of: ImageOf, k: int, layout: GridLayout = GridLayout()):
@@ -216,7 +229,7 @@ def render_grid(anchors: Sequence[AnchorPairs], image_of: ImageOf, k: int, layou
                 outline=frame,
                 width=width,
             )
-        lines = _cell_lines(caption, details, layout)
+        lines = _cell_lines(caption, details, font, layout)
         for line_index, line in enumerate(lines):
             # The details line takes the frame's colour: a flagged pair's scores are red as well as its frame.
             colour = (frame or MUTED_COLOUR) if line_index == len(lines) - 1 else TEXT_COLOUR
