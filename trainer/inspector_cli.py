@@ -264,6 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.workers < 0:
         parser.error(f"argument --workers: must be >= 0, got {args.workers}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"argument --device: {error}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"argument --device: {args.device} asked for but no CUDA device is visible")
     rule = _rule(parser, args)
     # Captions and raw images need no model; the in-process path attaches the model's preprocessing later.
     dataset = _open_dataset(parser, args.data, None, None)

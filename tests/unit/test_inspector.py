@@ -225,6 +225,7 @@ def tiny_csv(tmp_path) -> Path:
         (["--caption-similarity", "2"], "--caption-similarity"),
         (["--checkpoint", "c.pt", "--miner", "127.0.0.1:1"], "--miner"),
         (["--miner", "127.0.0.1:1", "--ids", "4"], "--ids"),
+        (["--device", "gpu0"], "--device"),
     ],
 )
 def test_cli_flag_errors_exit_2_naming_the_flag(tiny_csv, tmp_path, capsys, flags, named):
