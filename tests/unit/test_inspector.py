@@ -252,3 +252,21 @@ def test_pairs_json_round_trips(tmp_path):
     record = json.loads(json.dumps(dataclasses.asdict(ANCHORS[0])))
     assert set(record) == {"anchor", "pairs", "stored"}
     assert set(record["pairs"][0]) == {"id", "caption", "step", "score", "image_sim", "text_sim", "flags"}
+
+
+def test_anchor_draw_is_seeded_and_distinct():
+    from trainer.inspector_cli import pick_anchors
+
+    drawn = pick_anchors(50, 10, seed=3)
+    assert drawn == pick_anchors(50, 10, seed=3) != pick_anchors(50, 10, seed=4)
+    assert drawn == sorted(set(drawn)) and len(drawn) == 10 and 0 <= drawn[0] and drawn[-1] < 50
+
+
+def test_an_unreadable_image_shows_as_a_grey_square(tiny_csv):
+    from trainer.data import CsvPairs
+    from trainer.inspector_cli import PLACEHOLDER_GREY, image_of
+
+    (tiny_csv.parent / "2.png").write_bytes(b"not a png")
+    load = image_of(CsvPairs(tiny_csv, None, None), thumb_px=12)
+    assert load(1).getpixel((0, 0)) == (60, 0, 0)
+    assert load(2).size == (12, 12) and load(2).getcolors() == [(144, PLACEHOLDER_GREY)]
