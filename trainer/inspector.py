@@ -180,13 +180,15 @@ def mine_embeddings(
 ) -> list[AnchorPairs]:
     """Mine `anchor_ids` among the rows (ids [n], image/text [n, dim] L2-normalised) with the miner's core."""
     from miner_service.config import SearchConfig
+    from miner_service.core_api import MineQuery
     from miner_service.miner import HardPairMiner
 
     ids = np.asarray(ids, dtype=np.uint64)
     miner = HardPairMiner(image.shape[1], SearchConfig(device=device))
     if len(ids):
         miner.upsert(ids, image, text, np.uint64(step))
-    found = miner.mine(k, anchor_ids=np.asarray(anchor_ids, dtype=np.uint64), max_similarity=rule.max_similarity)
+    query = MineQuery(k, anchor_ids=np.asarray(anchor_ids, dtype=np.uint64), max_similarity=rule.max_similarity)
+    found = miner.mine(query)
     rows = Rows({int(i): n for n, i in enumerate(ids.tolist())}, image, text, np.full(len(ids), step, np.int64))
     return assemble(anchor_ids, found.neighbour_ids, found.scores, found.neighbour_steps, rows, caption_of, rule)
 
