@@ -182,17 +182,21 @@ class HardPairMiner:
         """Ids, scores and current steps of the neighbours, with the filters applied once more by id.
 
         The search masked excluded and own rows by the slots they had when it began; a row deleted, or an excluded
-        id inserted, while it ran is dropped here, and the neighbours after it move up (padding at the end)."""
+        id inserted, while it ran is dropped here, and the neighbours after it move up (padding at the end). An id
+        deleted and re-inserted into a slot the search had still to reach was scored twice: its first (best)
+        place is kept."""
         found = ids >= 0
         slots = np.full(ids.shape, -1, dtype=np.int64)
         slots[found] = self.store.slots_of(ids[found].astype(np.uint64))
-        keep = slots >= 0
+        keep = (slots >= 0) & ~_repeated_in_row(ids)
         if len(exclude_ids):
             keep &= ~np.isin(ids, exclude_ids.astype(np.int64))
         if self_ids is not None:
             keep &= ids != self_ids.astype(np.int64)[:, None]
         steps = np.zeros(ids.shape, dtype=np.uint64)
-        steps[keep] = self.store.gather(slots[keep], expected_ids=ids[keep].astype(np.uint64)).steps
+        current = self.store.gather(slots[keep], expected_ids=ids[keep].astype(np.uint64))
+        steps[keep] = current.steps
+        keep[keep] = current.found  # deleted since the lookup above
         if not (keep == found).all():
             order = np.argsort(~keep, axis=1, kind="stable")
             ids, scores, steps, keep = (np.take_along_axis(a, order, axis=1) for a in (ids, scores, steps, keep))
@@ -235,3 +239,14 @@ class HardPairMiner:
             self.config.max_k,
             ivf_enabled=self.ivf.enabled,
         )
+
+
+def _repeated_in_row(ids: np.ndarray) -> np.ndarray:
+    """[anchors, k] bool: True where an id (>= 0) already appeared earlier in its row."""
+    order = np.argsort(ids, axis=1, kind="stable")
+    in_order = np.take_along_axis(ids, order, axis=1)
+    repeated_in_order = np.zeros(ids.shape, dtype=bool)
+    repeated_in_order[:, 1:] = (in_order[:, 1:] == in_order[:, :-1]) & (in_order[:, 1:] >= 0)
+    repeated = np.empty_like(repeated_in_order)
+    np.put_along_axis(repeated, order, repeated_in_order, axis=1)
+    return repeated
