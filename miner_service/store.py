@@ -189,7 +189,8 @@ class PairStore:
         """Yield (ids uint64, steps uint64, image float32 numpy, text) of the live rows, block by block.
 
         Each block is copied under its read lock only, so writers keep going between blocks; rows written while
-        the copy runs may or may not be in it (a snapshot replays its log from the offset taken before)."""
+        the copy runs may or may not be in it (a snapshot replays its log from the offset taken before). An id
+        deleted and re-inserted into a block still to come while the copy runs is yielded twice."""
         for block in self.blocks():
             with block.lock.read():
                 used = block.used
@@ -204,12 +205,19 @@ class PairStore:
             yield copied  # outside the lock: the consumer's pace must not hold writers
 
     def copy_all(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """`copy_rows` joined: (ids, steps, image float32, text) of all live rows."""
+        """`copy_rows` joined: (ids, steps, image float32, text) of all live rows, each id once.
+
+        An id that `copy_rows` yielded twice keeps its later copy, the newer row (a
+        restore upserts the ids in one call, which takes them to be unique)."""
         parts = list(self.copy_rows())
         if not parts:
             empty = np.zeros((0, self.dim), dtype=np.float32)
             return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint64), empty, empty.copy()
         ids, steps, image, text = (np.concatenate(column) for column in zip(*parts))
+        _, last_from_end = np.unique(ids[::-1], return_index=True)
+        if len(last_from_end) < len(ids):
+            last = np.sort(len(ids) - 1 - last_from_end)
+            ids, steps, image, text = ids[last], steps[last], image[last], text[last]
         return ids, steps, image, text
 
     def step_range(self) -> tuple[int, int]:
