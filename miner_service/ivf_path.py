@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from miner_service.budget import chunk_rows
 from miner_service.config import SearchConfig
 from miner_service.ivf import IvfCandidates
 from miner_service.search import NEG_INF, SearchQuery, candidate_search, make_topk, mask_slots, score_block
@@ -124,6 +125,16 @@ class IvfPath:
         """Anchors whose candidates are gathered and re-ranked together, within mine_scratch_bytes."""
         return max(1, self.config.mine_scratch_bytes // self.candidate_bytes(k)[1])
 
+    def fresh_rows_at_once(self, n_anchors: int, rows_at_once: int) -> int:
+        """Fresh rows gathered and scored at once for n_anchors: their copies and scores within mine_scratch_bytes."""
+        return chunk_rows(1, self.config.mine_scratch_bytes, self._fresh_row_bytes(n_anchors), rows_at_once)
+
+    def fresh_chunk_bytes(self, n_anchors: int, rows_at_once: int) -> int:
+        return self.fresh_rows_at_once(n_anchors, rows_at_once) * self._fresh_row_bytes(n_anchors)
+
+    def _fresh_row_bytes(self, n_anchors: int) -> int:
+        return 2 * self.store.dim * self.store.dtype.itemsize + n_anchors * self.bytes_per_score
+
     def search(self, query: SearchQuery, ivf: IvfSnapshot, rows_at_once: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores, ids) [anchors, k], a group of anchors at a time (a group's candidates are its scratch)."""
         parts = []
@@ -132,7 +143,8 @@ class IvfPath:
             group = query.anchors(slice(first, first + group_size))
             topk = make_topk(group.image.shape[0], query.k, self.device, self.config.topk)
             self._rerank_candidates(group, ivf.index, ivf.fresh_ids, topk)
-            self._search_fresh(group, ivf.fresh_ids, rows_at_once, topk)
+            fresh_rows = self.fresh_rows_at_once(group.image.shape[0], rows_at_once)
+            self._search_fresh(group, ivf.fresh_ids, fresh_rows, topk)
             parts.append(topk.result())
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 

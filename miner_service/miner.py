@@ -172,11 +172,12 @@ class HardPairMiner:
         return chunk_rows(n_anchors, self.config.mine_scratch_bytes, self._bytes_per_score, self.block_rows)
 
     def scratch_bytes(self, n_anchors: int, rows_at_once: int, ivf_k: int = 0) -> int:
-        """What one Mine is admitted for: its score chunk, or on the IVF path a group of anchors' candidates."""
+        """What one Mine is admitted for: its score chunk, or on the IVF path a group of anchors' candidates and a
+        chunk of the fresh rows with their scores."""
         if not ivf_k:
             return n_anchors * rows_at_once * self._bytes_per_score
         group = min(n_anchors, self.ivf.anchors_at_once(ivf_k))
-        return group * (self.ivf.candidate_bytes(ivf_k)[1] + rows_at_once * self._bytes_per_score)
+        return group * self.ivf.candidate_bytes(ivf_k)[1] + self.ivf.fresh_chunk_bytes(group, rows_at_once)
 
     def _finish(self, ids: np.ndarray, scores: np.ndarray, exclude_ids: np.ndarray, self_ids: np.ndarray | None):
         """Ids, scores and current steps of the neighbours, with the filters applied once more by id.
