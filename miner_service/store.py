@@ -282,17 +282,19 @@ class PairStore:
         return len(slots)
 
     def _allocate(self, n: int) -> np.ndarray:
-        """Slots for n new rows: dead ones first, then fresh ones, adding blocks as needed. Caller holds _writer."""
-        with self._directory:
-            reused = [self._free_slots.pop() for _ in range(min(n, len(self._free_slots)))]
-        fresh = n - len(reused)
-        first, self._end = self._end, self._end + fresh
-        needed_blocks = -(-self._end // self.block_rows)
+        """Slots for n new rows: dead ones first, then fresh ones, adding blocks as needed. Caller holds _writer.
+
+        The blocks are allocated before any slot is handed out: when one cannot be (a full device), nothing is."""
+        fresh = n - min(n, len(self._free_slots))  # only writers change the free slots
+        needed_blocks = -(-(self._end + fresh) // self.block_rows)
         for index in range(len(self._blocks), needed_blocks):
             # Allocated outside the directory lock: a new block takes a while to allocate, readers need not wait.
             block = RowBlock(index, self.block_rows, self.dim, block_device(index, self.devices), self.dtype)
             with self._directory:
                 self._blocks.append(block)
+        with self._directory:
+            reused = [self._free_slots.pop() for _ in range(n - fresh)]
+        first, self._end = self._end, self._end + fresh
         return np.concatenate([np.asarray(reused, dtype=np.int64), np.arange(first, first + fresh, dtype=np.int64)])
 
 
