@@ -18,7 +18,15 @@ import torch
 from miner_service.budget import chunk_rows
 from miner_service.config import SearchConfig
 from miner_service.ivf import IvfCandidates
-from miner_service.search import NEG_INF, SearchQuery, candidate_search, make_topk, mask_slots, score_block
+from miner_service.search import (
+    NEG_INF,
+    SearchCancelled,
+    SearchQuery,
+    candidate_search,
+    make_topk,
+    mask_slots,
+    score_block,
+)
 from miner_service.store import PairStore
 
 log = logging.getLogger(__name__)
@@ -135,16 +143,21 @@ class IvfPath:
     def _fresh_row_bytes(self, n_anchors: int) -> int:
         return 2 * self.store.dim * self.store.dtype.itemsize + n_anchors * self.bytes_per_score
 
-    def search(self, query: SearchQuery, ivf: IvfSnapshot, rows_at_once: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores, ids) [anchors, k], a group of anchors at a time (a group's candidates are its scratch)."""
+    def search(
+        self, query: SearchQuery, ivf: IvfSnapshot, rows_at_once: int, cancelled=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, ids) [anchors, k], a group of anchors at a time (a group's candidates are its scratch).
+
+        cancelled: optional () -> bool, asked before each group and each chunk of fresh rows (SearchCancelled)."""
         parts = []
         group_size = self.anchors_at_once(query.k)
         for first in range(0, query.image.shape[0], group_size):
+            _stop_if(cancelled, f"stopped before anchor {first} of {query.image.shape[0]}")
             group = query.anchors(slice(first, first + group_size))
             topk = make_topk(group.image.shape[0], query.k, self.device, self.config.topk)
             self._rerank_candidates(group, ivf.index, ivf.fresh_ids, topk)
             fresh_rows = self.fresh_rows_at_once(group.image.shape[0], rows_at_once)
-            self._search_fresh(group, ivf.fresh_ids, fresh_rows, topk)
+            self._search_fresh(group, ivf.fresh_ids, fresh_rows, topk, cancelled)
             parts.append(topk.result())
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
@@ -171,10 +184,11 @@ class IvfPath:
             topk,
         )
 
-    def _search_fresh(self, query: SearchQuery, fresh_ids: np.ndarray, rows_at_once: int, topk) -> None:
+    def _search_fresh(self, query: SearchQuery, fresh_ids: np.ndarray, rows_at_once: int, topk, cancelled) -> None:
         fresh_slots = self.store.slots_of(fresh_ids)
         fresh_ids, fresh_slots = fresh_ids[fresh_slots >= 0], fresh_slots[fresh_slots >= 0]
         for first in range(0, len(fresh_slots), rows_at_once):
+            _stop_if(cancelled, f"stopped after {first} of {len(fresh_slots)} fresh rows")
             chunk = slice(first, first + rows_at_once)
             fresh = self.store.gather(fresh_slots[chunk], expected_ids=fresh_ids[chunk], device=self.device)
             slot_of_column = torch.from_numpy(np.where(fresh.found, fresh_slots[chunk], -1)).to(self.device)
@@ -182,3 +196,8 @@ class IvfPath:
             mask_slots(scores, query, 0, slot_of_column=slot_of_column)
             scores[:, torch.from_numpy(~fresh.found).to(self.device)] = NEG_INF
             topk.add(scores, torch.from_numpy(fresh_ids[chunk].astype(np.int64)).to(self.device))
+
+
+def _stop_if(cancelled, where: str) -> None:
+    if cancelled is not None and cancelled():
+        raise SearchCancelled(where)

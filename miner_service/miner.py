@@ -149,7 +149,7 @@ class HardPairMiner:
             scratch = self.scratch_bytes(n_search, rows_at_once, k if used_ivf else 0)
             with self.admission.admitted(scratch, cancelled):
                 if used_ivf:
-                    scores, labels = self.ivf.search(search, ivf, rows_at_once)
+                    scores, labels = self.ivf.search(search, ivf, rows_at_once, cancelled)
                 else:
                     topk = make_topk(n_search, k, self.device, self.config.topk)
                     exact_search(search, self.store.blocks(), rows_at_once, topk, cancelled)

@@ -3,11 +3,13 @@
 import dataclasses
 
 import numpy as np
+import pytest
 
 from miner_service.config import SearchConfig
 from miner_service.core_api import MineQuery
 from miner_service.ivf import IvfConfig
 from miner_service.miner import HardPairMiner
+from miner_service.search import SearchCancelled
 from tests.reference import random_pairs
 
 DIM, ROW_BYTES = 16, 2 * 16 * 4  # an fp32 pair: image and text
@@ -61,3 +63,31 @@ def test_the_ivf_paths_fresh_rows_are_copied_a_budgets_worth_at_a_time():
 
 def _set_config(miner, config):
     miner.config = miner.ivf.config = config
+
+
+@pytest.mark.parametrize("path", ["exact", "ivf"])
+def test_a_mine_whose_caller_left_stops_and_gives_its_scratch_back(path):
+    rng = np.random.default_rng(22)
+    ivf = IvfConfig(min_rows=2000, nprobe=8, rebuild_fraction=0.5) if path == "ivf" else IvfConfig(min_rows=0)
+    # 10,000 bytes: one anchor a group on the IVF path, 1,000 rows a chunk for one anchor on the exact path.
+    config = SearchConfig(device="cpu", mine_scratch_bytes=10_000, scratch_budget_bytes=10_000, ivf=ivf)
+    miner = HardPairMiner(DIM, config)
+    image, text = random_pairs(rng, 3000, DIM)
+    miner.upsert(np.arange(3000, dtype=np.uint64), image, text, 1)
+    if path == "ivf":
+        assert miner.wait_for_ivf(60)
+        miner.upsert(np.arange(3000, 3600, dtype=np.uint64), *random_pairs(rng, 600, DIM), 2)  # fresh rows
+    asked, in_use_while_asked = [], []
+
+    def leaves_at_the_third_question():
+        asked.append(1)
+        in_use_while_asked.append(miner.admission.in_use_bytes)
+        return len(asked) >= 3
+
+    anchors = np.arange(0, 12, dtype=np.uint64) if path == "ivf" else np.array([7], dtype=np.uint64)
+    with pytest.raises(SearchCancelled):
+        miner.mine(MineQuery(10, anchor_ids=anchors), cancelled=leaves_at_the_third_question)
+    assert len(asked) == 3 and in_use_while_asked[-1] > 0  # stopped mid-search, holding scratch
+    assert (miner.admission.in_use_bytes, miner.admission.waiting) == (0, 0)
+    # The budget is whole again: a Mine asking for all of it is admitted at once.
+    assert miner.mine(MineQuery(10, anchor_ids=anchors)).used_ivf == (path == "ivf")
