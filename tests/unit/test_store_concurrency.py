@@ -7,9 +7,13 @@ no sleeps.
 import threading
 
 import numpy as np
+import pytest
 
+from miner_service.config import SearchConfig
 from miner_service.core_api import MineQuery
-from tests.reference import random_pairs
+from miner_service.ivf import IvfConfig
+from miner_service.miner import HardPairMiner
+from tests.reference import random_pairs, reference_mine
 from tests.unit.test_block_store import DIM, WAIT_S, PausedMine, make_miner, put, run_with_timeout
 
 IDS = np.uint64
@@ -74,3 +78,125 @@ def test_a_copy_taken_while_an_id_moves_holds_it_once_and_restores_with_the_log_
         assert steps_now[1] == 2
     query = MineQuery(23, anchor_ids=np.array([0, 5], dtype=IDS), max_similarity=2.0)
     np.testing.assert_array_equal(miner.mine(query).neighbour_ids, restored.mine(query).neighbour_ids)
+
+
+@pytest.mark.parametrize("path", ["exact", "ivf"])
+def test_mines_and_copies_under_concurrent_writes_keep_their_invariants(path):
+    """One writer upserts, overwrites, deletes and moves rows while two Mines and a copier run in a loop.
+
+    Whatever the interleaving: a Mine never returns an id twice, an excluded id, or an id deleted for good before it
+    began; every returned score is the score of a version of that row that was written whole (no row torn between
+    its image and text halves); a copy holds each id once, each row a version written whole. Once the writer stops,
+    a Mine equals the reference and the store's rows equal the writer's."""
+    rng = np.random.default_rng(13)
+    ivf = IvfConfig(min_rows=64, nprobe=4, rebuild_fraction=0.2) if path == "ivf" else IvfConfig(min_rows=0)
+    config = SearchConfig(device="cpu", store_block_rows=8, block_rows=3, topk="heap", ivf=ivf)
+    miner = HardPairMiner(DIM, config)
+    live_ids, doomed_ids = list(range(100)), list(range(100, 120))  # doomed: deleted once, never written again
+    versions: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+    current: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def write(ids, step):
+        image, text = random_pairs(rng, len(ids), DIM)
+        for j, i in enumerate(ids):
+            versions.setdefault(i, []).append((image[j], text[j]))  # known before any reader can see it
+            current[i] = (image[j], text[j])
+        miner.upsert(np.asarray(ids, dtype=IDS), image, text, step)
+
+    write(live_ids + doomed_ids, 1)
+    if path == "ivf":
+        assert miner.wait_for_ivf(WAIT_S)
+    gone_for_good: set[int] = set()
+    writer_done = threading.Event()
+    failures: list[str] = []
+
+    def writer():
+        writer_rng = np.random.default_rng(14)
+        try:
+            for step in range(2, 200):
+                op = writer_rng.integers(4)
+                picked = sorted(writer_rng.choice(100, size=int(writer_rng.integers(1, 12)), replace=False).tolist())
+                if op == 0:
+                    write(picked, step)  # overwrites in place
+                elif op == 1:  # delete and write back: the ids move to whatever slots are free
+                    miner.delete(np.asarray(picked, dtype=IDS))
+                    for i in picked:
+                        current.pop(i)
+                    write(picked, step)
+                elif op == 2 and doomed_ids:
+                    doomed = doomed_ids.pop()
+                    miner.delete(np.array([doomed], dtype=IDS))
+                    current.pop(doomed)
+                    gone_for_good.add(doomed)
+                else:
+                    write(picked[:3], step)
+        except Exception as error:
+            failures.append(f"writer: {error!r}")
+        finally:
+            writer_done.set()
+
+    def score_of(version, q_image, q_text):
+        return float(np.dot(version[0], q_image)) * float(np.dot(version[1], q_text))
+
+    def miner_loop(seed):
+        loop_rng = np.random.default_rng(seed)
+        while not writer_done.is_set():
+            q_image, q_text = random_pairs(loop_rng, 2, DIM)
+            exclude = loop_rng.choice(120, size=10, replace=False)
+            deleted_before = set(gone_for_good)
+            query = MineQuery(12, image=q_image, text=q_text, exclude_ids=exclude, max_similarity=2.0)
+            result = miner.mine(query)
+            for a in range(2):
+                got = result.neighbour_ids[a][result.neighbour_ids[a] >= 0].tolist()
+                scores = result.scores[a][: len(got)]
+                bad = [f"{i} twice" for i in set(got) if got.count(i) > 1] + [
+                    f"{i} excluded" for i in set(got) & set(exclude.tolist())
+                ]
+                bad += [f"{i} deleted before the Mine" for i in set(got) & deleted_before]
+                for i, score in zip(got, scores):
+                    if not any(abs(score_of(v, q_image[a], q_text[a]) - score) < 1e-5 for v in versions[i]):
+                        bad.append(f"{i} scored {score}, no version of it has that score")
+                if bad:
+                    failures.append(f"Mine: {bad}")
+                    return
+
+    def copier():
+        while not writer_done.is_set():
+            ids, _, image, text = miner.copy_rows()
+            if len(set(ids.tolist())) != len(ids):
+                failures.append("copy: an id twice")
+                return
+            for j, i in enumerate(ids.tolist()):
+                if not any(np.array_equal(image[j], v[0]) and np.array_equal(text[j], v[1]) for v in versions[i]):
+                    failures.append(f"copy: row {i} is no version that was written")
+                    return
+
+    threads = [threading.Thread(target=writer, daemon=True)]
+    threads += [threading.Thread(target=miner_loop, args=(seed,), daemon=True) for seed in (15, 16)]
+    threads += [threading.Thread(target=copier, daemon=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT_S)
+    assert not any(thread.is_alive() for thread in threads)
+    assert not failures, failures[:5]
+
+    assert miner.size == len(current) == 120 - len(gone_for_good)
+    ids, _, image, _ = miner.copy_rows()
+    assert sorted(ids.tolist()) == sorted(current)
+    for j, i in enumerate(ids.tolist()):
+        np.testing.assert_array_equal(image[j], current[i][0])
+    anchors = np.array([0, 50, 99], dtype=IDS)
+    result = miner.mine(MineQuery(10, anchor_ids=anchors, max_similarity=2.0))
+    q_image = np.stack([current[int(a)][0] for a in anchors])
+    q_text = np.stack([current[int(a)][1] for a in anchors])
+    want_ids, want_scores = reference_mine(current, q_image, q_text, 10, 1, 2.0, anchors.astype(np.int64))
+    if path == "exact":
+        np.testing.assert_array_equal(result.neighbour_ids, want_ids)
+        np.testing.assert_allclose(result.scores, want_scores, rtol=1e-5, atol=1e-5)
+    else:  # approximate candidates: each returned neighbour carries its exact score
+        for a in range(3):
+            for i, score in zip(result.neighbour_ids[a], result.scores[a]):
+                if i >= 0:
+                    expected = score_of(current[int(i)], q_image[a], q_text[a])
+                    assert abs(expected - score) < 1e-5
