@@ -13,6 +13,7 @@ from miner_service.config import SearchConfig
 from miner_service.core_api import MineQuery
 from miner_service.ivf import IvfConfig
 from miner_service.miner import HardPairMiner
+from miner_service.rwlock import ReadWriteLock
 from tests.reference import random_pairs, reference_mine
 from tests.unit.test_block_store import DIM, WAIT_S, PausedMine, make_miner, put, run_with_timeout
 
@@ -200,3 +201,40 @@ def test_mines_and_copies_under_concurrent_writes_keep_their_invariants(path):
                 if i >= 0:
                     expected = score_of(current[int(i)], q_image[a], q_text[a])
                     assert abs(expected - score) < 1e-5
+
+
+def test_a_waiting_writer_holds_new_readers_back_and_its_release_lets_them_all_in():
+    lock = ReadWriteLock()
+    order: list[str] = []
+    first_reader_in, first_reader_done = threading.Event(), threading.Event()
+
+    def first_reader():
+        with lock.read():
+            order.append("first reader")
+            first_reader_in.set()
+            assert first_reader_done.wait(WAIT_S)
+
+    def late_reader(name):
+        with lock.read():
+            order.append(name)
+
+    def writer():
+        with lock.write():
+            order.append("writer")
+
+    threads = [threading.Thread(target=first_reader, daemon=True)]
+    threads[0].start()
+    assert first_reader_in.wait(WAIT_S)
+    threads.append(threading.Thread(target=writer, daemon=True))
+    threads[1].start()
+    assert lock.wait_for_writers(1, WAIT_S)
+    threads += [threading.Thread(target=late_reader, args=(f"late reader {i}",), daemon=True) for i in range(3)]
+    for thread in threads[2:]:
+        thread.start()
+    assert lock.wait_for_readers(3, WAIT_S)  # held back behind the waiting writer, not let in beside the first
+    assert order == ["first reader"]
+    first_reader_done.set()
+    for thread in threads:
+        thread.join(WAIT_S)
+        assert not thread.is_alive(), "a wakeup was lost"
+    assert order[:2] == ["first reader", "writer"] and sorted(order[2:]) == [f"late reader {i}" for i in range(3)]
