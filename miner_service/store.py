@@ -73,14 +73,16 @@ class RowBlock:
     def write(self, offsets: np.ndarray, image: torch.Tensor, text: torch.Tensor, ids: np.ndarray, steps) -> None:
         """Write rows at `offsets` (image/text on this block's device and dtype). Caller holds the write lock."""
         index = torch.from_numpy(offsets).to(self.device)
+        # Allocated before the first row changes, so that a failed allocation leaves the block as it was.
+        labels = torch.from_numpy(ids.view(np.int64)).to(self.device) if self.device.type != "cpu" else None
         self.image[index] = image
         self.text[index] = text
         self.holes -= int(np.count_nonzero(~self.live[offsets] & (offsets < self.used)))
         self.ids[offsets] = ids
         self.steps[offsets] = steps
         self.live[offsets] = True
-        if self.device.type != "cpu":
-            self.labels[index] = torch.from_numpy(ids.view(np.int64)).to(self.device)
+        if labels is not None:
+            self.labels[index] = labels
             self.live_mask[index] = True
         self.used = max(self.used, int(offsets.max()) + 1)
 
@@ -248,15 +250,24 @@ class PairStore:
                 raise ResourceExhausted(
                     "ids", f"{n_new} new rows would exceed max_rows={self.max_rows} (stored: {self._size})"
                 )
+            end_before = self._end
             slots[new] = self._allocate(n_new)
             blocks = self.blocks()
             block_of = slots // self.block_rows
-            for block_index in _against_the_scan(block_of):
-                rows = np.flatnonzero(block_of == block_index)
-                block = blocks[int(block_index)]
-                # Converted before taking the lock: readers wait for the copy into the block only.
-                block_image = _rows_for_block(image, rows, len(ids)).to(block.device, self.dtype)
-                block_text = _rows_for_block(text, rows, len(ids)).to(block.device, self.dtype)
+            try:
+                # Every block's rows are converted before any block is written, and outside the locks: a copy that
+                # fails (a full device) leaves the blocks as they were, and readers wait for the writes only.
+                converted = []
+                for block_index in _against_the_scan(block_of):
+                    rows = np.flatnonzero(block_of == block_index)
+                    block = blocks[int(block_index)]
+                    block_image = _rows_for_block(image, rows, len(ids)).to(block.device, self.dtype)
+                    block_text = _rows_for_block(text, rows, len(ids)).to(block.device, self.dtype)
+                    converted.append((block, rows, block_image, block_text))
+            except BaseException:
+                self._free_slots_given_to(slots[new], end_before)
+                raise
+            for block, rows, block_image, block_text in converted:
                 with block.lock.write():
                     block.write(slots[rows] - block.first_slot, block_image, block_text, ids[rows], steps[rows])
             with self._directory:
@@ -296,6 +307,12 @@ class PairStore:
             reused = [self._free_slots.pop() for _ in range(n - fresh)]
         first, self._end = self._end, self._end + fresh
         return np.concatenate([np.asarray(reused, dtype=np.int64), np.arange(first, first + fresh, dtype=np.int64)])
+
+    def _free_slots_given_to(self, slots: np.ndarray, end_before: int) -> None:
+        """Undo the `_allocate` that handed out `slots` (none of them written); nothing was allocated since."""
+        self._end = end_before
+        with self._directory:
+            self._free_slots.extend(slots[slots < end_before].tolist())
 
 
 def _as_tensor(rows) -> torch.Tensor:
