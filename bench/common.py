@@ -108,3 +108,14 @@ def report(name: str, results: dict, rows: list[tuple[str, str]], json_out: str 
         print(f"| {label.ljust(width)} | {value} |")
     if json_out:
         Path(json_out).write_text(json.dumps(payload, indent=2))
+
+
+def ensure_synth(synth_dir: str | Path, train_size: int, test_size: int) -> Path:
+    """Generate the synthetic set once, before runs start in parallel: each run would otherwise generate it into
+    the same directory at the same time (with its own seed)."""
+    from trainer.synth import SynthConfig, generate
+
+    root = Path(synth_dir)
+    if not (root / "train.csv").exists():
+        generate(SynthConfig(out_dir=root, train_size=train_size, test_size=test_size, seed=0))
+    return root

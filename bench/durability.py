@@ -64,10 +64,13 @@ def main() -> None:
     ids = np.arange(args.rows, dtype=np.uint64)
     base = ("--dim", str(args.dim))
     durable = (*base, "--redis-url", args.redis_url, "--key-prefix", prefix)
+    # A leader with a log needs a snapshot dir (the log is trimmed below snapshots); interval 0: only on SIGTERM.
+    snapshots = ("--snapshot-dir", str(workdir / "snapshots"), "--snapshot-interval-s", "0")
     try:
         # Throughput: interleave halves so that drift hits both alike.
         half = args.rows // 2
-        with MinerSubprocess(*base) as plain, MinerSubprocess(*durable) as logged:
+        throughput_snapshots = ("--snapshot-dir", str(workdir / "throughput"), "--snapshot-interval-s", "0")
+        with MinerSubprocess(*base) as plain, MinerSubprocess(*durable, *throughput_snapshots) as logged:
             plain_client, logged_client = connect(plain), connect(logged)
             rates = {"memory": [], "redis_log": []}
             for part in (slice(0, half), slice(half, args.rows)):
@@ -79,13 +82,12 @@ def main() -> None:
                 )
             plain_rate, logged_rate = np.mean(rates["memory"]), np.mean(rates["redis_log"])
             stream_bytes = redis.Redis.from_url(args.redis_url).memory_usage(f"{prefix}:miner:log:shard-0-of-1") or 0
-        # Recovery from the log alone (no snapshot): full replay of N rows.
-        server, replay_s = timed_start(*durable)
+            logged.process.kill()  # no final snapshot, so the log keeps every entry for the replay below
+            logged.process.wait()
+        # Recovery from the log alone (no snapshot yet): full replay of N rows.
+        server, replay_s = timed_start(*durable, *snapshots)
         assert connect(server).stats().size == args.rows
-        server.__exit__()
-        # Recovery from a snapshot: a leader with a snapshot dir takes one on SIGTERM, then restarts from it.
-        snapshots = ("--snapshot-dir", str(workdir / "snapshots"), "--snapshot-interval-s", "0")
-        server, _ = timed_start(*durable, *snapshots)
+        # Recovery from a snapshot: the leader takes one on SIGTERM, then restarts from it.
         started = time.perf_counter()
         server.process.send_signal(signal.SIGTERM)
         server.process.wait(600)

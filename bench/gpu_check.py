@@ -15,6 +15,7 @@ import torch
 
 from bench.common import report, summarize, unit_pairs
 from miner_service.config import SearchConfig
+from miner_service.core_api import MineQuery
 from miner_service.miner import HardPairMiner
 
 
@@ -30,7 +31,7 @@ def compare(rows: int, dim: int, k: int) -> dict:
     }.items():
         miner = HardPairMiner(dim, config)
         miner.upsert(ids, image, text, 1)
-        answers[name] = miner.mine(k, anchor_ids=anchors)
+        answers[name] = miner.mine(MineQuery(k, anchor_ids=anchors))
     cpu = answers["cpu"]
     out = {}
     for name in ("cuda_fp32", "cuda_fp16"):
@@ -62,7 +63,7 @@ def latency(rows: int, dim: int, n_anchors: int, k: int, repeats: int) -> dict:
         anchors = rng.choice(rows, n_anchors, replace=False).astype(np.uint64)
         torch.cuda.synchronize()
         started = time.perf_counter()
-        miner.mine(k, anchor_ids=anchors)
+        miner.mine(MineQuery(k, anchor_ids=anchors))
         if repeat >= 3:
             seconds.append(time.perf_counter() - started)
     a = torch.randn(n_anchors, dim, device="cuda", dtype=miner.dtype)

@@ -21,6 +21,7 @@ from tqdm import tqdm  # noqa: E402
 
 from bench.common import report, summarize  # noqa: E402
 from miner_service.config import SearchConfig  # noqa: E402
+from miner_service.core_api import MineQuery  # noqa: E402
 from miner_service.ivf import IvfConfig  # noqa: E402
 from miner_service.miner import HardPairMiner  # noqa: E402
 
@@ -67,10 +68,10 @@ def main() -> None:
     for _ in tqdm(range(args.repeats), desc="mine", leave=False):
         anchors = rng.choice(args.rows, args.anchors, replace=False).astype(np.uint64)
         started = time.perf_counter()
-        truth = exact.mine(args.k, anchor_ids=anchors)
+        truth = exact.mine(MineQuery(args.k, anchor_ids=anchors))
         exact_s.append(time.perf_counter() - started)
         started = time.perf_counter()
-        approx = ivf.mine(args.k, anchor_ids=anchors)
+        approx = ivf.mine(MineQuery(args.k, anchor_ids=anchors))
         ivf_s.append(time.perf_counter() - started)
         assert approx.used_ivf
         recalls.extend(len(set(a) & set(b)) / args.k for a, b in zip(approx.neighbour_ids, truth.neighbour_ids))

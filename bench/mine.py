@@ -27,6 +27,7 @@ from bench.common import MinerSubprocess, report, summarize, unit_pairs
 from helip.miner.v1 import miner_pb2 as pb
 from miner_service.client import ClientConfig, MinerClient
 from miner_service.config import SearchConfig
+from miner_service.core_api import MineQuery
 from miner_service.miner import HardPairMiner
 
 
@@ -78,7 +79,7 @@ def main() -> None:
         for repeat in tqdm(range(args.warmup + args.repeats), desc="mine", leave=False):
             anchors = rng.choice(args.rows, size=args.anchors, replace=False).astype(np.uint64)
             started = time.perf_counter()
-            local = miner.mine(args.k, anchor_ids=anchors)
+            local = miner.mine(MineQuery(args.k, anchor_ids=anchors))
             t_inproc = time.perf_counter() - started
             started = time.perf_counter()
             remote = client.mine(args.k, anchor_ids=anchors)

@@ -1,4 +1,4 @@
-"""Does HELIP help? Plain CLIP vs online HELIP vs offline HELIP, continued from the same checkpoint.
+"""Does HELIP help? Plain CLIP vs online, offline and streaming HELIP, continued from the same checkpoint.
 
 On the synthetic set, per seed: train a tiny CLIP from scratch for S steps (plain CLIP: the starting checkpoint),
 then continue S more steps from it three ways, each with a fresh learning-rate schedule at a smaller learning rate
@@ -7,12 +7,19 @@ then continue S more steps from it three ways, each with a fresh learning-rate s
     plain    hard_ratio 0, λ 0                                         the raw baseline
     online   hard_ratio R, λ > 0, index bootstrapped, updated every step  (ours)
     offline  hard_ratio R, λ > 0, index bootstrapped, never updated       (the paper: mined once, with the start)
+    streaming hard_ratio R, λ > 0, no bootstrap: the index fills from the training pushes; mining starts once it
+             holds --start-coverage of the data set, then ramps in over --ramp-steps
+
+Compute is counted in sample-passes: a training step costs 2 x batch (a forward and a backward pass per sample),
+and the bootstrap pass of online and offline HELIP costs one forward pass per training sample. With
+--equal-compute, the variants without that pass (plain, streaming) train ceil(N / (2 x batch)) more steps, so every
+variant spends the same compute; without it, every variant trains the same number of steps.
 
 and evaluate zero-shot top-1 and retrieval R@1 (image->text, text->image) on the synthetic test set. Reported as
 mean ± std over the seeds, and deltas against plain paired by seed (same start, same anchor order).
 
     python -m bench.quality [--steps 200] [--seeds 0 1 2] [--lr 2e-4] [--margin 0.2] [--hnml-weight 1.0]
-                            [--hard-ratio 0.5] [--hnml-form pair] [--json-out F]
+                            [--hard-ratio 0.5] [--hnml-form pair] [--equal-compute] [--json-out F]
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import ROOT, report
+from bench.common import ROOT, ensure_synth, report
 from bench.train_overhead import TrainRun, train
 
 METRICS = {
@@ -35,12 +42,24 @@ METRICS = {
     "retrieval/image_to_text_R@1": "R@1 image->text",
     "retrieval/text_to_image_R@1": "R@1 text->image",
 }
-VARIANTS = ("plain", "online", "offline")
+VARIANTS = ("plain", "online", "offline", "streaming")
+BOOTSTRAPPED = ("online", "offline")  # variants that pay a forward pass over the training set before step one
 
 
 def variant_settings(variant: str, args: argparse.Namespace) -> dict[str, object]:
     if variant == "plain":
         return {"optim.hard_ratio": 0, "loss.hnml_weight": 0}
+    if variant == "streaming":
+        return {
+            "optim.hard_ratio": args.hard_ratio,
+            "loss.hnml_weight": args.hnml_weight,
+            "loss.margin": args.margin,
+            "loss.hnml_form": args.hnml_form,
+            "mining.bootstrap_index": "false",
+            "mining.update_index": "true",
+            "mining.start_coverage": args.start_coverage,
+            "mining.ramp_steps": args.ramp_steps,
+        }
     return {
         "optim.hard_ratio": args.hard_ratio,
         "loss.hnml_weight": args.hnml_weight,
@@ -49,6 +68,18 @@ def variant_settings(variant: str, args: argparse.Namespace) -> dict[str, object
         "mining.bootstrap_index": "true",
         "mining.update_index": "true" if variant == "online" else "false",
     }
+
+
+def extra_steps(variant: str, args: argparse.Namespace) -> int:
+    """Steps a variant without the bootstrap pass gets on top of --steps to match the others' compute."""
+    if not args.equal_compute or variant in BOOTSTRAPPED:
+        return 0
+    return -(-args.synth_train // (2 * args.batch_size))
+
+
+def sample_passes(variant: str, steps: int, args: argparse.Namespace) -> int:
+    """Forward + backward sample-passes of a continuation: its steps, plus the bootstrap pass where there is one."""
+    return 2 * args.batch_size * steps + (args.synth_train if variant in BOOTSTRAPPED else 0)
 
 
 def diagnostics(run: TrainRun) -> dict[str, float]:
@@ -87,6 +118,13 @@ def main() -> None:
     parser.add_argument("--hnml-weight", type=float, default=1.0, help="λ")
     parser.add_argument("--margin", type=float, default=0.2)
     parser.add_argument("--hnml-form", choices=("pair", "paper"), default="pair")
+    parser.add_argument("--start-coverage", type=float, default=0.5, help="streaming: index coverage to start at")
+    parser.add_argument("--ramp-steps", type=int, default=20, help="streaming: steps over which hard pairs ramp in")
+    parser.add_argument(
+        "--equal-compute",
+        action="store_true",
+        help="give plain and streaming the steps that the bootstrap pass costs the others (sample-passes)",
+    )
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument(
         "--synth-dir", default=str(ROOT / "data" / "synth"), help="the synthetic set (generated there once if missing)"
@@ -119,6 +157,7 @@ def main() -> None:
         "run.eval_every": 0,
     }
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    ensure_synth(args.synth_dir, args.synth_train, args.synth_test)
 
     def one_seed(seed: int) -> tuple[dict | None, dict[str, TrainRun]]:
         """The starting checkpoint's metrics (None when reused) and the continuations of one seed."""
@@ -150,6 +189,7 @@ def main() -> None:
                     "optim.lr": args.lr,
                     "optim.warmup_steps": args.warmup,
                     "model.pretrained": start_checkpoint,
+                    "optim.steps": args.steps + extra_steps(variant, args),
                     **variant_settings(variant, args),
                 },
                 threads=threads,
@@ -185,8 +225,12 @@ def main() -> None:
     diag_means = {
         variant: {name: float(np.mean([d[name] for d in runs])) for name in runs[0]} for variant, runs in diags.items()
     }
+    compute = {
+        variant: sample_passes(variant, args.steps + extra_steps(variant, args), args) for variant in args.variants
+    }
     results = {
         "config": vars(args),
+        "sample_passes": compute,
         "metrics": summary,
         "delta_vs_plain": deltas,
         "diagnostics": diag_means,
@@ -220,6 +264,12 @@ def main() -> None:
                     f"{d['hard_fraction']:.2f} / {d['hnml_mean']:.3f}, {d['hnml_last_fifth']:.3f}",
                 )
             )
+    rows.append(
+        (
+            "sample-passes per continuation: " + " / ".join(compute),
+            " / ".join(f"{passes:,}" for passes in compute.values()),
+        )
+    )
     rows.append(
         ("seeds x steps (S) / continuation lr / jobs", f"{len(args.seeds)} x {args.steps} / {args.lr:g} / {args.jobs}")
     )

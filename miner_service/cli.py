@@ -16,7 +16,14 @@ import sys
 # libgomp reads this once, when torch loads it, so it must be set before the first import of torch (below).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from miner_service.config import MinerConfig, from_environment, load_file, with_overrides  # noqa: E402
+from miner_service.config import (  # noqa: E402
+    DurabilityConfig,
+    MinerConfig,
+    from_environment,
+    load_file,
+    with_overrides,
+)
+from miner_service.security import RedactingFilter, redact_url  # noqa: E402
 from miner_service.sharding import parse_shard  # noqa: E402
 
 
@@ -46,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--storage-dtype", dest="search.storage_dtype", metavar="STORAGE_DTYPE", help="auto | float32 | float16"
     )
     serve.add_argument("--max-k", dest="search.max_k", metavar="MAX_K", type=int, help="largest k a Mine may ask for")
+    for flag, metavar, help_text in (
+        ("store-block-rows", "ROWS", "rows per storage block (growth and write locking go a block at a time)"),
+        ("mine-scratch-bytes", "BYTES", "scratch memory of one Mine: its anchors x rows scored at once"),
+        ("scratch-budget-bytes", "BYTES", "scratch memory of all running Mines together"),
+        ("mine-queue-limit", "N", "Mines that may wait for scratch memory; more are refused (RESOURCE_EXHAUSTED)"),
+    ):
+        serve.add_argument(
+            f"--{flag}", dest=f"search.{flag.replace('-', '_')}", metavar=metavar, type=int, help=help_text
+        )
     serve.add_argument(
         "--ivf-min-rows",
         dest="search.ivf.min_rows",
@@ -73,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--snapshot-dir",
         dest="durability.snapshot_dir",
         metavar="DIR",
-        help="write snapshots here, and restore from the newest on start",
+        help="write snapshots here, and restore from the newest on start (required with --redis-url: the log is "
+        "trimmed below each snapshot)",
     )
     serve.add_argument(
         "--snapshot-interval-s",
@@ -127,6 +144,26 @@ def config_from_args(args: argparse.Namespace) -> MinerConfig:
     return with_overrides(config, flags)
 
 
+def check_log_is_bounded(durability: DurabilityConfig) -> None:
+    """A leader trims its log only below its snapshots: without a snapshot directory it would keep every write."""
+    if durability.redis_url and not durability.follow and not durability.snapshot_dir:
+        raise ValueError(
+            "--snapshot-dir (durability.snapshot_dir) is required with a Redis log: the log is trimmed below each "
+            "snapshot, so without snapshots it grows without bound"
+        )
+
+
+def describe_durability(durability: DurabilityConfig) -> None:
+    log = logging.getLogger("helip-miner")
+    if not durability.redis_url:
+        return
+    log.info(
+        "durable log %s in %s, snapshots in %s", durability.stream, durability.redis_url, durability.snapshot_dir or "-"
+    )
+    if durability.snapshot_interval_s == 0 and not durability.follow:
+        log.warning("--snapshot-interval-s 0: snapshots only on shutdown, so the log grows until then")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -146,11 +183,15 @@ def main(argv: list[str] | None = None) -> int:
             path = getattr(config.security, name)
             if path and not os.access(path, os.R_OK):
                 raise ValueError(f"--{name.replace('_', '-')} ({name}): cannot read {path}")
+        check_log_is_bounded(config.durability)
     except (ValueError, TypeError, OSError) as error:
-        parser.error(str(error))  # exit code 2
+        parser.error(redact_url(str(error)))  # exit code 2
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())  # no log line carries the password of the Redis URL
+    describe_durability(config.durability)
     from miner_service.server import MinerServer  # heavy imports (torch, grpc) after argument checks
 
     try:

@@ -46,6 +46,7 @@ class ClientConfig:
     tls_key_file: str = ""
     tls_server_name: str = ""  # expected name in the server's certificate, when it differs from the address
     token: str = field(default="", repr=False)  # bearer token sent on every call
+    service_config: str = ""  # gRPC service config (JSON) of the channel: load balancing, health checking
     namespace: str = ""  # the namespace every call names; empty: the miner's "default"
 
     @classmethod
@@ -61,6 +62,10 @@ class Neighbours:
     steps: np.ndarray  # [anchors, k] uint64
     size: int
     unknown_anchor_ids: np.ndarray
+    served_by_follower: bool = False  # a read-only follower answered (a sharded Mine: at least one shard's)
+    replica_lag_seconds: float = 0.0  # how far behind the leader the answering follower was (sharded: the most)
+    # Shards (by index) that could not answer a sharded Mine: the answer covers only the others' rows.
+    missing_shards: tuple[int, ...] = ()
 
 
 def _ids(values) -> np.ndarray:
@@ -81,6 +86,8 @@ class MinerClient:
             ("grpc.min_reconnect_backoff_ms", min(200, config.max_reconnect_backoff_ms)),
             ("grpc.max_reconnect_backoff_ms", config.max_reconnect_backoff_ms),
         ]
+        if config.service_config:
+            options.append(("grpc.service_config", config.service_config))
         if config.tls or config.tls_ca_file or config.tls_cert_file:
             if config.tls_server_name:
                 options.append(("grpc.ssl_target_name_override", config.tls_server_name))
@@ -226,4 +233,6 @@ def decode_neighbours(reply: pb.MineReply) -> Neighbours:
         steps=np.array(reply.neighbour_steps, dtype=np.uint64).reshape(ids.shape),
         size=reply.size,
         unknown_anchor_ids=np.array(reply.unknown_anchor_ids, dtype=np.uint64),
+        served_by_follower=reply.served_by_follower,
+        replica_lag_seconds=reply.replica_lag_seconds,
     )

@@ -21,19 +21,43 @@ ENV_PREFIX = "HELIP_MINER_"
 class SearchConfig:
     device: str = "auto"  # "auto" (cuda when visible), "cpu", "cuda", "cuda:N"
     storage_dtype: str = "auto"  # "auto" (float16 on cuda, float32 on cpu), "float32", "float16"
-    block_rows: int = 0  # rows scored per block; 0 picks by device
+    block_rows: int = 0  # stored rows scored at once; 0 picks by device
+    store_block_rows: int = 1 << 16  # rows per storage block: growth allocates one block, a writer locks one
     topk: str = "auto"  # running top-k: "auto" (FAISS heaps on the CPU, torch.topk on a GPU), "heap", "torch"
     max_k: int = 1024
     max_anchors: int = 8192
     default_max_similarity: float = DEFAULT_MAX_SIMILARITY
+    # Scratch memory (miner_service.budget): one Mine's score matrices stay within mine_scratch_bytes; Mines run
+    # together within scratch_budget_bytes, the rest wait in a queue of mine_queue_limit, then are refused.
+    mine_scratch_bytes: int = 256 << 20
+    scratch_budget_bytes: int = 1 << 30
+    mine_queue_limit: int = 32
     ivf: IvfConfig = field(default_factory=IvfConfig)
+
+    def __post_init__(self):
+        if self.block_rows < 0:
+            raise ValueError(f"search.block_rows must be >= 0 (0: by device), got {self.block_rows}")
+        for name in ("max_k", "max_anchors"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"search.{name} must be >= 1, got {getattr(self, name)}")
+        if self.store_block_rows <= 0:
+            raise ValueError(f"search.store_block_rows must be positive, got {self.store_block_rows}")
+        if self.mine_scratch_bytes <= 0:
+            raise ValueError(f"search.mine_scratch_bytes must be positive, got {self.mine_scratch_bytes}")
+        if self.scratch_budget_bytes < self.mine_scratch_bytes:
+            raise ValueError(
+                f"search.scratch_budget_bytes ({self.scratch_budget_bytes}) must be at least "
+                f"search.mine_scratch_bytes ({self.mine_scratch_bytes}): one Mine must fit"
+            )
+        if self.mine_queue_limit < 0:
+            raise ValueError(f"search.mine_queue_limit must be >= 0, got {self.mine_queue_limit}")
 
 
 @dataclass(frozen=True)
 class DurabilityConfig:
-    redis_url: str = ""  # empty: no log, rows live in memory only (the embedded default)
+    redis_url: str = field(default="", repr=False)  # empty: no log, rows in memory only; repr: it may hold a password
     key_prefix: str = "helip"
-    snapshot_dir: str = ""  # empty: no snapshots (a restart replays the whole log)
+    snapshot_dir: str = ""  # required by a leader with a log (the CLI refuses without): the log is trimmed below it
     snapshot_interval_s: float = 300.0  # 0: only on shutdown
     keep_snapshots: int = 2
     follow: bool = False  # a read-only follower tailing the leader's log

@@ -7,6 +7,7 @@ applies what the leader appended. Both restore on start from the newest snapshot
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -16,7 +17,9 @@ import numpy as np
 
 from miner_service import snapshot
 from miner_service.config import DurabilityConfig
+from miner_service.core_api import Cancelled, MineQuery, MineResult, MinerStats
 from miner_service.errors import FailedPrecondition, ResourceExhausted
+from miner_service.lag import ReplicaLag, follower_lag
 from miner_service.log import LogRecord, Offset, RedisLog
 from miner_service.miner import HardPairMiner
 
@@ -35,9 +38,31 @@ class DurableMiner:
         self._threads: list[threading.Thread] = []
         self.replayed_entries = 0
 
-    # The read side is the core's.
-    def __getattr__(self, name):
-        return getattr(self.core, name)
+    # ---- the read side is the core's (MinerCore) -------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self.core.dim
+
+    @property
+    def size(self) -> int:
+        return self.core.size
+
+    @property
+    def device(self):
+        return self.core.device
+
+    def check_capacity(self, ids: np.ndarray) -> int:
+        return self.core.check_capacity(ids)
+
+    def mine(self, query: MineQuery, cancelled: Cancelled | None = None) -> MineResult:
+        return self.core.mine(query, cancelled)
+
+    def fetch(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return self.core.fetch(ids)
+
+    def stats(self) -> MinerStats:
+        role = "follower" if self.config.follow else "leader"
+        return dataclasses.replace(self.core.stats(), role=role, log_offset=str(self.applied))
 
     # ---- recovery -------------------------------------------------------------------------------------------
     def recover(self) -> None:
@@ -51,6 +76,7 @@ class DurableMiner:
                     np.asarray(snap.image[first:last]),
                     np.asarray(snap.text[first:last]),
                     np.asarray(snap.steps[first:last]),
+                    enforce_max_rows=False,  # a snapshot copied while writes ran may hold a few rows too many
                 )
             self.applied = snap.offset
         oldest = self.log.first_offset()
@@ -69,7 +95,8 @@ class DurableMiner:
 
     def _apply(self, offset: Offset, record: LogRecord) -> None:
         if record.op == "upsert":
-            self.core.upsert(record.ids, record.image, record.text, record.step)
+            # Checked against max_rows by the leader before it was logged; a replay applies what was logged.
+            self.core.upsert(record.ids, record.image, record.text, record.step, enforce_max_rows=False)
         else:
             self.core.delete(record.ids)
         self.applied = offset
@@ -89,7 +116,7 @@ class DurableMiner:
     def upsert(self, ids: np.ndarray, image: np.ndarray, text: np.ndarray, step: int) -> tuple[int, int]:
         self._refuse_on_follower()
         with self._write_lock:
-            max_rows = self.core.store.max_rows
+            max_rows = self.core.max_rows
             if max_rows and self.core.size + self.core.check_capacity(ids) > max_rows:
                 # Refused before logging: a write in the log is a write that replays.
                 raise ResourceExhausted("ids", f"new rows would exceed max_rows={max_rows} (stored: {self.core.size})")
@@ -106,16 +133,22 @@ class DurableMiner:
             self.applied = offset
             return result
 
+    # ---- lag (follower) -------------------------------------------------------------------------------------
+    def lag(self) -> ReplicaLag:
+        """How far this miner is behind its log (one Redis round trip; a leader is never behind)."""
+        if not self.config.follow:
+            return ReplicaLag()
+        return follower_lag(self.log.redis, self.log.stream, self.applied)
+
     # ---- snapshots ------------------------------------------------------------------------------------------
     def snapshot_now(self) -> Path | None:
         if self.snapshot_dir is None:
             return None
-        with self._write_lock:  # rows and offset from the same instant
-            view = self.core.store.view()
+        with self._write_lock:  # every write up to this offset is applied, none is half applied
             offset = self.applied
-            ids, steps = view.ids.copy(), view.steps.copy()
-            image = view.image.float().cpu().numpy().copy()
-            text = view.text.float().cpu().numpy().copy()
+        # Copied block by block while writes go on: the copy holds every row as of `offset` or newer. Replaying the
+        # log from `offset` rewrites each newer row (log records are whole rows), so restore + replay is exact.
+        ids, steps, image, text = self.core.copy_rows()
         path = snapshot.write(self.snapshot_dir, offset, ids, steps, image, text)
         oldest_kept = snapshot.prune(self.snapshot_dir, self.config.keep_snapshots)
         if oldest_kept is not None and not self.config.follow:

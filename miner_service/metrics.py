@@ -28,6 +28,8 @@ class MinerMetrics:
     neighbour_staleness: Histogram
     returned_neighbours: Counter
     ivf_rows: Gauge
+    replica_lag_seconds: Gauge
+    ivf_enabled: Gauge
     namespaces: Gauge
 
     @classmethod
@@ -74,6 +76,17 @@ class MinerMetrics:
             returned_neighbours=Counter("helip_miner_returned_neighbours", "Neighbours returned by Mine", registry=r),
             ivf_rows=Gauge(
                 "helip_miner_ivf_rows", "Rows covered by the IVF candidate index (0: exact only)", registry=r
+            ),
+            replica_lag_seconds=Gauge(
+                "helip_miner_replica_lag_seconds",
+                "A follower's lag at its last sample: age of the oldest log entry not applied yet (0: caught up, "
+                "and always on a leader)",
+                registry=r,
+            ),
+            ivf_enabled=Gauge(
+                "helip_miner_ivf_enabled",
+                "1 when this miner may answer from the IVF candidate index, 0 when it searches exactly (a GPU miner)",
+                registry=r,
             ),
             namespaces=Gauge("helip_miner_namespaces", "Namespaces this miner holds", registry=r),
         )

@@ -1,69 +1,44 @@
-"""HardPairMiner: the thread-safe core behind every shell (gRPC servicer, benchmarks, tests).
+"""HardPairMiner: the thread-safe in-memory core (a `MinerCore`) behind every shell.
 
-It owns the pair store, the optional IVF candidate index and the lock. Inputs are numpy arrays that the caller
-has validated (miner_service.validation); outputs are numpy arrays. Nothing here knows about gRPC.
+It owns the pair store (rows in blocks, each with its own lock: miner_service.store), the optional IVF candidate
+path (miner_service.ivf_path) and the admission of Mines to scratch memory (miner_service.budget). Inputs are numpy
+arrays that the caller has validated (miner_service.validation); outputs are numpy arrays. Nothing here knows
+about gRPC.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from miner_service.budget import ScratchAdmission, bytes_per_score, chunk_rows
 from miner_service.config import SearchConfig
+from miner_service.core_api import Cancelled, MineQuery, MineResult, MinerStats
 from miner_service.errors import NotFound
-from miner_service.ivf import IvfCandidates
-from miner_service.rwlock import ReadWriteLock
-from miner_service.search import (
-    NEG_INF,
-    Scoring,
-    SearchQuery,
-    candidate_search,
-    exact_search,
-    make_topk,
-    mask_slots,
-    score_block,
-)
+from miner_service.ivf_path import IvfPath
+from miner_service.search import NEG_INF, SearchQuery, exact_search, make_topk
 from miner_service.store import PairStore
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class MineResult:
-    neighbour_ids: np.ndarray  # [anchors, k] int64, -1 padding
-    scores: np.ndarray  # [anchors, k] float32, -inf padding
-    neighbour_steps: np.ndarray  # [anchors, k] uint64, 0 padding
-    size: int
-    unknown_anchor_ids: np.ndarray  # uint64
-    used_ivf: bool
-    newest_step: int  # the largest step written so far, to measure the neighbours' staleness against
-
-
-@dataclass(frozen=True)
-class MinerStats:
-    size: int
-    dim: int
-    device: str
-    min_step: int
-    max_step: int
-    capacity: int
-    max_rows: int
-    ivf_ready: bool
-    ivf_rows: int
-    max_k: int
+def resolve_devices(name: str) -> list[torch.device]:
+    """ "auto", "cpu", "cuda", "cuda:N", or a comma-separated list of CUDA devices to spread the blocks over."""
+    if name == "auto":
+        return [torch.device("cuda" if torch.cuda.is_available() else "cpu")]
+    devices = [torch.device(part.strip()) for part in name.split(",")]
+    if len({device.type for device in devices}) > 1:
+        raise ValueError(f"device '{name}' mixes device types; give CPU or CUDA devices")
+    if devices[0].type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{name}' asked for but no CUDA device is visible")
+    return devices
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{name}' asked for but no CUDA device is visible")
-    return device
+    return resolve_devices(name)[0]
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -76,19 +51,27 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 class HardPairMiner:
     def __init__(self, dim: int, config: SearchConfig = SearchConfig(), max_rows: int = 0):
         self.config = config
-        self.device = resolve_device(config.device)
+        self.devices = resolve_devices(config.device)
+        self.device = self.devices[0]
         self.dtype = resolve_dtype(config.storage_dtype, self.device)
+        # The most stored rows scored at once; the scratch budget makes it fewer for Mines with many anchors.
         self.block_rows = config.block_rows or (1 << 20 if self.device.type == "cuda" else 1 << 13)
-        self.store = PairStore(dim, self.device, self.dtype, max_rows=max_rows)
-        self._lock = ReadWriteLock()
+        self.admission = ScratchAdmission(config.scratch_budget_bytes, config.mine_queue_limit)
+        self._bytes_per_score = bytes_per_score(self.dtype)
+        # A capped store never needs a block larger than its cap (a small namespace, a test miner).
+        store_block_rows = min(config.store_block_rows, max_rows) if max_rows else config.store_block_rows
+        self.store = PairStore(dim, self.devices, self.dtype, max_rows=max_rows, block_rows=store_block_rows)
         self._newest_step = 0
-        # IVF state: the index, the ids written since its snapshot (searched exactly), and a build in flight.
-        self._ivf: IvfCandidates | None = None
-        self._fresh_ids: set[int] = set()
-        self._fresh_during_build: set[int] | None = None
-        self._fresh_array: np.ndarray | None = None
-        self._build_thread: threading.Thread | None = None
-        log.info("miner core: dim=%d device=%s dtype=%s block_rows=%d", dim, self.device, self.dtype, self.block_rows)
+        self._step_lock = threading.Lock()
+        self.ivf = IvfPath(self.store, config, self.device, self._bytes_per_score)
+        log.info(
+            "miner core: dim=%d devices=%s dtype=%s store blocks of %d rows, scored %d rows at a time",
+            dim,
+            ",".join(map(str, self.devices)),
+            self.dtype,
+            self.store.block_rows,
+            self.block_rows,
+        )
 
     @property
     def dim(self) -> int:
@@ -98,210 +81,173 @@ class HardPairMiner:
     def size(self) -> int:
         return self.store.size
 
+    @property
+    def max_rows(self) -> int:
+        return self.store.max_rows
+
     # ---- writes -------------------------------------------------------------------------------------------
-    def upsert(self, ids: np.ndarray, image, text, step) -> tuple[int, int]:
+    def upsert(self, ids: np.ndarray, image, text, step, enforce_max_rows: bool = True) -> tuple[int, int]:
         """Insert or overwrite rows; `step` is one step for all rows or one per row (restores from snapshots).
 
-        Returns (accepted, size). Raises ResourceExhausted past max_rows."""
-        with self._lock.write():
-            self.store.upsert(ids, image, text, step)
+        Returns (accepted, size). Raises ResourceExhausted past max_rows, unless `enforce_max_rows` is off (a log
+        replay: its writes were checked before they were logged)."""
+        self.store.upsert(ids, image, text, step, enforce_max_rows=enforce_max_rows)
+        with self._step_lock:
             self._newest_step = max(self._newest_step, int(np.max(step)) if len(ids) else 0)
-            self._note_written(ids)
-            size = self.store.size
-        self._maybe_rebuild_ivf()
-        return len(ids), size
+        self.ivf.note_written(ids)
+        return len(ids), self.store.size
 
     def check_capacity(self, ids: np.ndarray) -> int:
         """Rows that upserting `ids` would add (for callers that must refuse before logging a write)."""
-        with self._lock.read():
-            return self.store.new_row_count(ids)
+        return self.store.new_row_count(ids)
 
     def delete(self, ids: np.ndarray) -> tuple[int, int]:
-        with self._lock.write():
-            deleted = self.store.delete(ids)
-            if self._ivf is not None:
-                self._fresh_ids.difference_update(ids.tolist())
-                self._fresh_array = None
-            return deleted, self.store.size
-
-    def _note_written(self, ids: np.ndarray) -> None:
-        if self._ivf is None and self._fresh_during_build is None:
-            return
-        written = ids.tolist()
-        if self._ivf is not None:
-            self._fresh_ids.update(written)
-            self._fresh_array = None
-        if self._fresh_during_build is not None:
-            self._fresh_during_build.update(written)
+        deleted = self.store.delete(ids)
+        self.ivf.note_deleted(ids)
+        return deleted, self.store.size
 
     # ---- search -------------------------------------------------------------------------------------------
-    def mine(
-        self,
-        k: int,
-        anchor_ids: np.ndarray | None = None,
-        image: np.ndarray | None = None,
-        text: np.ndarray | None = None,
-        exclude_ids: np.ndarray | None = None,
-        max_similarity: float | None = None,
-        scoring: Scoring = Scoring.PRODUCT,
-        strict_anchors: bool = False,
-        self_ids: np.ndarray | None = None,
-        cancelled=None,
-    ) -> MineResult:
-        """Hard neighbours of anchors given by id (stored rows) or by embedding ([anchors, dim] each).
+    def mine(self, query: MineQuery, cancelled: Cancelled | None = None) -> MineResult:
+        """Hard neighbours of the query's anchors (see MineQuery).
 
-        self_ids: with anchors by embedding, their sample ids (their own rows are then never returned).
         cancelled: optional () -> bool; the exact search stops with SearchCancelled once it says True."""
-        cut = self.config.default_max_similarity if not max_similarity else float(max_similarity)
-        exclude_ids = np.zeros(0, dtype=np.uint64) if exclude_ids is None else exclude_ids
-        with self._lock.read():
-            view = self.store.view()
-            if anchor_ids is not None:
-                anchor_slots = self.store.slots_of(anchor_ids)
-                known = anchor_slots >= 0
-                unknown = anchor_ids[~known]
-                if strict_anchors and len(unknown):
-                    raise NotFound(
-                        "anchor_ids", f"{len(unknown)} anchor ids are not stored, e.g. {unknown[:5].tolist()}"
-                    )
-                search_slots = torch.from_numpy(anchor_slots[known]).to(self.device)
-                q_image, q_text = view.image[search_slots], view.text[search_slots]
-                n_anchors = len(anchor_ids)
-            else:
-                known = None
-                unknown = np.zeros(0, dtype=np.uint64)
-                own = self.store.slots_of(self_ids) if self_ids is not None else np.full(len(image), -1)
-                search_slots = torch.from_numpy(own.astype(np.int64)).to(self.device)
-                q_image = torch.from_numpy(np.ascontiguousarray(image)).to(self.device, self.dtype)
-                q_text = torch.from_numpy(np.ascontiguousarray(text)).to(self.device, self.dtype)
-                n_anchors = len(image)
-            exclude_slots = self.store.slots_of(exclude_ids)
-            query = SearchQuery(
-                q_image,
-                q_text,
-                k,
-                scoring,
-                cut,
-                search_slots,
-                torch.from_numpy(exclude_slots[exclude_slots >= 0]).to(self.device),
-            )
-            used_ivf = self._ivf is not None and view.image.shape[0] >= self.config.ivf.min_rows > 0
-            if q_image.shape[0] == 0 or view.image.shape[0] == 0:
-                scores = torch.full((q_image.shape[0], k), NEG_INF)
-                slots = torch.full((q_image.shape[0], k), -1, dtype=torch.int64)
-            elif used_ivf:
-                scores, slots = self._ivf_search(query, view)
-            else:
-                scores, slots = exact_search(query, view.image, view.text, self.block_rows, self.config.topk, cancelled)
-            slots = slots.cpu().numpy()
-            scores = scores.cpu().numpy().astype(np.float32, copy=False)
-            valid = slots >= 0
-            # Index with the valid slots only: on an empty store there is no row 0 to gather padding from.
-            found_ids = np.full(slots.shape, -1, dtype=np.int64)
-            found_ids[valid] = view.ids[slots[valid]].astype(np.int64)
-            found_steps = np.zeros(slots.shape, dtype=np.uint64)
-            found_steps[valid] = view.steps[slots[valid]]
-            size = view.image.shape[0]
+        k = query.k
+        unknown = np.zeros(0, dtype=np.uint64)
+        known = None
+        if query.anchor_ids is not None:
+            slots = self.store.slots_of(query.anchor_ids)
+            anchors = self.store.gather(slots, expected_ids=query.anchor_ids)
+            known = anchors.found
+            unknown = query.anchor_ids[~known]
+            if query.strict_anchors and len(unknown):
+                raise NotFound("anchor_ids", f"{len(unknown)} anchor ids are not stored, e.g. {unknown[:5].tolist()}")
+            self_ids = query.anchor_ids[known]
+            self_slots = slots[known]
+            on_device = torch.from_numpy(known).to(self.device)
+            q_image, q_text = anchors.image[on_device], anchors.text[on_device]
+        else:
+            self_ids = query.self_ids
+            self_slots = self.store.slots_of(self_ids) if self_ids is not None else np.full(len(query.image), -1)
+            q_image = torch.from_numpy(np.ascontiguousarray(query.image)).to(self.device, self.dtype)
+            q_text = torch.from_numpy(np.ascontiguousarray(query.text)).to(self.device, self.dtype)
+        exclude_slots = self.store.slots_of(query.exclude_ids)
+        search = SearchQuery(
+            q_image,
+            q_text,
+            k,
+            query.scoring,
+            query.max_similarity or self.config.default_max_similarity,
+            torch.from_numpy(self_slots.astype(np.int64)).to(self.device),
+            torch.from_numpy(exclude_slots[exclude_slots >= 0]).to(self.device),
+        )
+        ivf = self.ivf.current()  # one index and its fresh ids for the whole Mine, however rebuilds go meanwhile
+        used_ivf = ivf is not None
+        n_search = q_image.shape[0]
+        rows_at_once = self.chunk_rows(n_search)
+        scores, labels = torch.full((n_search, k), NEG_INF), torch.full((n_search, k), -1, dtype=torch.int64)
+        if n_search and self.store.size:
+            scratch = self.scratch_bytes(n_search, rows_at_once, k if used_ivf else 0)
+            with self.admission.admitted(scratch, cancelled):
+                if used_ivf:
+                    scores, labels = self.ivf.search(search, ivf, rows_at_once, cancelled)
+                else:
+                    topk = make_topk(n_search, k, self.device, self.config.topk)
+                    exact_search(search, self.store.blocks(), rows_at_once, topk, cancelled)
+                    scores, labels = topk.result()
+        found_ids, scores, found_steps = self._finish(
+            labels.cpu().numpy(), scores.cpu().numpy().astype(np.float32, copy=False), query.exclude_ids, self_ids
+        )
         if known is not None and not known.all():
             # Unknown anchors keep a row of padding so the reply stays aligned with the request.
+            n_anchors = len(query.anchor_ids)
             ids_out = np.full((n_anchors, k), -1, dtype=np.int64)
             scores_out = np.full((n_anchors, k), NEG_INF, dtype=np.float32)
             steps_out = np.zeros((n_anchors, k), dtype=np.uint64)
             ids_out[known], scores_out[known], steps_out[known] = found_ids, scores, found_steps
             found_ids, scores, found_steps = ids_out, scores_out, steps_out
-        return MineResult(found_ids, scores, found_steps, size, unknown, used_ivf, self._newest_step)
+        return MineResult(found_ids, scores, found_steps, self.store.size, unknown, used_ivf, self._newest_step)
 
-    def _ivf_search(self, query: SearchQuery, view) -> tuple[torch.Tensor, torch.Tensor]:
-        q_image = query.image.float().cpu().numpy()
-        q_text = query.text.float().cpu().numpy()
-        n_candidates = max(64, query.k * self.config.ivf.candidates_per_k)
-        candidate_ids = self._ivf.candidates(q_image, q_text, n_candidates)
-        candidate_slots = self.store.slots_of(np.where(candidate_ids >= 0, candidate_ids, 0).astype(np.uint64))
-        candidate_slots[candidate_ids < 0] = -1
-        if self._fresh_array is None:
-            self._fresh_array = np.fromiter(self._fresh_ids, dtype=np.uint64, count=len(self._fresh_ids))
-        fresh_slots = self.store.slots_of(self._fresh_array)
-        fresh_slots = fresh_slots[fresh_slots >= 0]
-        # A rewritten row is searched among the fresh rows only, so it cannot be returned twice.
-        candidate_slots[np.isin(candidate_slots, fresh_slots)] = -1
-        topk = make_topk(query.image.shape[0], query.k, self.device, self.config.topk)
-        candidate_search(query, view.image, view.text, torch.from_numpy(candidate_slots).to(self.device), topk)
-        fresh = torch.from_numpy(fresh_slots).to(self.device)
-        for first in range(0, len(fresh), self.block_rows):
-            block = fresh[first : first + self.block_rows]
-            block_scores = score_block(query, view.image[block], view.text[block])
-            mask_slots(block_scores, query, 0, slot_of_column=block)
-            topk.add(block_scores, block)
-        return topk.result()
+    def chunk_rows(self, n_anchors: int) -> int:
+        """Stored rows one Mine with n_anchors scores at once, within mine_scratch_bytes."""
+        return chunk_rows(n_anchors, self.config.mine_scratch_bytes, self._bytes_per_score, self.block_rows)
+
+    def scratch_bytes(self, n_anchors: int, rows_at_once: int, ivf_k: int = 0) -> int:
+        """What one Mine is admitted for: its score chunk, or on the IVF path a group of anchors' candidates and a
+        chunk of the fresh rows with their scores."""
+        if not ivf_k:
+            return n_anchors * rows_at_once * self._bytes_per_score
+        group = min(n_anchors, self.ivf.anchors_at_once(ivf_k))
+        return group * self.ivf.candidate_bytes(ivf_k)[1] + self.ivf.fresh_chunk_bytes(group, rows_at_once)
+
+    def _finish(self, ids: np.ndarray, scores: np.ndarray, exclude_ids: np.ndarray, self_ids: np.ndarray | None):
+        """Ids, scores and current steps of the neighbours, with the filters applied once more by id.
+
+        The search masked excluded and own rows by the slots they had when it began; a row deleted, or an excluded
+        id inserted, while it ran is dropped here, and the neighbours after it move up (padding at the end). An id
+        deleted and re-inserted into a slot the search had still to reach was scored twice: its first (best)
+        place is kept."""
+        found = ids >= 0
+        slots = np.full(ids.shape, -1, dtype=np.int64)
+        slots[found] = self.store.slots_of(ids[found].astype(np.uint64))
+        keep = (slots >= 0) & ~_repeated_in_row(ids)
+        if len(exclude_ids):
+            keep &= ~np.isin(ids, exclude_ids.astype(np.int64))
+        if self_ids is not None:
+            keep &= ids != self_ids.astype(np.int64)[:, None]
+        steps = np.zeros(ids.shape, dtype=np.uint64)
+        current = self.store.gather(slots[keep], expected_ids=ids[keep].astype(np.uint64))
+        steps[keep] = current.steps
+        keep[keep] = current.found  # deleted since the lookup above
+        if not (keep == found).all():
+            order = np.argsort(~keep, axis=1, kind="stable")
+            ids, scores, steps, keep = (np.take_along_axis(a, order, axis=1) for a in (ids, scores, steps, keep))
+            ids[~keep], scores[~keep], steps[~keep] = -1, NEG_INF, 0
+        return ids, scores, steps
 
     def fetch(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(found mask [n], image [found, dim] float32, text, steps [found]) of the stored rows of `ids`."""
-        with self._lock.read():
-            slots = self.store.slots_of(ids)
-            found = slots >= 0
-            view = self.store.view()
-            index = torch.from_numpy(slots[found]).to(self.device)
-            return (
-                found,
-                view.image[index].float().cpu().numpy(),
-                view.text[index].float().cpu().numpy(),
-                view.steps[slots[found]].copy(),
-            )
+        rows = self.store.gather(self.store.slots_of(ids), expected_ids=np.asarray(ids, dtype=np.uint64))
+        found = torch.from_numpy(rows.found).to(self.device)
+        return (
+            rows.found,
+            rows.image[found].float().cpu().numpy(),
+            rows.text[found].float().cpu().numpy(),
+            rows.steps[rows.found],
+        )
 
-    # ---- IVF maintenance ----------------------------------------------------------------------------------
-    def _maybe_rebuild_ivf(self) -> None:
-        ivf = self.config.ivf
-        if ivf.min_rows <= 0 or self.store.size < ivf.min_rows or self.device.type != "cpu":
-            return
-        if self._build_thread is not None and self._build_thread.is_alive():
-            return
-        if self._ivf is not None and len(self._fresh_ids) < ivf.rebuild_fraction * self._ivf.rows:
-            return
-        self._build_thread = threading.Thread(target=self._rebuild_ivf, name="ivf-rebuild", daemon=True)
-        self._build_thread.start()
-
-    def _rebuild_ivf(self) -> None:
-        with self._lock.write():  # a consistent snapshot; copying is fast next to the build
-            view = self.store.view()
-            image = view.image.float().cpu().numpy().copy()
-            text = view.text.float().cpu().numpy().copy()
-            ids = view.ids.copy()
-            self._fresh_during_build = set()
-        try:
-            built = IvfCandidates.build(image, text, ids, self.config.ivf)
-        except Exception:
-            log.exception("IVF rebuild failed; the exact search keeps serving")
-            with self._lock.write():
-                self._fresh_during_build = None
-            return
-        with self._lock.write():
-            self._ivf = built
-            self._fresh_ids = self._fresh_during_build
-            self._fresh_during_build = None
-            self._fresh_array = None
+    def copy_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, steps, image float32, text) of all stored rows, copied block by block (writers keep going)."""
+        return self.store.copy_all()
 
     def wait_for_ivf(self, timeout_s: float | None = None) -> bool:
-        """Block until a build in flight finishes (tests, benchmarks). Returns whether an IVF is ready."""
-        thread = self._build_thread
-        if thread is not None:
-            thread.join(timeout_s)
-        return self._ivf is not None
+        """Block until an IVF build in flight finishes (tests, benchmarks). Returns whether an IVF is ready."""
+        return self.ivf.wait(timeout_s)
 
     # ---- stats --------------------------------------------------------------------------------------------
     def stats(self) -> MinerStats:
-        with self._lock.read():
-            view = self.store.view()
-            min_step = int(view.steps.min()) if len(view.steps) else 0
-            max_step = int(view.steps.max()) if len(view.steps) else 0
-            return MinerStats(
-                self.store.size,
-                self.dim,
-                str(self.device),
-                min_step,
-                max_step,
-                self.store.capacity,
-                self.store.max_rows,
-                self._ivf is not None,
-                self._ivf.rows if self._ivf else 0,
-                self.config.max_k,
-            )
+        min_step, max_step = self.store.step_range()
+        ivf = self.ivf.current()
+        return MinerStats(
+            self.store.size,
+            self.dim,
+            str(self.device),
+            min_step,
+            max_step,
+            self.store.capacity,
+            self.store.max_rows,
+            ivf is not None,
+            ivf.index.rows if ivf else 0,
+            self.config.max_k,
+            ivf_enabled=self.ivf.enabled,
+        )
+
+
+def _repeated_in_row(ids: np.ndarray) -> np.ndarray:
+    """[anchors, k] bool: True where an id (>= 0) already appeared earlier in its row."""
+    order = np.argsort(ids, axis=1, kind="stable")
+    in_order = np.take_along_axis(ids, order, axis=1)
+    repeated_in_order = np.zeros(ids.shape, dtype=bool)
+    repeated_in_order[:, 1:] = (in_order[:, 1:] == in_order[:, :-1]) & (in_order[:, 1:] >= 0)
+    repeated = np.empty_like(repeated_in_order)
+    np.put_along_axis(repeated, order, repeated_in_order, axis=1)
+    return repeated

@@ -32,6 +32,7 @@ from miner_service import snapshot
 from miner_service.config import DurabilityConfig, MinerConfig
 from miner_service.durable import DurableMiner
 from miner_service.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from miner_service.lag import ReplicaLag
 from miner_service.log import DEFAULT_NAMESPACE, registry_key, stream_key
 from miner_service.miner import HardPairMiner
 
@@ -236,6 +237,11 @@ class NamespaceRegistry:
     def all(self) -> list[Namespace]:
         with self._lock:
             return [self._namespaces[name] for name in sorted(self._namespaces)]
+
+    def lag(self) -> ReplicaLag:
+        """A follower's lag: the worst over its durable namespaces (each tails a stream of its own)."""
+        lags = [namespace.durable.lag() for namespace in self.all() if namespace.durable is not None]
+        return max(lags, key=lambda lag: lag.seconds, default=ReplicaLag())
 
     def total_rows(self) -> int:
         return sum(namespace.rows for namespace in self.all())

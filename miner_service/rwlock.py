@@ -10,12 +10,27 @@ class ReadWriteLock:
         self._readers = 0
         self._writer = False
         self._writers_waiting = 0
+        self._readers_waiting = 0
+
+    def wait_for_writers(self, count: int, timeout_s: float | None = None) -> bool:
+        """Block until at least `count` writers wait for this lock (tests). Returns whether they do."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._writers_waiting >= count, timeout_s)
+
+    def wait_for_readers(self, count: int, timeout_s: float | None = None) -> bool:
+        """Block until at least `count` readers wait for this lock (tests). Returns whether they do."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._readers_waiting >= count, timeout_s)
 
     @contextmanager
     def read(self):
         with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
+            if self._writer or self._writers_waiting:
+                self._readers_waiting += 1
+                self._cond.notify_all()  # wakes wait_for_readers
+                while self._writer or self._writers_waiting:
+                    self._cond.wait()
+                self._readers_waiting -= 1
             self._readers += 1
         try:
             yield
@@ -29,6 +44,7 @@ class ReadWriteLock:
     def write(self):
         with self._cond:
             self._writers_waiting += 1
+            self._cond.notify_all()  # wakes wait_for_writers
             while self._writer or self._readers:
                 self._cond.wait()
             self._writers_waiting -= 1

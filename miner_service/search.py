@@ -2,8 +2,8 @@
 
 Torch matrix products on whatever device the rows live on, so the CPU and GPU paths are one code path (DESIGN
 §2, "GPU first, CPU always"); only the running top-k differs (FAISS heaps on the CPU, torch.topk on the GPU).
-Scores are computed block by block over the rows so that memory stays at O(anchors × block_rows) however many rows
-are stored.
+Scores are computed chunk by chunk over the store's blocks so that memory stays at O(anchors × chunk_rows) however
+many rows are stored; the top-k is labelled by sample id, which stays right however rows are written meanwhile.
 """
 
 from __future__ import annotations
@@ -41,6 +41,29 @@ class SearchQuery:
     max_similarity: float
     self_slots: torch.Tensor
     exclude_slots: torch.Tensor
+
+    def anchors(self, part: slice) -> SearchQuery:
+        """The same search for a slice of the anchors."""
+        return SearchQuery(
+            self.image[part],
+            self.text[part],
+            self.k,
+            self.scoring,
+            self.max_similarity,
+            self.self_slots[part],
+            self.exclude_slots,
+        )
+
+    def to(self, device: torch.device) -> SearchQuery:
+        return SearchQuery(
+            self.image.to(device),
+            self.text.to(device),
+            self.k,
+            self.scoring,
+            self.max_similarity,
+            self.self_slots.to(device),
+            self.exclude_slots.to(device),
+        )
 
 
 NEG_INF = float("-inf")
@@ -102,17 +125,17 @@ class TorchTopK:
         self.slots = torch.full((n_anchors, k), -1, dtype=torch.int64, device=device)
 
     def add(self, scores: torch.Tensor, slots: torch.Tensor) -> None:
-        """Offer a block of candidates; `slots` is [cols] (shared by all anchors) or [anchors, cols]."""
+        """Offer a block of candidates; `slots` (labels: slots or ids, int64) is [cols] (shared by all anchors) or
+        [anchors, cols]."""
         take = min(self.k, scores.shape[1])
         top_scores, top_cols = torch.topk(scores, take, dim=1)
         top_slots = slots[top_cols] if slots.dim() == 1 else torch.gather(slots, 1, top_cols)
+        # Blocks on other devices send only their top-k over, never a block of scores.
+        top_scores, top_slots = top_scores.to(self.scores.device), top_slots.to(self.scores.device)
         merged_scores = torch.cat([self.scores, top_scores], dim=1)
         merged_slots = torch.cat([self.slots, top_slots], dim=1)
         self.scores, keep = torch.topk(merged_scores, self.k, dim=1)
         self.slots = torch.gather(merged_slots, 1, keep)
-
-    def add_range(self, scores: torch.Tensor, first_slot: int) -> None:
-        self.add(scores, torch.arange(first_slot, first_slot + scores.shape[1], device=scores.device))
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.slots[self.scores == NEG_INF] = -1
@@ -143,10 +166,6 @@ class HeapTopK:
             values.shape[1], faiss.swig_ptr(values), faiss.swig_ptr(ids), stride, 0, values.shape[0]
         )
 
-    def add_range(self, scores: torch.Tensor, first_slot: int) -> None:
-        values = scores.contiguous().numpy()
-        self.heaps.addn(values.shape[1], faiss.swig_ptr(values), first_slot, 0, values.shape[0])
-
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.heaps.reorder()
         self.scores[self.slots < 0] = NEG_INF
@@ -164,38 +183,45 @@ class SearchCancelled(Exception):
     """The caller went away (deadline passed, client cancelled) before the search finished."""
 
 
-def exact_search(
-    query: SearchQuery,
-    image_rows: torch.Tensor,
-    text_rows: torch.Tensor,
-    block_rows: int,
-    topk_kind: str = "auto",
-    cancelled=None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k (scores float32, slots int64; both [anchors, k], best first, -inf / -1 padding) over all rows.
+def exact_search(query: SearchQuery, blocks, chunk_rows: int, topk, cancelled=None) -> None:
+    """Offer every stored row of `blocks` (store.RowBlock) to `topk`, labelled by id, `chunk_rows` rows at a time.
 
-    cancelled: optional () -> bool, asked between blocks; True stops the search with SearchCancelled, so that an
-    abandoned Mine frees its CPU (and the store's read lock) within one block instead of at the end."""
-    n_rows = image_rows.shape[0]
-    topk = make_topk(query.image.shape[0], query.k, image_rows.device, topk_kind)
-    for first in range(0, n_rows, block_rows):
-        if cancelled is not None and cancelled():
-            raise SearchCancelled(f"stopped after {first} of {n_rows} rows")
-        last = min(first + block_rows, n_rows)
-        scores = score_block(query, image_rows[first:last], text_rows[first:last])
-        mask_slots(scores, query, first)
-        topk.add_range(scores, first)
-    return topk.result()
+    Each chunk is scored under its block's read lock only, so a writer waits for at most one chunk of this search.
+    Rows past a block's `used` mark when the search reaches it were written after the search began and are left
+    out. cancelled: optional () -> bool, asked between chunks; True stops the search with SearchCancelled, so
+    that an abandoned Mine frees its CPU within one chunk instead of at the end."""
+    scanned, total = 0, sum(block.used for block in blocks)
+    on_device = {query.image.device: query}
+    for block in blocks:
+        if block.device not in on_device:
+            on_device[block.device] = query.to(block.device)
+        local = on_device[block.device]
+        for first in range(0, block.used, chunk_rows):
+            if cancelled is not None and cancelled():
+                raise SearchCancelled(f"stopped after {scanned} of {total} rows")
+            with block.lock.read():
+                last = min(first + chunk_rows, block.used)
+                scores = score_block(local, block.image[first:last], block.text[first:last])
+                if block.holes:
+                    scores.masked_fill_(~block.live_mask[first:last], NEG_INF)
+                mask_slots(scores, local, block.first_slot + first)
+                topk.add(scores, block.labels[first:last])
+            scanned += last - first
 
 
 def candidate_search(
-    query: SearchQuery, image_rows: torch.Tensor, text_rows: torch.Tensor, candidate_slots: torch.Tensor, topk
+    query: SearchQuery,
+    image_c: torch.Tensor,
+    text_c: torch.Tensor,
+    candidate_slots: torch.Tensor,
+    candidate_ids: torch.Tensor,
+    topk,
 ) -> None:
-    """Exact re-rank of per-anchor candidates ([anchors, c] slots, -1 = none) with all filters, into `topk`."""
+    """Exact re-rank of per-anchor candidates with all filters, into `topk` labelled by id.
+
+    image_c, text_c: [anchors, c, dim] the candidates' rows; candidate_slots / candidate_ids: [anchors, c] int64,
+    -1 where there is no candidate."""
     valid = candidate_slots >= 0
-    safe = candidate_slots.clamp(min=0)
-    image_c = image_rows[safe]  # [anchors, c, dim]
-    text_c = text_rows[safe]
     image_sim = torch.bmm(image_c, query.image.unsqueeze(2)).squeeze(2).float()
     text_sim = torch.bmm(text_c, query.text.unsqueeze(2)).squeeze(2).float()
     scores = {
@@ -210,4 +236,4 @@ def candidate_search(
     scores.masked_fill_(candidate_slots == query.self_slots.unsqueeze(1), NEG_INF)
     if query.exclude_slots.numel():
         scores.masked_fill_(torch.isin(candidate_slots, query.exclude_slots), NEG_INF)
-    topk.add(scores, candidate_slots)
+    topk.add(scores, candidate_ids)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ log = logging.getLogger(__name__)
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 TOKEN_ENV = "HELIP_AUTH_TOKEN"  # outside HELIP_MINER_*, which maps onto config fields
+# The userinfo of a URL ("scheme://user:password@"): Redis URLs carry their password there.
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@\s]*@")
 
 
 @dataclass(frozen=True)
@@ -98,3 +101,26 @@ def channel_credentials(ca_file: str = "", cert_file: str = "", key_file: str = 
         private_key=read_secret(key_file, "tls_key_file") if key_file else None,
         certificate_chain=read_secret(cert_file, "tls_cert_file") if cert_file else None,
     )
+
+
+def redact_url(text: str) -> str:
+    """`text` with the password of every URL in it masked: redis://:***@redis:6379/0, rediss://user:***@host."""
+    return _URL_USERINFO.sub(r"\g<scheme>\g<user>:***@", text)
+
+
+class RedactingFilter(logging.Filter):
+    """A handler filter that masks URL passwords in every record it passes, whichever module logged it.
+
+    Installed on handlers (not loggers) so that records propagated from any library logger go through it; the
+    traceback of a logged exception is formatted here and masked too (redis errors may quote their URL)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_url(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact_url(record.exc_text)
+        return True

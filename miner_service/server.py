@@ -26,6 +26,7 @@ from miner_service.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from miner_service.lag import LagSampler, ReplicaLag
 from miner_service.metrics import MinerMetrics
 from miner_service.miner import HardPairMiner
 from miner_service.namespaces import DEFAULT, Namespace, NamespaceRegistry, validate_fingerprint, validate_name
@@ -60,14 +61,22 @@ def _declared_dim(request: pb.UpsertRequest, fallback: int) -> int:
 class MinerServicer(pb_grpc.MinerServicer):
     """Routes each request to its namespace's core (a HardPairMiner, or a DurableMiner around one)."""
 
-    def __init__(self, registry: NamespaceRegistry, config: MinerConfig, metrics: MinerMetrics):
+    def __init__(
+        self,
+        registry: NamespaceRegistry,
+        config: MinerConfig,
+        metrics: MinerMetrics,
+        lag: LagSampler | None = None,
+    ):
         self.registry = registry
         self.config = config
         self.metrics = metrics
+        self.lag = lag  # a follower's latest lag sample, the worst over its namespaces (None: not a follower)
         registry.on_dropped = metrics.forget_namespace
         for namespace in registry.all():
             self.metrics.rows.labels(namespace.name).set(namespace.rows)
         self.metrics.namespaces.set(len(registry.names()))
+        self.metrics.ivf_enabled.set(int(registry.get(DEFAULT).miner.stats().ivf_enabled))
 
     @contextmanager
     def _call(self, method: str, context: grpc.ServicerContext):
@@ -156,19 +165,14 @@ class MinerServicer(pb_grpc.MinerServicer):
             namespace = self._namespace(request)
             search = self.config.search
             query = validation.mine_query(request, namespace.dim, search.max_k, search.max_anchors)
-            result = namespace.miner.mine(
-                query.k,
-                anchor_ids=query.anchor_ids,
-                image=query.image,
-                text=query.text,
-                exclude_ids=query.exclude_ids,
-                max_similarity=query.max_similarity,
-                scoring=query.scoring,
-                strict_anchors=query.strict_anchors,
-                self_ids=query.self_ids,
-                cancelled=lambda: not context.is_active(),
+            result = namespace.miner.mine(query, cancelled=lambda: not context.is_active())
+            lag = self._replica_lag()
+            reply = pb.MineReply(
+                k=query.k,
+                size=result.size,
+                served_by_follower=self.lag is not None,
+                replica_lag_seconds=lag.seconds,
             )
-            reply = pb.MineReply(k=query.k, size=result.size)
             reply.neighbour_ids.extend(result.neighbour_ids.ravel().tolist())
             reply.scores.extend(result.scores.ravel().tolist())
             reply.neighbour_steps.extend(result.neighbour_steps.ravel().tolist())
@@ -182,6 +186,9 @@ class MinerServicer(pb_grpc.MinerServicer):
                 self.metrics.neighbour_staleness.observe(float(staleness.mean()))
                 self.metrics.returned_neighbours.inc(int(found.sum()))
             return reply
+
+    def _replica_lag(self) -> ReplicaLag:
+        return self.lag.current if self.lag is not None else ReplicaLag()
 
     def Delete(self, request, context):
         with self._call("Delete", context):
@@ -210,8 +217,6 @@ class MinerServicer(pb_grpc.MinerServicer):
             s = namespace.miner.stats()
             self.metrics.ivf_rows.set(s.ivf_rows)
             durability = self.config.durability
-            durable = namespace.durable is not None
-            role = ("follower" if durability.follow else "leader") if durable else "standalone"
             namespaces = self.registry.all()
             self.metrics.namespaces.set(len(namespaces))  # a follower learns of namespaces without writes
             return pb.StatsReply(
@@ -225,14 +230,15 @@ class MinerServicer(pb_grpc.MinerServicer):
                 ivf_ready=s.ivf_ready,
                 ivf_rows=s.ivf_rows,
                 max_k=s.max_k,
-                role=role,
-                log_offset=str(namespace.durable.applied) if durable else "",
+                role=s.role,
+                log_offset=s.log_offset,
                 shard_index=durability.shard_index,
                 shard_count=durability.shard_count,
                 namespace=namespace.name,
                 namespaces=[_info(n) for n in namespaces],
                 total_rows=sum(n.rows for n in namespaces),
                 max_total_rows=self.config.max_total_rows,
+                replica_lag_seconds=self._replica_lag().seconds,
             )
 
     def EnsureNamespace(self, request, context):
@@ -273,7 +279,12 @@ class MinerServer:
         self.registry = NamespaceRegistry(config, default_core=miner)
         self.registry.open()
         self.metrics = MinerMetrics.create()
-        self.servicer = MinerServicer(self.registry, config, self.metrics)
+        self.lag = None
+        if config.durability.redis_url and config.durability.follow:
+            self.lag = LagSampler(
+                self.registry.lag, on_sample=lambda lag: self.metrics.replica_lag_seconds.set(lag.seconds)
+            )
+        self.servicer = MinerServicer(self.registry, config, self.metrics, self.lag)
         self.health = health.HealthServicer()
         token = load_token(config.security.token_file)
         interceptors = []
@@ -313,6 +324,8 @@ class MinerServer:
             self.metrics_port = self._metrics_server.server_port
         self.server.start()
         self.registry.start()
+        if self.lag is not None:
+            self.lag.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -334,6 +347,8 @@ class MinerServer:
         self._stopped.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(self.config.grace_s if grace_s is None else grace_s).wait()
+        if self.lag is not None:
+            self.lag.stop()
         self.registry.stop()  # after the last write finished: the final snapshots cover every ack
         if self._metrics_server is not None:
             self._metrics_server.shutdown()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from helip.miner.v1 import miner_pb2 as pb
+from miner_service.core_api import MineQuery
 from miner_service.errors import InvalidArgument
 from miner_service.search import Scoring
 from miner_service.tensors import decode
@@ -21,23 +22,6 @@ class UpsertBatch:
     image: np.ndarray  # [n, dim] float
     text: np.ndarray
     step: int
-
-
-@dataclass(frozen=True)
-class MineQuery:
-    k: int
-    anchor_ids: np.ndarray | None
-    image: np.ndarray | None
-    text: np.ndarray | None
-    exclude_ids: np.ndarray
-    max_similarity: float
-    scoring: Scoring
-    strict_anchors: bool
-    self_ids: np.ndarray | None = None  # with anchors by embedding: their ids, to drop their own rows
-
-    @property
-    def n_anchors(self) -> int:
-        return len(self.anchor_ids) if self.anchor_ids is not None else len(self.image)
 
 
 def _ids(values, field: str) -> np.ndarray:
@@ -121,15 +105,15 @@ def mine_query(request: pb.MineRequest, dim: int, max_k: int, max_anchors: int) 
             f"{n_anchors} anchors exceed the per-request limit {max_anchors}",
         )
     return MineQuery(
-        int(request.k),
-        anchor_ids,
-        image,
-        text,
-        _ids(request.exclude_ids, "exclude_ids"),
-        float(request.max_similarity),
-        scoring,
-        bool(request.strict_anchors),
-        self_ids,
+        k=int(request.k),
+        anchor_ids=anchor_ids,
+        image=image,
+        text=text,
+        exclude_ids=_ids(request.exclude_ids, "exclude_ids"),
+        max_similarity=float(request.max_similarity),
+        scoring=scoring,
+        strict_anchors=bool(request.strict_anchors),
+        self_ids=self_ids,
     )
 
 

@@ -22,6 +22,16 @@ install() {
       echo "install Debian's prometheus package (prometheus, promtool) for the deploy tests" >&2
     fi
   fi
+  # Chromium (Debian's), headless, for the helip-inspect page test.
+  if ! command -v chromium >/dev/null; then
+    if [[ $(id -u) -eq 0 ]]; then
+      # Only one test needs it (and skips without it): a failed install must not stop the rest.
+      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null; } ||
+        echo "could not install chromium: the helip-inspect browser test will be skipped" >&2
+    else
+      echo "install Debian's chromium package for the helip-inspect browser test" >&2
+    fi
+  fi
   [[ -x "$PY" ]] || python3 -m venv "$VENV"
   "$PY" -m pip install -q --upgrade pip setuptools wheel
   # The CPU/CUDA torch pair served from this machine's disk; nothing below may pull another torch.

@@ -16,6 +16,10 @@ FLAGS = {  # flag -> dotted config key
     "--miner": "mining.address",
     "--train-data": "data.train",
     "--eval-dir": "data.eval_dir",
+    "--zeroshot-dir": "data.zeroshot_dir",
+    "--zeroshot-classnames": "data.zeroshot_classnames",
+    "--zeroshot-templates": "data.zeroshot_templates",
+    "--retrieval-data": "data.retrieval_data",
     "--model": "model.name",
     "--pretrained": "model.pretrained",
     "--steps": "optim.steps",
@@ -30,6 +34,7 @@ FLAGS = {  # flag -> dotted config key
     "--resume": "run.resume",
     "--checkpoint-every": "run.checkpoint_every",
     "--eval-every": "run.eval_every",
+    "--zeroshot-frequency": "run.zeroshot_frequency",
 }
 
 
@@ -74,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"optim.hard_ratio must be in [0, 1), got {config.optim.hard_ratio}")
         if not (config.data.train or config.data.synth_dir):
             raise ValueError("data.train (--train-data) or data.synth_dir must be set")
+        from trainer.eval import check_data_sources
+
+        check_data_sources(config.data)  # bad evaluation data fails now, not after training
     except (ValueError, OSError) as error:
         parser.error(str(error))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -18,6 +18,7 @@ class ComposedBatch:
     n_hard: int  # slots filled with a mined hard pair
     n_fallback: int  # slots meant for a hard pair that got a random sample instead
     n_foreign: int = 0  # neighbour ids in the answer that the data set does not hold (dropped, never used)
+    n_plain: int = 0  # hard slots left to random samples on purpose (mining not started, or ramping up)
 
     @property
     def hard_fraction(self) -> float:
@@ -31,6 +32,7 @@ def compose_batch(
     n_samples: int,
     rng: np.random.Generator,
     top: int = 50,
+    max_mined: int | None = None,
 ) -> ComposedBatch:
     """Fill `batch_size - len(anchor_ids)` slots with hard pairs of the anchors.
 
@@ -38,6 +40,8 @@ def compose_batch(
     (not yet indexed, deadline missed, miner down): then every hard slot falls back to a random sample.
     Each anchor's hard pair is drawn uniformly from its first `top` usable neighbours (not already in the batch).
     Ids outside [0, n_samples) (rows another data set left in a shared miner) are never used, only counted.
+    max_mined: at most this many hard slots take a mined pair (None: all); the others are plain random samples,
+    counted as `n_plain`, not as fallbacks (the streaming mode's ramp).
     """
     anchor_ids = np.asarray(anchor_ids, dtype=np.int64)
     n_anchors = len(anchor_ids)
@@ -53,12 +57,13 @@ def compose_batch(
         n_foreign = int(foreign.sum())
         if n_foreign:
             neighbour_ids = np.where(foreign, -1, neighbour_ids)
+    minable = n_slots if max_mined is None else max(0, min(n_slots, max_mined))
     taken = set(anchor_ids.tolist())
     hard_of_anchor: list[tuple[int, int, bool]] = []  # (anchor index, sample id, mined?)
     for slot in range(n_slots):
         anchor = slot % n_anchors if n_anchors else 0
         choice = -1
-        if neighbour_ids is not None and n_anchors:
+        if neighbour_ids is not None and n_anchors and slot < minable:
             usable = [int(i) for i in neighbour_ids[anchor] if i >= 0 and int(i) not in taken][:top]
             if usable:
                 choice = usable[int(rng.integers(len(usable)))]
@@ -88,8 +93,9 @@ def compose_batch(
         ids=np.asarray(ids, dtype=np.int64),
         couples=np.asarray(couples, dtype=np.int64).reshape(-1, 2),
         n_hard=n_hard,
-        n_fallback=n_slots - n_hard,
+        n_fallback=minable - n_hard,
         n_foreign=n_foreign,
+        n_plain=n_slots - minable,
     )
 
 

@@ -18,6 +18,10 @@ from trainer.model import ModelConfig
 class DataConfig:
     train: str = ""  # CSV/TSV (open_clip format) or webdataset shards; empty with synth: generated
     eval_dir: str = ""  # a directory in the synth layout (zeroshot.json, retrieval.csv); empty: no eval
+    zeroshot_dir: str = ""  # ImageFolder directory (a folder per class) for zero-shot; see run.zeroshot_frequency
+    zeroshot_classnames: str = ""  # file (lines, JSON list or folder->name object) or "imagenet"; empty: folder names
+    zeroshot_templates: str = ""  # file of templates with {} (lines or JSON list), "openai" or "simple"; empty: default
+    retrieval_data: str = ""  # CSV/TSV of image-caption pairs for retrieval, read with img_key, caption_key, separator
     img_key: str = "filepath"
     caption_key: str = "title"
     separator: str = "\t"
@@ -57,13 +61,18 @@ class RunConfig:
     output_dir: str = "runs/demo"
     deepspeed_config: str = "configs/deepspeed/zero0_fp32.json"
     checkpoint_every: int = 100  # optimizer steps; 0: only at the end
-    eval_every: int = 0  # optimizer steps; 0: only at the end
+    eval_every: int = 0  # optimizer steps between evals of data.eval_dir and data.retrieval_data; 0: only at the end
+    zeroshot_frequency: int = 1  # epochs between zero-shot evals of data.zeroshot_dir; 0: only at the end
     log_every: int = 10
     resume: str = ""  # "", "latest", or a checkpoint tag
     progress: bool = True
     metrics_port: int = 0  # Prometheus /metrics of rank r on metrics_port + local rank (0: off)
     metrics_host: str = "127.0.0.1"
     record_ids: bool = False  # write the sample ids each rank trained on (seen-ids-rank{r}.npy), for checks
+
+    def __post_init__(self):
+        if self.zeroshot_frequency < 0:
+            raise ValueError(f"run.zeroshot_frequency must be >= 0, got {self.zeroshot_frequency}")
 
 
 @dataclass

@@ -7,6 +7,7 @@ same parts any other loop uses (see examples/), and owns nothing else.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -292,6 +293,9 @@ class Trainer:
         seen: set[int] = set()
         ckpt_every = config.run.checkpoint_every * self.accumulation
         eval_every = config.run.eval_every * self.accumulation
+        # Zero-shot on data.zeroshot_dir counts epochs (open_clip's --zeroshot-frequency); an epoch is the sampler's:
+        # every sample once as an anchor, steps_per_epoch micro-steps on each rank.
+        zeroshot_every = config.run.zeroshot_frequency * self.sampler.anchors.steps_per_epoch
         last: dict[str, float] = {}
         batches = iter(loader)
         for micro in range(start_micro, total_micro):
@@ -312,8 +316,10 @@ class Trainer:
             progress.set_postfix(loss=f"{last['total']:.3f}", hard=f"{layout.hard_fraction:.2f}")
             if ckpt_every and done % ckpt_every == 0 and done != total_micro:
                 self._save(done)
-            if eval_every and done % eval_every == 0 and done != total_micro:
-                self._evaluate(f"step_{done // self.accumulation}")
+            periodic = bool(eval_every) and done % eval_every == 0
+            zero_shot = bool(zeroshot_every) and done % zeroshot_every == 0
+            if (periodic or zero_shot) and done != total_micro:
+                self._evaluate(f"step_{done // self.accumulation}", periodic=periodic, zero_shot=zero_shot)
         progress.close()
         runlog.close()
         del batches, loader  # stops the loader's workers
@@ -404,15 +410,33 @@ class Trainer:
         log.info("resumed from %s at step %d", path, micro // self.accumulation)
         return micro
 
-    def _evaluate(self, name: str) -> Path | None:
-        eval_dir = self.config.data.eval_dir
-        if not (self.is_main and eval_dir):
+    @functools.cached_property
+    def eval_suite(self):
+        """The evaluation data, loaded at the first eval: after _prepare_data, which may set data.eval_dir."""
+        from trainer.eval import suite_from_data
+
+        return suite_from_data(self.config.data)
+
+    def _evaluate(self, name: str, periodic: bool = True, zero_shot: bool = True) -> Path | None:
+        """Evaluate on rank 0 and write eval/NAME.json. `periodic`: the synth layout, the retrieval CSV (every
+        run.eval_every steps); `zero_shot`: data.zeroshot_dir (every run.zeroshot_frequency epochs)."""
+        if not self.is_main or self.eval_suite is None:
             return None
-        from trainer.eval import evaluate
+        from trainer.eval import evaluate_suite
 
         # Under bf16/fp16 DeepSpeed holds half-precision weights: autocast feeds them matching inputs.
         with torch.autocast(self.device.type, dtype=self.input_dtype, enabled=self.input_dtype != torch.float32):
-            metrics = evaluate(self.engine.module, self.tokenizer, self.preprocess_val, eval_dir, device=self.device)
+            metrics = evaluate_suite(
+                self.engine.module,
+                self.tokenizer,
+                self.preprocess_val,
+                self.eval_suite,
+                device=self.device,
+                periodic=periodic,
+                folder_zero_shot=zero_shot,
+            )
+        if not metrics:
+            return None
         path = self.output_dir / "eval" / f"{name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(metrics, indent=2))

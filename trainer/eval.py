@@ -1,147 +1,49 @@
-"""Zero-shot classification and image<->text retrieval for CLIP-style models (`helip-eval`).
+"""`helip-eval`: zero-shot accuracy, image<->text retrieval recall and a linear probe of a CLIP model, as JSON.
 
-A model is anything with `encode_image(images [B,3,H,W]) -> [B,D]` and `encode_text(tokens [B,L]) -> [B,D]`;
-embeddings are L2-normalised here, so the model need not do it. Ranks are pessimistic: a tie with the true match
-counts against it, so a degenerate model (e.g. constant embeddings) scores 0, never 1.
-
-Task layout (written by trainer.synth): DIR/zeroshot.json = {"classnames": [...], "templates": ["... {} ..."],
-"samples": CSV name relative to the json, "label_key": column with the class index (default "label")} and
-DIR/retrieval.csv with one image and one caption per row (captions should be unique).
+The measurements live in trainer.eval_metrics, the data sources in trainer.eval_tasks: the synth layout
+(DIR/zeroshot.json + DIR/retrieval.csv, written by trainer.synth), an ImageFolder directory with class names and
+templates for zero-shot and the linear probe, and a CSV/TSV of image-caption pairs in the training data's format
+for retrieval. Metric keys name their source: "zero_shot/…" and "retrieval/…" (synth layout), "zero_shot_folder/…"
+(ImageFolder), "retrieval_csv/…" (CSV), "linear_probe/top1".
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from trainer.data import CsvPairs, Tokenize, Transform, collate, read_csv_rows
+from trainer import probe
+from trainer.data import Tokenize, Transform
+from trainer.eval_metrics import linear_probe, retrieval, zero_shot
+from trainer.eval_tasks import EvalDataError, EvalSuite, load_suite, load_zero_shot_task
 
 log = logging.getLogger(__name__)
 
-RECALL_AT = (1, 5, 10)
-
-
-def _device_of(device: str | torch.device | None) -> torch.device:
-    return torch.device(device) if device is not None else torch.device("cpu")
-
-
-@torch.no_grad()
-def _encode_images(model, dataset: CsvPairs, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Normalised image embeddings [N, D] on the CPU, in row order."""
-    dataset.max_substitutes = 0  # an evaluation set must be whole: a bad sample is an error, never replaced
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    chunks = [F.normalize(model.encode_image(images.to(device)).float(), dim=-1).cpu() for _, images, _ in loader]
-    return torch.cat(chunks)
-
-
-@torch.no_grad()
-def _encode_texts(model, tokenizer: Tokenize, texts: Sequence[str], batch_size: int, device: torch.device):
-    """Normalised text embeddings [N, D] on the CPU, in order."""
-    chunks = []
-    for start in range(0, len(texts), batch_size):
-        tokens = tokenizer(list(texts[start : start + batch_size])).to(device)
-        chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
-    return torch.cat(chunks)
-
-
-def _hits(scores: torch.Tensor, targets: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
-    """Fraction of rows whose target column ranks within the top k, for each k; ties count against the target."""
-    true = scores.gather(1, targets[:, None])
-    # Rank = how many other columns score at least as high as the true one.
-    rank = (scores >= true).sum(dim=1) - 1
-    return {k: (rank < k).float().mean().item() for k in ks}
-
-
-class _EvalMode:
-    """Put a model in eval mode for a block and restore its previous mode, so evaluation mid-training is safe."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        self.was_training = getattr(self.model, "training", False)
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.was_training)
-
-
-def load_zero_shot_task(task: str | Path) -> tuple[list[str], list[str], Path, str]:
-    """(classnames, templates, samples CSV path, label column) from a task json or a directory holding zeroshot.json."""
-    path = Path(task)
-    if path.is_dir():
-        path = path / "zeroshot.json"
-    spec = json.loads(path.read_text(encoding="utf-8"))
-    for field in ("classnames", "templates", "samples"):
-        if field not in spec:
-            raise ValueError(f"{path}: zero-shot task lacks the field {field!r}")
-    if not spec["classnames"] or not spec["templates"]:
-        raise ValueError(f"{path}: 'classnames' and 'templates' must be non-empty")
-    bad = [t for t in spec["templates"] if "{}" not in t]
-    if bad:
-        raise ValueError(f"{path}: templates must contain '{{}}' for the class name: {bad}")
-    return spec["classnames"], spec["templates"], path.parent / spec["samples"], spec.get("label_key", "label")
-
-
-def zero_shot(
-    model,
-    tokenizer: Tokenize,
-    transform: Transform,
-    task: str | Path,
-    batch_size: int = 64,
-    device: str | torch.device | None = None,
-) -> dict[str, float]:
-    """Zero-shot top-1/top-5 accuracy. A class's embedding is the mean of its normalised template embeddings,
-    renormalised (as CLIP does). `task` is a zeroshot.json or the directory that holds it."""
-    device = _device_of(device)
-    classnames, templates, samples_csv, label_key = load_zero_shot_task(task)
-    labels = torch.tensor([int(row[label_key]) for row in read_csv_rows(samples_csv, [label_key])])
-    if labels.numel() == 0:
-        raise ValueError(f"{samples_csv}: no zero-shot samples")
-    if labels.min() < 0 or labels.max() >= len(classnames):
-        raise ValueError(f"{samples_csv}: column {label_key!r} must index the {len(classnames)} classnames")
-    with _EvalMode(model):
-        prompts = [template.format(name) for name in classnames for template in templates]
-        text_emb = _encode_texts(model, tokenizer, prompts, batch_size, device)
-        class_emb = F.normalize(text_emb.view(len(classnames), len(templates), -1).mean(dim=1), dim=-1)
-        dataset = CsvPairs(samples_csv, transform, tokenizer)
-        image_emb = _encode_images(model, dataset, batch_size, device)
-    hits = _hits(image_emb @ class_emb.T, labels, (1, 5))
-    return {"top1": hits[1], "top5": hits[5]}
-
-
-def retrieval(
-    model,
-    tokenizer: Tokenize,
-    transform: Transform,
-    csv_path: str | Path,
-    batch_size: int = 64,
-    device: str | torch.device | None = None,
-) -> dict[str, float]:
-    """Recall@{1,5,10} both ways over a CSV of (image, caption) pairs where row i's caption is image i's only match."""
-    device = _device_of(device)
-    dataset = CsvPairs(csv_path, transform, tokenizer)
-    if len(dataset) == 0:
-        raise ValueError(f"{csv_path}: no retrieval pairs")
-    with _EvalMode(model):
-        image_emb = _encode_images(model, dataset, batch_size, device)
-        text_emb = _encode_texts(model, tokenizer, [c for _, c in dataset.pairs], batch_size, device)
-    scores = image_emb @ text_emb.T
-    targets = torch.arange(len(dataset))
-    i2t = _hits(scores, targets, RECALL_AT)
-    t2i = _hits(scores.T.contiguous(), targets, RECALL_AT)
-    return {
-        **{f"image_to_text_R@{k}": v for k, v in i2t.items()},
-        **{f"text_to_image_R@{k}": v for k, v in t2i.items()},
-    }
+__all__ = ["EvalSuite", "evaluate", "evaluate_suite", "linear_probe", "load_zero_shot_task", "retrieval", "zero_shot"]
+# EvalDataError.field -> the helip-eval flag that supplied it
+FLAG_OF = {
+    "synth_dir": "--data",
+    "zeroshot_dir": "--zeroshot-dir",
+    "classnames": "--classnames",
+    "templates": "--templates",
+    "retrieval_data": "--retrieval-data",
+    "probe": "--linear-probe",
+    "probe_train_dir": "--probe-train-dir",
+}
+# EvalDataError.field -> the trainer's config key that supplied it
+CONFIG_KEY_OF = {
+    "synth_dir": "data.eval_dir",
+    "zeroshot_dir": "data.zeroshot_dir",
+    "classnames": "data.zeroshot_classnames",
+    "templates": "data.zeroshot_templates",
+    "retrieval_data": "data.retrieval_data",
+}
 
 
 def evaluate(
@@ -153,13 +55,64 @@ def evaluate(
     device: str | torch.device | None = None,
 ) -> dict[str, float]:
     """Both evaluations on the synth layout; flat keys "zero_shot/top1", "retrieval/image_to_text_R@1", ..."""
-    data_dir = Path(data_dir)
-    metrics = {}
-    for name, value in zero_shot(model, tokenizer, transform, data_dir, batch_size, device).items():
-        metrics[f"zero_shot/{name}"] = value
-    for name, value in retrieval(model, tokenizer, transform, data_dir / "retrieval.csv", batch_size, device).items():
-        metrics[f"retrieval/{name}"] = value
+    return evaluate_suite(model, tokenizer, transform, EvalSuite(synth_dir=Path(data_dir)), batch_size, device)
+
+
+def evaluate_suite(
+    model,
+    tokenizer: Tokenize,
+    transform: Transform,
+    suite: EvalSuite,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    *,
+    periodic: bool = True,
+    folder_zero_shot: bool = True,
+) -> dict[str, float]:
+    """Flat metrics of every part of `suite`. `periodic` runs the synth layout, the retrieval CSV and the probe;
+    `folder_zero_shot` runs the ImageFolder zero-shot task (the trainer schedules the two separately)."""
+    metrics: dict[str, float] = {}
+
+    def add(prefix: str, values: dict[str, float]) -> None:
+        metrics.update({f"{prefix}/{name}": value for name, value in values.items()})
+
+    if periodic and suite.synth_dir is not None:
+        add("zero_shot", zero_shot(model, tokenizer, transform, suite.synth_dir, batch_size, device))
+        add("retrieval", retrieval(model, tokenizer, transform, suite.synth_dir / "retrieval.csv", batch_size, device))
+    if folder_zero_shot and suite.zero_shot_task is not None:
+        add("zero_shot_folder", zero_shot(model, tokenizer, transform, suite.zero_shot_task, batch_size, device))
+    if periodic and suite.retrieval_csv is not None:
+        r = suite.retrieval_csv
+        add(
+            "retrieval_csv",
+            retrieval(model, tokenizer, transform, r.path, batch_size, device, r.img_key, r.caption_key, r.sep),
+        )
+    if periodic and suite.probe is not None:
+        task = suite.zero_shot_task or suite.synth_dir
+        add(
+            "linear_probe",
+            linear_probe(model, transform, task, suite.probe_train_task, suite.probe, batch_size, device),
+        )
     return metrics
+
+
+def suite_from_data(data) -> EvalSuite | None:
+    """The trainer's evaluation data from its DataConfig, loaded and checked (so a run can fail before its first
+    step, not at its end); None when no source is set. A ValueError names the data.* key at fault."""
+    sources = (data.eval_dir, data.zeroshot_dir, data.zeroshot_classnames, data.zeroshot_templates, data.retrieval_data)
+    if not any(sources):
+        return None
+    try:
+        return load_suite(*sources, img_key=data.img_key, caption_key=data.caption_key, sep=data.separator)
+    except EvalDataError as error:
+        raise ValueError(f"{CONFIG_KEY_OF.get(error.field, error.field)}: {error.detail}") from None
+
+
+def check_data_sources(data) -> None:
+    """What `helip-train` checks before starting: suite_from_data, except for a synth layout the run will generate."""
+    if data.eval_dir and data.synth_dir and Path(data.eval_dir) == Path(data.synth_dir):
+        data = dataclasses.replace(data, eval_dir="")
+    suite_from_data(data)
 
 
 def build_model(model: str, checkpoint: str | Path | None, device: str | torch.device = "cpu"):
@@ -172,22 +125,93 @@ def build_model(model: str, checkpoint: str | Path | None, device: str | torch.d
     return clip, preprocess, tokenizer
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="helip-eval", description="zero-shot and retrieval metrics as JSON")
+def _separator(text: str) -> str:
+    return {"\\t": "\t", "tab": "\t"}.get(text, text)  # a shell passes '\t' as two characters
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="helip-eval", description="zero-shot, retrieval and linear-probe metrics of a CLIP model, as JSON"
+    )
     parser.add_argument("--model", required=True, help="open_clip model name, or a model config .json")
     parser.add_argument("--checkpoint", help="state dict file; without it the model is randomly initialised")
-    parser.add_argument("--data", required=True, type=Path, help="directory written by `helip-data synth`")
+    parser.add_argument("--data", type=Path, help="a directory in the synth layout (`helip-data synth`)")
+    parser.add_argument("--zeroshot-dir", type=Path, help="an ImageFolder directory (one folder per class)")
+    parser.add_argument(
+        "--classnames",
+        default="",
+        help="class names for --zeroshot-dir's sorted folders: a file (one per line, a JSON list, or a JSON object "
+        "folder -> name) or 'imagenet' (open_clip's); default: the folder names",
+    )
+    parser.add_argument(
+        "--templates",
+        default="",
+        help="prompt templates with {} for the class name: a file (one per line or a JSON list), 'openai' or "
+        "'simple' (open_clip's ImageNet sets); default: 'openai' with imagenet class names, else 'a photo of a {}.'",
+    )
+    parser.add_argument("--retrieval-data", type=Path, help="CSV/TSV of image-caption pairs, one true caption each")
+    parser.add_argument("--img-key", default="filepath", help="--retrieval-data's image path column")
+    parser.add_argument("--caption-key", default="title", help="--retrieval-data's caption column")
+    parser.add_argument("--separator", type=_separator, default="\t", help="--retrieval-data's separator ('\\t')")
+    parser.add_argument(
+        "--linear-probe", action="store_true", help="also fit a logistic-regression probe on frozen image features"
+    )
+    parser.add_argument("--probe-train-dir", type=Path, help="ImageFolder to fit the probe on (else split the set)")
+    parser.add_argument(
+        "--probe-test-fraction",
+        type=float,
+        default=probe.ProbeConfig.test_fraction,
+        help="share of the set the probe is scored on, without --probe-train-dir",
+    )
+    parser.add_argument("--probe-seed", type=int, default=probe.ProbeConfig.seed, help="seed of that split")
+    parser.add_argument(
+        "--probe-weight-decay",
+        type=float,
+        default=probe.ProbeConfig.weight_decay,
+        help="L2 penalty on the probe's weights",
+    )
     parser.add_argument("--out", type=Path, help="also write the metrics JSON here")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="images or texts per forward pass")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def _suite_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> EvalSuite:
+    probe_config = None
+    if args.linear_probe:
+        try:
+            probe_config = probe.ProbeConfig(
+                args.probe_weight_decay, test_fraction=args.probe_test_fraction, seed=args.probe_seed
+            )
+        except ValueError as error:
+            flag = "--probe-test-fraction" if "test_fraction" in str(error) else "--probe-weight-decay"
+            parser.error(f"argument {flag}: {error}")
+    try:
+        return load_suite(
+            args.data or "",
+            args.zeroshot_dir or "",
+            args.classnames,
+            args.templates,
+            args.retrieval_data or "",
+            args.img_key,
+            args.caption_key,
+            args.separator,
+            probe_config,
+            args.probe_train_dir or "",
+        )
+    except EvalDataError as error:
+        parser.error(f"argument {FLAG_OF.get(error.field, error.field)}: {error.detail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.batch_size < 1:
         parser.error(f"argument --batch-size: must be >= 1, got {args.batch_size}")
-    if not (args.data / "zeroshot.json").is_file():
-        parser.error(f"argument --data: {args.data} has no zeroshot.json (run `helip-data synth --out DIR`)")
+    suite = _suite_from_args(args, parser)
     model, transform, tokenizer = build_model(args.model, args.checkpoint, args.device)
-    metrics = evaluate(model, tokenizer, transform, args.data, args.batch_size, args.device)
+    metrics = evaluate_suite(model, tokenizer, transform, suite, args.batch_size, args.device)
     text = json.dumps(metrics, indent=2, sort_keys=True)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

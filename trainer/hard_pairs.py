@@ -36,6 +36,7 @@ from trainer.composer import ComposedBatch, compose_batch
 from trainer.data import collate_pairs
 from trainer.mining import MinePrefetcher, MiningConfig, MiningCounters, make_client
 from trainer.sampler import AnchorSampler, SamplerConfig
+from trainer.streaming import CoverageWatch, index_rows, ramp_share
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class BatchLayout:
     n_hard: int  # hard slots filled with a mined pair
     n_fallback: int  # hard slots filled at random (no answer in time, or no usable neighbour)
     n_slots: int  # rows in the batch
+    n_plain: int = 0  # hard slots left random on purpose: mining not started yet, or ramping up (streaming)
 
     @property
     def hard_fraction(self) -> float:
@@ -122,6 +124,13 @@ class HardPairSampler(Sampler[list[int]]):
         self.client = miner
         mining = miner is not None and self.anchors.config.hard_per_batch > 0
         self.prefetcher = MinePrefetcher(miner, config, self.counters) if mining else None
+        # Streaming mode: mining waits for start_step and the index's coverage, then ramps in.
+        self.coverage = CoverageWatch(
+            lambda: index_rows(miner), int(np.ceil(config.start_coverage * n_samples)), config.coverage_poll_s
+        )
+        if self.prefetcher is not None:
+            self.coverage.start()
+        self.first_mined_step: int | None = None
         self._records: deque[tuple[int, ComposedBatch]] = deque(maxlen=4 * self.lookahead + 64)
         self._warned_foreign = False
 
@@ -151,9 +160,15 @@ class HardPairSampler(Sampler[list[int]]):
 
     # ---- composition -----------------------------------------------------------------------------------------
     def _request(self, first: int, stop: int) -> None:
-        if self.prefetcher is not None:
-            for step in range(first, stop):
-                self.prefetcher.request(step, self.anchors.anchors(step))
+        if self.prefetcher is None:
+            return
+        for step in range(first, stop):
+            if step < self.config.start_step or not self.coverage.reached.is_set():
+                continue
+            if self.first_mined_step is None:
+                self.first_mined_step = step
+                log.info("mining starts with the batch of step %d", step)
+            self.prefetcher.request(step, self.anchors.anchors(step))
 
     def _await_first(self, steps: range) -> None:
         """Before training starts: the DataLoader takes `in_loader` + 1 batches at once; let their answers in."""
@@ -166,10 +181,22 @@ class HardPairSampler(Sampler[list[int]]):
     def compose(self, step: int) -> ComposedBatch:
         """The batch of `step` from whatever mining answer is in now (used by __iter__; public for tests)."""
         neighbours = self.prefetcher.take(step) if self.prefetcher is not None else None
+        max_mined = None
+        if self.prefetcher is not None:
+            share = ramp_share(step, self.first_mined_step, self.config.ramp_steps)
+            max_mined = round(share * self.anchors.config.hard_per_batch)
+            if share == 0.0:
+                self.counters.add(mine_not_started=1)
         # Seeded per (seed, rank, step): a resumed run composes the same fallbacks as an uninterrupted one.
         rng = np.random.default_rng([self.seed, self.rank, step])
         composed = compose_batch(
-            self.anchors.anchors(step), neighbours, self.batch_size, self.n_samples, rng, top=self.config.k
+            self.anchors.anchors(step),
+            neighbours,
+            self.batch_size,
+            self.n_samples,
+            rng,
+            top=self.config.k,
+            max_mined=max_mined,
         )
         if composed.n_foreign:
             self.counters.add(foreign_ids=composed.n_foreign)
@@ -216,9 +243,11 @@ class HardPairSampler(Sampler[list[int]]):
             n_hard=len(couples),
             n_fallback=composed.n_fallback + composed.n_hard - len(couples),
             n_slots=len(delivered),
+            n_plain=composed.n_plain,
         )
 
     def close(self) -> None:
+        self.coverage.close()
         if self.prefetcher is not None:
             self.prefetcher.close()
         if self._owns_client and self.client is not None:

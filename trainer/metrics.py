@@ -23,6 +23,9 @@ class TrainerMetrics:
     dropped_pushes: Counter
     mine_failures: Counter
     foreign_ids: Counter
+    follower_mines: Counter
+    degraded_mines: Counter
+    replica_lag_max_seconds: Gauge
     bad_samples: Counter  # labelled by kind; use .labels(rank, kind)
 
     BAD_SAMPLE_KINDS = ("missing_file", "unreadable_image", "unreadable_caption", "empty_caption")
@@ -83,6 +86,23 @@ class TrainerMetrics:
             ),
             foreign_ids=one(
                 Counter("helip_trainer_foreign_ids", "Neighbour ids the data set does not hold, dropped", **labels)
+            ),
+            follower_mines=one(
+                Counter("helip_trainer_follower_mines", "Mine answers that came from a read-only follower", **labels)
+            ),
+            degraded_mines=one(
+                Counter(
+                    "helip_trainer_degraded_mines",
+                    "Sharded Mine answers that lacked some shards (answered from the others)",
+                    **labels,
+                )
+            ),
+            replica_lag_max_seconds=one(
+                Gauge(
+                    "helip_trainer_replica_lag_max_seconds",
+                    "The most a follower that answered a Mine was behind its leader, since the start",
+                    **labels,
+                )
             ),
             bad_samples=bad_samples,
         )

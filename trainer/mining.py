@@ -8,6 +8,7 @@ miner costs a few deadlines, not one per batch.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -18,9 +19,10 @@ import grpc
 import numpy as np
 
 from helip.miner.v1 import miner_pb2 as pb
-from miner_service.client import ClientConfig, MinerClient
+from miner_service.client import ClientConfig, MinerClient, Neighbours
 from miner_service.errors import InvalidArgument
 from miner_service.namespaces import validate_name
+from miner_service.replicas import ReplicatedMinerClient
 from miner_service.sharding import ShardedMinerClient
 from trainer.breaker import BreakerConfig, CircuitBreaker
 
@@ -30,6 +32,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class MiningConfig:
     address: str = ""  # host:port of the miner, or of every shard comma-separated; empty: start a local one
+    followers: str = ""  # read replicas: each shard's followers, "|"-separated, shards in address order by ","
+    follower_retry_s: float = 5.0  # a follower that failed is asked again after this long (reads fail over)
+    strict_shards: bool = False  # a Mine that a shard cannot answer fails, instead of answering from the others
     k: int = 50  # neighbours asked per anchor; the composer draws one of them (the paper's code: top 50)
     # Batches mined ahead beyond what the DataLoader already holds (its workers x prefetch_factor batches):
     # the margin that lets an answer arrive before the DataLoader asks for its batch.
@@ -51,6 +56,12 @@ class MiningConfig:
     # Push each step's embeddings (online HELIP). Off with bootstrap_index on: the index stays as the starting
     # model saw the data, i.e. the paper's offline mining.
     update_index: bool = True
+    # Streaming mode (no bootstrap: the index fills from the training pushes). Mining starts at start_step and
+    # once the index holds start_coverage of the data set; hard pairs then ramp in over ramp_steps steps.
+    start_step: int = 0  # no Mine before this global step (a warm-up for a model trained from scratch)
+    start_coverage: float = 0.0  # fraction of the data set the index must hold before mining starts (0: any)
+    ramp_steps: int = 0  # steps over which the mined share of hard slots grows to all of them (0: at once)
+    coverage_poll_s: float = 2.0  # how often the miner's row count is polled until start_coverage is reached
     # Security towards the miner: TLS (trusting tls_ca_file, else the system roots), a client certificate for
     # mutual TLS, and a bearer token read from token_file (else $HELIP_AUTH_TOKEN).
     tls: bool = False
@@ -80,6 +91,25 @@ class MiningConfig:
             raise ValueError(f"mining.scoring must be one of {list(pb.Scoring.keys())}, got {self.scoring!r}")
         if self.wire_dtype not in pb.DType.keys():
             raise ValueError(f"mining.wire_dtype must be one of {list(pb.DType.keys())}, got {self.wire_dtype!r}")
+        if self.start_step < 0 or self.ramp_steps < 0:
+            raise ValueError(
+                f"mining.start_step and mining.ramp_steps must be >= 0, got {self.start_step}, {self.ramp_steps}"
+            )
+        if not 0.0 <= self.start_coverage <= 1.0:
+            raise ValueError(f"mining.start_coverage must be in [0, 1], got {self.start_coverage}")
+        if self.coverage_poll_s <= 0:
+            raise ValueError(f"mining.coverage_poll_s must be > 0, got {self.coverage_poll_s}")
+        if self.follower_retry_s < 0:
+            raise ValueError(f"mining.follower_retry_s must be >= 0, got {self.follower_retry_s}")
+        if self.followers:
+            shards, groups = len(self.shard_addresses), len(self.followers.split(","))
+            if not shards:
+                raise ValueError("mining.followers needs mining.address (the leaders): followers take no writes")
+            if groups != shards:
+                raise ValueError(
+                    f"mining.followers lists followers of {groups} shard(s) but mining.address has {shards}; "
+                    "separate one shard's followers with '|' and shards with ','"
+                )
         if self.breaker_failures < 1:
             raise ValueError(f"mining.breaker_failures must be >= 1, got {self.breaker_failures}")
         if not 0 < self.breaker_cooldown_s <= self.breaker_max_cooldown_s:
@@ -87,6 +117,18 @@ class MiningConfig:
                 f"mining.breaker_cooldown_s must be in (0, mining.breaker_max_cooldown_s="
                 f"{self.breaker_max_cooldown_s}], got {self.breaker_cooldown_s}"
             )
+
+    @property
+    def shard_addresses(self) -> list[str]:
+        """Each shard's leader, in shard order."""
+        return [a.strip() for a in self.address.split(",") if a.strip()]
+
+    @property
+    def shard_followers(self) -> list[list[str]]:
+        """Each shard's follower addresses (empty lists without followers), in shard order."""
+        if not self.followers:
+            return [[] for _ in self.shard_addresses]
+        return [[a.strip() for a in group.split("|") if a.strip()] for group in self.followers.split(",")]
 
     @property
     def breaker(self) -> BreakerConfig:
@@ -101,11 +143,15 @@ class MiningCounters:
     mine_failures: int = 0  # ...that failed (error or past deadline_s)
     mine_late: int = 0  # answers not there when their batch was composed (the batch fell back)
     mine_skipped: int = 0  # batches not asked for because the circuit breaker was open
+    mine_not_started: int = 0  # batches composed before mining started (start_step, start_coverage)
     foreign_ids: int = 0  # neighbour ids the data set does not hold (a miner with other rows), dropped
     breaker_opened: int = 0
     pushed_rows: int = 0
     push_failures: int = 0
     dropped_pushes: int = 0  # push batches dropped: queue full, or breaker open
+    mine_by_follower: int = 0  # Mine answers that came from a read-only follower (sharded: from any shard's)
+    mine_degraded: int = 0  # sharded Mine answers that lacked some shards (mining.strict_shards off)
+    max_replica_lag_ms: int = 0  # the most a follower that answered was behind its leader, in milliseconds
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas) -> None:
@@ -113,13 +159,21 @@ class MiningCounters:
             for name, delta in deltas.items():
                 setattr(self, name, getattr(self, name) + delta)
 
+    def raise_to(self, **values) -> None:
+        """Set each named counter to the given value where that is higher (running maxima)."""
+        with self.lock:
+            for name, value in values.items():
+                setattr(self, name, max(getattr(self, name), value))
+
     def snapshot(self) -> dict[str, int]:
         with self.lock:
             return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "lock"}
 
 
 def make_client(config: MiningConfig):
-    """A MinerClient, or a ShardedMinerClient when `address` lists several shards ("host:a,host:b,...")."""
+    """A client of the MinerClient interface for `address` and `followers`: per shard a MinerClient, or a
+    ReplicatedMinerClient when the shard has followers (reads go to them, writes to the leader); several shards
+    ("host:a,host:b,...") behind a ShardedMinerClient (degraded or strict, per strict_shards)."""
     # Retries are off: a failed Mine falls back at once, and a failed push is counted; the channel reconnects
     # by itself (its backoff is capped low so that a restarted miner is used again within a second or two).
     client_config = ClientConfig.with_token_from(
@@ -135,10 +189,15 @@ def make_client(config: MiningConfig):
         tls_server_name=config.tls_server_name,
         namespace=config.namespace,
     )
-    addresses = [a.strip() for a in config.address.split(",") if a.strip()]
-    if len(addresses) > 1:
-        return ShardedMinerClient(addresses, client_config)
-    return MinerClient(client_config)
+    shards = [
+        ReplicatedMinerClient(leader, followers, client_config, config.follower_retry_s)
+        if followers
+        else MinerClient(dataclasses.replace(client_config, address=leader))
+        for leader, followers in zip(config.shard_addresses, config.shard_followers)
+    ]
+    if len(shards) > 1:
+        return ShardedMinerClient(shards, client_config, strict=config.strict_shards)
+    return shards[0] if shards else MinerClient(client_config)
 
 
 def check_client_namespace(client, config: MiningConfig) -> None:
@@ -207,6 +266,7 @@ class MinePrefetcher:
                 timeout_s=self.config.deadline_s,
             )
             self.breaker.success()
+            self._count(neighbours)
             return neighbours.ids
         except grpc.RpcError as error:
             self.breaker.failure()
@@ -218,6 +278,17 @@ class MinePrefetcher:
                 self.breaker.state,
             )
             return None
+
+    def _count(self, neighbours: Neighbours) -> None:
+        if neighbours.served_by_follower:
+            self.counters.add(mine_by_follower=1)
+            self.counters.raise_to(max_replica_lag_ms=round(neighbours.replica_lag_seconds * 1000))
+        if neighbours.missing_shards:
+            self.counters.add(mine_degraded=1)
+            self._warn.warning(
+                "Mine answered without shards %s (their rows are not among the hard pairs)",
+                list(neighbours.missing_shards),
+            )
 
     def take(self, step: int) -> np.ndarray | None:
         """Neighbour ids [anchors, k] for `step` if the answer is already in, else None. Never blocks."""

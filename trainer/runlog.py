@@ -111,6 +111,9 @@ class RunLog:
         m.pushed_rows.inc(now["pushed_rows"] - was["pushed_rows"])
         m.dropped_pushes.inc(now["dropped_pushes"] - was["dropped_pushes"])
         m.foreign_ids.inc(now["foreign_ids"] - was["foreign_ids"])
+        m.follower_mines.inc(now["mine_by_follower"] - was["mine_by_follower"])
+        m.degraded_mines.inc(now["mine_degraded"] - was["mine_degraded"])
+        m.replica_lag_max_seconds.set(now["max_replica_lag_ms"] / 1000)
         missing = ("mine_failures", "mine_late", "mine_skipped")
         m.mine_failures.inc(sum(now[k] - was[k] for k in missing))
         self._exported = now

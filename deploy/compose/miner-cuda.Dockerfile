@@ -1,4 +1,4 @@
-# helip-miner, CUDA image (FAISS GPU + CUDA torch). Build from the repository root:
+# helip-miner, CUDA image (CUDA torch). Build from the repository root:
 #   docker build -f deploy/compose/miner-cuda.Dockerfile -t helip/miner-cuda:latest .
 # Run with a GPU: `docker run --gpus 1 ...`, or the `gpu` profile of compose.yaml, or the kubernetes gpu overlay.
 ARG CUDA_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04
@@ -18,10 +18,8 @@ COPY pyproject.toml setup.py README.md ./
 COPY protos/ protos/
 COPY miner_service/ miner_service/
 COPY trainer/ trainer/
-# The `gpu` extra brings faiss-gpu-cu12; faiss-cpu stays installed (same `faiss` module, the GPU build wins
-# because it is installed last), so uninstall it first to keep one FAISS in the image.
-RUN pip install ".[gpu]" && (pip uninstall -y faiss-cpu || true) && pip install --force-reinstall --no-deps \
-    "faiss-gpu-cu12>=1.8" && mkdir -p /snapshots && chown helip /snapshots
+# No FAISS GPU build: a GPU miner searches exactly with torch (docs/OPERATIONS.md, "Storage and memory").
+RUN pip install . && mkdir -p /snapshots && chown helip /snapshots
 
 USER helip
 EXPOSE 50051 9464

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from miner_service.config import SearchConfig
+from miner_service.core_api import MineQuery
 from miner_service.miner import HardPairMiner
 from miner_service.search import Scoring
 from tests.reference import random_pairs
@@ -26,8 +27,8 @@ def test_gpu_fp32_equals_cpu(scoring):
     gpu = filled(SearchConfig(device="cuda", storage_dtype="float32", block_rows=4096), image, text)
     anchors = np.arange(0, 20_000, 97, dtype=np.uint64)
     exclude = np.arange(100, 200, dtype=np.uint64)
-    a = cpu.mine(16, anchor_ids=anchors, exclude_ids=exclude, scoring=scoring)
-    b = gpu.mine(16, anchor_ids=anchors, exclude_ids=exclude, scoring=scoring)
+    a = cpu.mine(MineQuery(16, anchor_ids=anchors, exclude_ids=exclude, scoring=scoring))
+    b = gpu.mine(MineQuery(16, anchor_ids=anchors, exclude_ids=exclude, scoring=scoring))
     assert (a.neighbour_ids == b.neighbour_ids).mean() > 0.999
     np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
 
@@ -37,7 +38,7 @@ def test_gpu_fp16_close_to_cpu():
     cpu = filled(SearchConfig(device="cpu"), image, text)
     gpu = filled(SearchConfig(device="cuda"), image, text)  # auto: fp16 rows
     anchors = np.arange(0, 20_000, 50, dtype=np.uint64)
-    a, b = cpu.mine(16, anchor_ids=anchors), gpu.mine(16, anchor_ids=anchors)
+    a, b = cpu.mine(MineQuery(16, anchor_ids=anchors)), gpu.mine(MineQuery(16, anchor_ids=anchors))
     recall = np.mean([len(set(x) & set(y)) / 16 for x, y in zip(a.neighbour_ids, b.neighbour_ids)])
     assert recall > 0.97
     np.testing.assert_allclose(a.scores, b.scores, atol=2e-2)

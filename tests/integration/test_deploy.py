@@ -48,6 +48,9 @@ TRAINER_METRICS = {
     "helip_trainer_dropped_pushes_total",
     "helip_trainer_mine_failures_total",
     "helip_trainer_foreign_ids_total",
+    "helip_trainer_follower_mines_total",
+    "helip_trainer_degraded_mines_total",
+    "helip_trainer_replica_lag_max_seconds",
     "helip_trainer_bad_samples_total",
 }
 # A metric name, not part of a recording rule's name (level:metric:operations).
@@ -310,10 +313,13 @@ def test_shards_trainer_nodes_probes_and_durability_agree(overlay):
     assert find(docs, "Service", "miner")["spec"]["clusterIP"] == "None"
     assert int(env_of(container)["SHARD_COUNT"]) == miner["spec"]["replicas"]
     assert '--shard "${ordinal}/${SHARD_COUNT}"' in script and 'ordinal="${HOSTNAME##*-}"' in script
-    assert "--redis-url" in script and "--snapshot-dir /snapshots" in script
+    assert "--snapshot-dir /snapshots" in script and "--token-file /etc/helip/token/token" in script
+    redis_url = env_of(container)["HELIP_MINER_DURABILITY__REDIS_URL"]
+    assert redis_url == "redis://:$(REDIS_PASSWORD)@redis:6379/0"  # the kubelet expands it from the Secret
     assert [t["metadata"]["name"] for t in miner["spec"]["volumeClaimTemplates"]] == ["snapshots"]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == 50051
+    assert container["startupProbe"]["tcpSocket"]["port"] == "grpc"
+    for probe in ("readinessProbe", "livenessProbe"):  # grpc.health.v1, over TLS when the miner serves it
+        assert container[probe]["exec"]["command"][:2] == ["python", "/etc/helip/probe/miner-health.py"]
     assert miner["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "9464"
 
     job = find(docs, "Job", "trainer")
@@ -326,7 +332,7 @@ def test_shards_trainer_nodes_probes_and_durability_agree(overlay):
     assert '--node-rank "$JOB_COMPLETION_INDEX"' in trainer["args"][0]
 
     redis = find(docs, "StatefulSet", "redis")["spec"]["template"]["spec"]["containers"][0]
-    assert redis["args"][redis["args"].index("--appendonly") + 1] == "yes"
+    assert "--appendonly yes" in redis["args"][0] and "requirepass ${REDIS_PASSWORD}" in redis["args"][0]
 
     gpu_limits = [c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu") for c in (container, trainer)]
     assert gpu_limits == ([1, 1] if overlay == "gpu" else [None, None])
@@ -411,14 +417,18 @@ def test_compose_validates_and_wires_the_services(files):
     config = json.loads(compose(*file_args, "config", "--format", "json").stdout)
     services = config["services"]
     assert set(services) == {"redis", "miner", "trainer-0", "trainer-1", "prometheus", "grafana"}
-    miner = services["miner"]["command"]
-    assert "--redis-url=redis://redis:6379/0" in miner and "--snapshot-dir=/snapshots" in miner
+    (miner,) = services["miner"]["command"]  # a shell script: it reads the Redis password from its secret
+    assert (
+        '"redis://:$$(cat /run/secrets/redis-password)@redis:6379/0"' in miner and "--snapshot-dir=/snapshots" in miner
+    )
+    assert "--token-file=/etc/helip/token/token" in miner and "--tls-cert-file=/etc/helip/tls/tls.crt" in miner
     assert any(v["target"] == "/snapshots" for v in services["miner"]["volumes"])
-    assert "--appendonly" in services["redis"]["command"]
+    assert "--appendonly yes" in services["redis"]["command"][-1]
     for rank in (0, 1):
         command = services[f"trainer-{rank}"]["command"]
         assert f"--node-rank={rank}" in command and "--master-addr=trainer-0" in command
         assert "--miner=miner:50051" in command and "--set=run.metrics_port=9500" in command
+        assert "--set=mining.token_file=/etc/helip/token/token" in command and "--set=mining.tls=true" in command
         assert services[f"trainer-{rank}"]["depends_on"]["miner"]["condition"] == "service_healthy"
     mounts = {v["target"] for v in services["grafana"]["volumes"]}
     assert {"/etc/grafana/provisioning", "/var/lib/grafana/dashboards"} <= mounts

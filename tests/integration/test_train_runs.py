@@ -154,7 +154,9 @@ def test_cli_rejects_bad_settings_with_exit_2(args, field):
 
 def test_training_survives_a_miner_restart(synth, tmp_path, miner_factory, redis_url, key_prefix):
     port = free_port()
+    snapshots = str(tmp_path / "snapshots")
     args = ("--dim", "64", "--port", str(port), "--redis-url", redis_url, "--key-prefix", key_prefix)
+    args += ("--snapshot-dir", snapshots)
     miner = miner_factory(*args)
     out = tmp_path / "restart"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from miner_service.config import SearchConfig
+from miner_service.core_api import MineQuery
 from miner_service.errors import NotFound, ResourceExhausted
 from miner_service.ivf import IvfConfig
 from miner_service.miner import HardPairMiner
@@ -30,7 +31,9 @@ def test_mine_by_id_matches_reference(scoring, topk):
     rows = fill(miner, rng, 200)
     anchors = np.array([3, 50, 199, 0], dtype=np.uint64)
     exclude = [7, 8, 9, 120]
-    result = miner.mine(5, anchor_ids=anchors, exclude_ids=np.array(exclude, dtype=np.uint64), scoring=scoring)
+    result = miner.mine(
+        MineQuery(5, anchor_ids=anchors, exclude_ids=np.array(exclude, dtype=np.uint64), scoring=scoring)
+    )
     q_image = np.stack([rows[int(a)][0] for a in anchors])
     q_text = np.stack([rows[int(a)][1] for a in anchors])
     ref_ids, ref_scores = reference_mine(
@@ -47,9 +50,9 @@ def test_mine_by_embedding_and_near_duplicate_cut():
     rows = fill(miner, rng, 100)
     # The anchor is a stored row: without an id it is only removed by the near-duplicate cut.
     q_image, q_text = rows[10][0][None], rows[10][1][None]
-    result = miner.mine(3, image=q_image, text=q_text)
+    result = miner.mine(MineQuery(3, image=q_image, text=q_text))
     assert 10 not in result.neighbour_ids
-    no_cut = miner.mine(3, image=q_image, text=q_text, max_similarity=1.5)
+    no_cut = miner.mine(MineQuery(3, image=q_image, text=q_text, max_similarity=1.5))
     assert no_cut.neighbour_ids[0, 0] == 10
     ref_ids, _ = reference_mine(rows, q_image, q_text, 3, 1, 0.98)
     np.testing.assert_array_equal(result.neighbour_ids, ref_ids)
@@ -66,7 +69,7 @@ def test_overwrite_delete_and_padding():
     deleted, size = miner.delete(np.array([0, 5, 999], dtype=np.uint64))
     assert (deleted, size) == (2, 9)
     del rows[0], rows[5]
-    result = miner.mine(20, anchor_ids=np.array([42], dtype=np.uint64), max_similarity=2.0)
+    result = miner.mine(MineQuery(20, anchor_ids=np.array([42], dtype=np.uint64), max_similarity=2.0))
     ref_ids, ref_scores = reference_mine(rows, image[1:], text[1:], 20, 1, 2.0, np.array([42]))
     np.testing.assert_array_equal(result.neighbour_ids, ref_ids)
     assert (result.neighbour_ids[0, 8:] == -1).all()
@@ -79,11 +82,11 @@ def test_unknown_anchors_padded_or_not_found():
     rng = np.random.default_rng(4)
     miner = make_miner()
     fill(miner, rng, 20)
-    result = miner.mine(2, anchor_ids=np.array([1, 500], dtype=np.uint64))
+    result = miner.mine(MineQuery(2, anchor_ids=np.array([1, 500], dtype=np.uint64)))
     assert result.unknown_anchor_ids.tolist() == [500]
     assert (result.neighbour_ids[1] == -1).all() and (result.neighbour_ids[0] >= 0).all()
     with pytest.raises(NotFound):
-        miner.mine(2, anchor_ids=np.array([1, 500], dtype=np.uint64), strict_anchors=True)
+        miner.mine(MineQuery(2, anchor_ids=np.array([1, 500], dtype=np.uint64), strict_anchors=True))
 
 
 def test_max_rows_refuses_and_keeps_rows():
@@ -103,7 +106,7 @@ def test_sparse_large_ids():
     image, text = random_pairs(rng, 3, DIM)
     ids = np.array([2**63 + 5, 2**40, 1], dtype=np.uint64)
     miner.upsert(ids, image, text, 1)
-    result = miner.mine(2, anchor_ids=ids[:1], max_similarity=2)
+    result = miner.mine(MineQuery(2, anchor_ids=ids[:1], max_similarity=2))
     assert set(result.neighbour_ids[0].astype(np.uint64).tolist()) == {2**40, 1}
     miner.delete(ids[:1])
     assert miner.size == 2
@@ -126,7 +129,7 @@ def test_ivf_path_recall_and_fresh_rows(topk):
     fresh = fill(miner, rng, 50, first_id=10_000)  # after the snapshot: searched exactly
     rows.update(fresh)
     anchors = np.array([10_003, 5, 77, 3999], dtype=np.uint64)
-    result = miner.mine(10, anchor_ids=anchors)
+    result = miner.mine(MineQuery(10, anchor_ids=anchors))
     assert result.used_ivf
     q_image = np.stack([rows[int(a)][0] for a in anchors])
     q_text = np.stack([rows[int(a)][1] for a in anchors])
@@ -148,5 +151,23 @@ def test_search_stops_when_the_caller_is_gone():
         return len(asked) > 3  # the caller leaves while the fourth block is due
 
     with pytest.raises(SearchCancelled, match="after 30 of 100 rows"):
-        miner.mine(3, anchor_ids=np.array([1], dtype=np.uint64), cancelled=cancelled)
-    assert miner.mine(3, anchor_ids=np.array([1], dtype=np.uint64), cancelled=lambda: False).size == 100
+        miner.mine(MineQuery(3, anchor_ids=np.array([1], dtype=np.uint64)), cancelled=cancelled)
+    assert miner.mine(MineQuery(3, anchor_ids=np.array([1], dtype=np.uint64)), cancelled=lambda: False).size == 100
+
+
+def test_both_cores_implement_the_protocol_explicitly():
+    from miner_service.core_api import MinerCore
+    from miner_service.durable import DurableMiner
+
+    assert isinstance(make_miner(), MinerCore)
+    members = ("dim", "size", "device", "upsert", "delete", "check_capacity", "mine", "fetch", "stats")
+    assert all(name in vars(DurableMiner) for name in members)  # defined, not forwarded
+    assert "__getattr__" not in vars(DurableMiner)
+
+
+def test_mine_query_takes_plain_lists_and_checks_its_shape():
+    query = MineQuery(3, anchor_ids=[1, 2], exclude_ids=[5], scoring=2)
+    assert query.anchor_ids.dtype == np.uint64 and query.exclude_ids.tolist() == [5]
+    assert query.scoring == Scoring.SUM and query.n_anchors == 2
+    with pytest.raises(AssertionError):
+        MineQuery(3, anchor_ids=[1], image=np.zeros((1, DIM)), text=np.zeros((1, DIM)))

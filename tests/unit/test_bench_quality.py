@@ -1,0 +1,31 @@
+"""bench.quality's compute accounting: at --equal-compute, every variant spends the same sample-passes."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from bench.quality import BOOTSTRAPPED, VARIANTS, extra_steps, sample_passes
+
+
+def _args(equal_compute: bool, synth_train: int = 4000, batch_size: int = 64, steps: int = 200):
+    return argparse.Namespace(equal_compute=equal_compute, synth_train=synth_train, batch_size=batch_size, steps=steps)
+
+
+@pytest.mark.parametrize(("synth_train", "batch_size"), [(4000, 64), (1000, 32), (129, 64)])
+def test_equal_compute_gives_the_variants_without_a_pre_pass_its_cost_in_steps(synth_train, batch_size):
+    args = _args(True, synth_train, batch_size)
+    passes = {v: sample_passes(v, args.steps + extra_steps(v, args), args) for v in VARIANTS}
+    bootstrapped = passes["online"]
+    assert passes["offline"] == bootstrapped == 2 * batch_size * 200 + synth_train
+    for variant in set(VARIANTS) - set(BOOTSTRAPPED):
+        # Whole steps only: at most one step's passes more than the bootstrapped variants, never fewer.
+        assert 0 <= passes[variant] - bootstrapped < 2 * batch_size
+
+
+def test_equal_steps_counts_the_pre_pass_as_extra_compute():
+    args = _args(False)
+    assert all(extra_steps(v, args) == 0 for v in VARIANTS)
+    assert sample_passes("online", 200, args) - sample_passes("plain", 200, args) == 4000
+    assert sample_passes("streaming", 200, args) == sample_passes("plain", 200, args) == 2 * 64 * 200
