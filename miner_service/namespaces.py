@@ -30,6 +30,7 @@ import redis
 
 from miner_service import snapshot
 from miner_service.config import DurabilityConfig, MinerConfig
+from miner_service.core_api import MinerCore
 from miner_service.durable import DurableMiner
 from miner_service.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from miner_service.lag import ReplicaLag
@@ -112,7 +113,7 @@ class Namespace:
     durable: DurableMiner | None = None
 
     @property
-    def miner(self):
+    def miner(self) -> MinerCore:
         """What requests go to: the durable wrapper when there is a log, else the core."""
         return self.durable or self.core
 
