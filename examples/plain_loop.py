@@ -20,6 +20,7 @@ from trainer.data import CsvPairs  # map-style: dataset[i] -> (i, image, tokens)
 from trainer.hard_pairs import HardPairSampler, hard_pair_loader  # helip
 from trainer.losses import HelipLoss, LossConfig  # helip
 from trainer.mining import MiningConfig, MiningCounters, make_client  # helip
+from trainer.namespace import claim_namespace, dataset_fingerprint  # helip: one miner, many runs
 from trainer.pusher import EmbeddingPusher  # helip
 
 log = logging.getLogger("plain_loop")
@@ -29,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-data", required=True, help="open_clip CSV: tab-separated, columns filepath, title")
     parser.add_argument("--miner", help="HOST:PORT of a running `helip-miner serve --dim <model embed_dim>`")
+    parser.add_argument("--namespace", default="plain-loop", help="this run's namespace on the (shared) miner")
+    parser.add_argument("--reset-namespace", action="store_true", help="drop it first if it holds other data")
     parser.add_argument(
         "--model",
         default="configs/models/helip-tiny.json",
@@ -48,6 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             "--miner HOST:PORT is required: start a miner first, e.g. `helip-miner serve --dim 64 "
             "--port 50051` (--dim = the model's embed_dim), then pass --miner 127.0.0.1:50051"
         )
+    try:
+        MiningConfig(namespace=args.namespace)  # checks the name
+    except ValueError as error:
+        parser.error(f"--namespace: {error}")
     if args.pretrained and not Path(args.pretrained).is_file():
         parser.error(f"--pretrained must be a local weights file (nothing is downloaded), got {args.pretrained!r}")
     return args
@@ -69,7 +76,11 @@ def main(argv=None) -> None:
     tokenizer = open_clip.get_tokenizer(name)
     dataset = CsvPairs(args.train_data, preprocess, tokenizer)
 
-    mining, counters = MiningConfig(address=args.miner), MiningCounters()  # helip
+    mining, counters = MiningConfig(address=args.miner, namespace=args.namespace), MiningCounters()  # helip
+    with torch.no_grad():
+        embed_dim = model.encode_text(tokenizer(["probe"]).to(args.device)).shape[-1]
+    client = make_client(mining)  # helip: every call it makes names mining.namespace
+    claim_namespace(client, args.namespace, embed_dim, dataset_fingerprint(dataset), reset=args.reset_namespace)
     sampler = HardPairSampler(
         len(dataset),
         args.batch_size,
@@ -81,7 +92,7 @@ def main(argv=None) -> None:
         counters=counters,
     )  # helip
     loader = hard_pair_loader(dataset, sampler)  # helip: a DataLoader of PairBatch(ids, images, tokens)
-    pusher = EmbeddingPusher(make_client(mining), mining, counters)  # helip: sends embeddings in the background
+    pusher = EmbeddingPusher(client, mining, counters)  # helip: sends embeddings in the background
     criterion = HelipLoss(LossConfig(margin=0.2, hnml_weight=1.0))  # helip: CLIP loss + margin loss on couples
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from miner_service.client import MinerClient
+from miner_service.client import ClientConfig, MinerClient
 from tests.conftest import ROOT
 from trainer.synth import SynthConfig, generate
 
@@ -44,8 +44,8 @@ def run_example(script: str, *args, expect_rc: int = 0, timeout_s: float = 180) 
     return output
 
 
-def miner_rows(address: str) -> int:
-    with MinerClient(address) as client:
+def miner_rows(address: str, namespace: str = "") -> int:
+    with MinerClient(ClientConfig(address=address, namespace=namespace)) as client:
         return client.stats().size
 
 
@@ -77,7 +77,8 @@ def test_plain_loop_trains_with_hard_pairs_and_fills_the_miner(synth, tmp_path, 
     assert sum(fractions[15:]) > 0, fractions
     assert max(fractions) <= 0.5  # --hard-ratio 0.5: at most half the rows are hard pairs
     # 25 steps of 8 anchors cover every sample once: each was pushed under its own id.
-    assert miner_rows(miner.address) == TRAIN_SIZE
+    assert miner_rows(miner.address, "plain-loop") == TRAIN_SIZE  # the example's namespace
+    assert miner_rows(miner.address) == 0
     state = torch.load(final, map_location="cpu", weights_only=True)
     assert "logit_scale" in state and all(torch.isfinite(t).all() for t in state.values())
 
