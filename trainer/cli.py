@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer.close()
     if result.summary_json and result.final_checkpoint:
         print(f"checkpoint:  {result.final_checkpoint}")
-        print(f"tensorboard: {result.tensorboard_dir}")
+        if "tensorboard" in config.run.reporters:
+            print(f"tensorboard: {result.tensorboard_dir}")
         print(f"eval:        {result.eval_json}")
         print(f"summary:     {result.summary_json}")
     return 0
