@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         usage="%(prog)s [--config FILE] [--section.field VALUE | --alias VALUE ...] [--set KEY=VALUE ...]",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,  # --epoch must not quietly mean --epochs, nor --optim.lr something else one day
+        allow_abbrev=False,  # a misspelt flag is an error: --epoch must not quietly mean --epochs
     )
     parser.add_argument("--config", help="YAML file of TrainConfig sections (data, model, loss, mining, optim, run)")
     parser.add_argument(

@@ -36,7 +36,11 @@ def test_every_config_field_has_a_meaning_and_its_real_default():
     missing = [key for key, setting in documented.items() if not setting.help]
     assert not missing, f"give these fields a trailing `# one-line meaning` comment: {missing}"
     for key, setting in documented.items():
-        assert ast.literal_eval(setting.default) == real[key], key
+        try:
+            written = ast.literal_eval(setting.default)
+        except ValueError:  # a name or a call: shown as written, nothing to compare
+            continue
+        assert written == real[key], key
 
 
 def test_help_lists_every_setting_with_its_default_and_meaning(monkeypatch):
