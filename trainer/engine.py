@@ -140,6 +140,9 @@ class Trainer:
         vectorize_scalar_parameters(self.model)  # DeepSpeed cannot broadcast 0-dim parameters
         ds_config = deepspeed_config(config)
         self.accumulation = int(ds_config.get("gradient_accumulation_steps", 1))
+        optim.steps = optim.steps_for(len(self.dataset), self.world_size, self.accumulation)
+        if optim.epochs:
+            log.info("%d epochs of %d samples: %d optimizer steps", optim.epochs, len(self.dataset), optim.steps)
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2 or "logit_scale" in n]
         optimizer = torch.optim.AdamW(
@@ -174,11 +177,17 @@ class Trainer:
         if config.run.metrics_port:
             port = self.metrics.serve(config.run.metrics_port + self.local_rank, config.run.metrics_host)
             log.info("rank %d metrics on %s:%d/metrics", self.rank, config.run.metrics_host, port)
-        self.writer = None
+        self.writer = None  # the run's reporters (run.report_to), main rank only
         if self.is_main:
-            from torch.utils.tensorboard import SummaryWriter
+            from trainer.reporting import create_reporters
 
-            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+            self.writer = create_reporters(
+                config.run.reporters,
+                self.output_dir,
+                wandb_project=config.run.wandb_project,
+                wandb_notes=config.run.wandb_notes,
+                config=to_dict(config),
+            )
             (self.output_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2, default=str))
         self.sampler = None
 
@@ -254,6 +263,7 @@ class Trainer:
             config.run.log_every,
             self.accumulation,
             self.writer,
+            device=self.device,
         )
         ledger.on_bad = lambda bad: runlog.bad_sample(bad.kind)
         progress = tqdm(
