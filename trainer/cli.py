@@ -18,6 +18,14 @@ FLAGS = {  # flag -> dotted config key
     "--eval-dir": "data.eval_dir",
     "--model": "model.name",
     "--pretrained": "model.pretrained",
+    "--precision": "model.precision",
+    "--lock-image": "model.lock_image",
+    "--lock-image-unlocked-groups": "model.lock_image_unlocked_groups",
+    "--lock-image-freeze-bn-stats": "model.lock_image_freeze_bn_stats",
+    "--lock-text": "model.lock_text",
+    "--lock-text-unlocked-layers": "model.lock_text_unlocked_layers",
+    "--lock-text-freeze-layer-norm": "model.lock_text_freeze_layer_norm",
+    "--grad-checkpointing": "model.grad_checkpointing",
     "--steps": "optim.steps",
     "--batch-size": "optim.batch_size",
     "--hard-ratio": "optim.hard_ratio",
@@ -29,7 +37,16 @@ FLAGS = {  # flag -> dotted config key
     "--deepspeed-config": "run.deepspeed_config",
     "--resume": "run.resume",
     "--checkpoint-every": "run.checkpoint_every",
+    "--keep-checkpoints": "run.keep_checkpoints",
     "--eval-every": "run.eval_every",
+}
+# Boolean flags that alone mean true (`--lock-image`); they still take a value (`--lock-image false`).
+SWITCHES = {
+    "--lock-image",
+    "--lock-image-freeze-bn-stats",
+    "--lock-text",
+    "--lock-text-freeze-layer-norm",
+    "--grad-checkpointing",
 }
 
 
@@ -39,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML file of TrainConfig sections (data, model, loss, mining, optim, run)")
     for flag, key in FLAGS.items():
-        parser.add_argument(flag, dest=key, metavar=key.split(".")[-1].upper(), help=f"sets {key}")
+        switch = {"nargs": "?", "const": "true"} if flag in SWITCHES else {}
+        parser.add_argument(flag, dest=key, metavar=key.split(".")[-1].upper(), help=f"sets {key}", **switch)
     parser.add_argument(
         "--set",
         action="append",
@@ -74,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"optim.hard_ratio must be in [0, 1), got {config.optim.hard_ratio}")
         if not (config.data.train or config.data.synth_dir):
             raise ValueError("data.train (--train-data) or data.synth_dir must be set")
+        from trainer.model import check_model
+
+        check_model(config.model)  # an unknown pretrained tag fails here, not after the data is prepared
     except (ValueError, OSError) as error:
         parser.error(str(error))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

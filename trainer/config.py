@@ -55,8 +55,9 @@ class OptimConfig:
 @dataclass
 class RunConfig:
     output_dir: str = "runs/demo"
-    deepspeed_config: str = "configs/deepspeed/zero0_fp32.json"
+    deepspeed_config: str = "configs/deepspeed/zero0.json"
     checkpoint_every: int = 100  # optimizer steps; 0: only at the end
+    keep_checkpoints: int = 3  # resumable checkpoints kept, the newest (0: all); epoch_N.pt and final.pt stay
     eval_every: int = 0  # optimizer steps; 0: only at the end
     log_every: int = 10
     resume: str = ""  # "", "latest", or a checkpoint tag
@@ -64,6 +65,10 @@ class RunConfig:
     metrics_port: int = 0  # Prometheus /metrics of rank r on metrics_port + local rank (0: off)
     metrics_host: str = "127.0.0.1"
     record_ids: bool = False  # write the sample ids each rank trained on (seen-ids-rank{r}.npy), for checks
+
+    def __post_init__(self):
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"run.keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
 
 
 @dataclass
