@@ -271,3 +271,21 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(tiny_config, batch
     torch.testing.assert_close(loss_ckpt, loss_plain)
     for name, grad in grads_plain.items():
         torch.testing.assert_close(grads_ckpt[name], grad, msg=name)
+
+
+def test_cli_refuses_an_unknown_tag_with_exit_2_before_training(capsys):
+    from trainer import cli
+
+    argv = ["--train-data", "absent.csv", "--model", "ViT-B-32", "--pretrained", "no_such_tag"]
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 2
+    assert "model.pretrained: 'no_such_tag'" in capsys.readouterr().err
+
+
+def test_lock_and_checkpointing_flags_are_switches():
+    from trainer.cli import build_parser
+
+    args = vars(build_parser().parse_args(["--lock-image", "--lock-text", "false", "--grad-checkpointing"]))
+    assert args["model.lock_image"] == "true" and args["model.lock_text"] == "false"
+    assert args["model.grad_checkpointing"] == "true" and args["model.lock_image_freeze_bn_stats"] is None
