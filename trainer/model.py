@@ -48,6 +48,7 @@ class ModelConfig:
 
     name: str = "configs/models/helip-tiny.json"  # open_clip model name (e.g. ViT-B-32) or a JSON model config
     pretrained: str | None = None  # starting weights: a local file, an open_clip tag (openai) or hf-hub:org/name
+    cache_dir: str = ""  # where tags and hf-hub weights download to (empty: open_clip's / Hugging Face's default)
     precision: str = "fp32"  # fp32, bf16 or fp16; also sets the DeepSpeed JSON's bf16/fp16 blocks
     device: str = "cpu"  # where the model is placed (the trainer sets its rank's device)
     lock_image: bool = False  # freeze the image tower (LiT)
@@ -153,13 +154,14 @@ def build_model(
         kind, weights = pretrained
         if kind == "hf-hub":
             # The repo's weights file into model.name's architecture, so our checkpoints rebuild it offline.
-            weights = open_clip.pretrained.download_pretrained_from_hf(weights)
+            weights = open_clip.pretrained.download_pretrained_from_hf(weights, cache_dir=config.cache_dir or None)
         logger.info("starting from %s weights %s", kind, weights)
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         model_name,
         pretrained=weights,
         precision=config.precision,
         device=config.device,
+        cache_dir=config.cache_dir or None,
         # Never fetch base tower weights (timm / Hugging Face): `pretrained` is the one source of weights.
         pretrained_image=False,
         pretrained_text=False,

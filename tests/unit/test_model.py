@@ -289,3 +289,26 @@ def test_lock_and_checkpointing_flags_are_switches():
     args = vars(build_parser().parse_args(["--lock-image", "--lock-text", "false", "--grad-checkpointing"]))
     assert args["model.lock_image"] == "true" and args["model.lock_text"] == "false"
     assert args["model.grad_checkpointing"] == "true" and args["model.lock_image_freeze_bn_stats"] is None
+
+
+def test_hf_hub_weights_load_into_the_named_architecture_from_the_hub_cache(tiny_config, tmp_path, monkeypatch):
+    """hf-hub:org/name through open_clip's own download, answered by a Hugging Face cache with the hub offline."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    source, _, _ = build_seeded(tiny_config, 0)
+    snapshot = tmp_path / "models--helip--tiny" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    torch.save(source.state_dict(), snapshot / "open_clip_pytorch_model.bin")
+    (tmp_path / "models--helip--tiny" / "refs").mkdir()
+    (tmp_path / "models--helip--tiny" / "refs" / "main").write_text("0" * 40)
+
+    config = dataclasses.replace(tiny_config, pretrained="hf-hub:helip/tiny", cache_dir=str(tmp_path))
+    torch.manual_seed(1)
+    started, _, _, _ = build_model(config)
+    expected = source.state_dict()
+    for name, tensor in started.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+    with pytest.raises(FileNotFoundError, match="helip/absent"):
+        build_model(dataclasses.replace(config, pretrained="hf-hub:helip/absent"))
