@@ -31,7 +31,7 @@ from trainer.losses import HelipLoss
 from trainer.metrics import TrainerMetrics
 from trainer.mining import MiningCounters, make_client
 from trainer.model import build_model, vectorize_scalar_parameters
-from trainer.precision import apply_precision
+from trainer.precision import apply_precision, enabled_precision
 from trainer.pusher import EmbeddingPusher
 from trainer.runlog import RunLog
 from trainer.schedule import warmup_cosine
@@ -153,6 +153,9 @@ class Trainer:
         )
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+        log.info(
+            "training in %s (model.precision, DeepSpeed %s)", enabled_precision(ds_config), config.run.deepspeed_config
         )
         self.input_dtype = (
             torch.bfloat16
