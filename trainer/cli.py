@@ -35,6 +35,14 @@ ALIASES = {
     "data.separator": ("--csv-separator",),
     "model.name": ("--model",),
     "model.pretrained": ("--pretrained",),
+    "model.precision": ("--precision",),
+    "model.lock_image": ("--lock-image",),
+    "model.lock_image_unlocked_groups": ("--lock-image-unlocked-groups",),
+    "model.lock_image_freeze_bn_stats": ("--lock-image-freeze-bn-stats",),
+    "model.lock_text": ("--lock-text",),
+    "model.lock_text_unlocked_layers": ("--lock-text-unlocked-layers",),
+    "model.lock_text_freeze_layer_norm": ("--lock-text-freeze-layer-norm",),
+    "model.grad_checkpointing": ("--grad-checkpointing",),
     "loss.margin": ("--margin",),
     "loss.hnml_weight": ("--hnml-weight",),
     "loss.local_loss": ("--local-loss",),
@@ -52,6 +60,7 @@ ALIASES = {
     "run.deepspeed_config": ("--deepspeed-config",),
     "run.resume": ("--resume",),
     "run.checkpoint_every": ("--checkpoint-every",),
+    "run.keep_checkpoints": ("--keep-checkpoints",),
     "run.eval_every": ("--eval-every",),
     "run.zeroshot_frequency": ("--zeroshot-frequency",),
     "run.log_every": ("--log-every-n-steps",),
@@ -125,6 +134,9 @@ def parse_config(argv: list[str] | None = None):
         from trainer.eval import check_data_sources
 
         check_data_sources(config.data)  # bad evaluation data fails now, not after training
+        from trainer.model import check_model
+
+        check_model(config.model)  # an unknown pretrained tag fails here, not after the data is prepared
     except (ValueError, OSError) as error:
         parser.error(str(error))
     return args, config

@@ -94,8 +94,9 @@ class RunConfig:
     """Where the run writes, how often, and what it reports to."""
 
     output_dir: str = "runs/demo"  # where checkpoints, logs, TensorBoard scalars and eval results go
-    deepspeed_config: str = "configs/deepspeed/zero0_fp32.json"  # DeepSpeed JSON; "auto" values filled from here
+    deepspeed_config: str = "configs/deepspeed/zero0.json"  # DeepSpeed JSON; "auto" values filled from here
     checkpoint_every: int = 100  # optimizer steps; 0: only at the end
+    keep_checkpoints: int = 3  # resumable checkpoints kept, the newest (0: all); epoch_N.pt and final.pt stay
     eval_every: int = 0  # optimizer steps between evals of data.eval_dir and data.retrieval_data; 0: only at the end
     zeroshot_frequency: int = 1  # epochs between zero-shot evals of data.zeroshot_dir; 0: only at the end
     log_every: int = 10  # optimizer steps per logged window (log line, TensorBoard/wandb scalars)
@@ -113,6 +114,8 @@ class RunConfig:
             raise ValueError(f"run.log_every must be >= 1, got {self.log_every}")
         if self.zeroshot_frequency < 0:
             raise ValueError(f"run.zeroshot_frequency must be >= 0, got {self.zeroshot_frequency}")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"run.keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
         unknown = sorted(set(self.reporters) - set(REPORTERS))
         if unknown:
             raise ValueError(f"run.report_to: unknown {', '.join(unknown)} (known: {', '.join(REPORTERS)})")
