@@ -46,7 +46,7 @@ WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz")
 class ModelConfig:
     """Which CLIP to build, from which weights, and which of its parts train."""
 
-    name: str = "configs/models/helip-tiny.json"  # open_clip model name (e.g. ViT-B-32) or a JSON model config
+    name: str = "configs/models/helip-tiny.json"  # open_clip model name (ViT-B-32, ...) or a JSON model config
     pretrained: str | None = None  # starting weights: a local file, an open_clip tag (openai) or hf-hub:org/name
     cache_dir: str = ""  # where tags and hf-hub weights download to (empty: open_clip's / Hugging Face's default)
     precision: str = "fp32"  # fp32, bf16 or fp16; also sets the DeepSpeed JSON's bf16/fp16 blocks
