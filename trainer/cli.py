@@ -1,6 +1,12 @@
 """`helip-train`: fine-tune a CLIP with online hard pairs from a miner (one box by default).
 
-    helip-train --config configs/demo.yaml [--miner HOST:PORT] [--steps N] [--set optim.lr=1e-4 ...]
+    helip-train --config configs/demo.yaml [--miner HOST:PORT] [--steps N | --epochs N] [--optim.lr 1e-4 ...]
+
+Settings come from their defaults, then the --config file, then flags: every setting has a `--section.field`
+flag (listed below by section, as in the YAML file), the common ones a short alias, and `--set section.field=VALUE`
+sets any of them too. open_clip_train's flags of the same meaning are accepted (--workers, --csv-img-key,
+--csv-caption-key, --csv-separator, --warmup, --wd, --epochs, --grad-clip-norm, --local-loss, --gather-with-grad,
+--log-every-n-steps, --report-to, --wandb-project-name, --wandb-notes, --lr, --seed, ...).
 
 Launch several ranks with `torchrun --nproc_per_node=N -m trainer.cli ...` or the `deepspeed` launcher.
 """
@@ -12,39 +18,70 @@ import logging
 import signal
 import sys
 
-FLAGS = {  # flag -> dotted config key
-    "--miner": "mining.address",
-    "--train-data": "data.train",
-    "--eval-dir": "data.eval_dir",
-    "--zeroshot-dir": "data.zeroshot_dir",
-    "--zeroshot-classnames": "data.zeroshot_classnames",
-    "--zeroshot-templates": "data.zeroshot_templates",
-    "--retrieval-data": "data.retrieval_data",
-    "--model": "model.name",
-    "--pretrained": "model.pretrained",
-    "--steps": "optim.steps",
-    "--batch-size": "optim.batch_size",
-    "--hard-ratio": "optim.hard_ratio",
-    "--lr": "optim.lr",
-    "--seed": "optim.seed",
-    "--margin": "loss.margin",
-    "--hnml-weight": "loss.hnml_weight",
-    "--output-dir": "run.output_dir",
-    "--deepspeed-config": "run.deepspeed_config",
-    "--resume": "run.resume",
-    "--checkpoint-every": "run.checkpoint_every",
-    "--eval-every": "run.eval_every",
-    "--zeroshot-frequency": "run.zeroshot_frequency",
+from trainer import config_docs
+
+# Short flags, and open_clip_train's flags where helip's setting means the same thing, beside `--section.field`.
+ALIASES = {
+    "mining.address": ("--miner",),
+    "data.train": ("--train-data",),
+    "data.eval_dir": ("--eval-dir",),
+    "data.zeroshot_dir": ("--zeroshot-dir",),
+    "data.zeroshot_classnames": ("--zeroshot-classnames",),
+    "data.zeroshot_templates": ("--zeroshot-templates",),
+    "data.retrieval_data": ("--retrieval-data",),
+    "data.workers": ("--workers",),
+    "data.img_key": ("--csv-img-key",),
+    "data.caption_key": ("--csv-caption-key",),
+    "data.separator": ("--csv-separator",),
+    "model.name": ("--model",),
+    "model.pretrained": ("--pretrained",),
+    "model.precision": ("--precision",),
+    "model.lock_image": ("--lock-image",),
+    "model.lock_image_unlocked_groups": ("--lock-image-unlocked-groups",),
+    "model.lock_image_freeze_bn_stats": ("--lock-image-freeze-bn-stats",),
+    "model.lock_text": ("--lock-text",),
+    "model.lock_text_unlocked_layers": ("--lock-text-unlocked-layers",),
+    "model.lock_text_freeze_layer_norm": ("--lock-text-freeze-layer-norm",),
+    "model.grad_checkpointing": ("--grad-checkpointing",),
+    "loss.margin": ("--margin",),
+    "loss.hnml_weight": ("--hnml-weight",),
+    "loss.local_loss": ("--local-loss",),
+    "loss.gather_with_grad": ("--gather-with-grad",),
+    "optim.steps": ("--steps",),
+    "optim.epochs": ("--epochs",),
+    "optim.batch_size": ("--batch-size",),
+    "optim.hard_ratio": ("--hard-ratio",),
+    "optim.lr": ("--lr",),
+    "optim.weight_decay": ("--wd",),
+    "optim.warmup_steps": ("--warmup",),
+    "optim.grad_clip": ("--grad-clip-norm",),
+    "optim.seed": ("--seed",),
+    "run.output_dir": ("--output-dir",),
+    "run.deepspeed_config": ("--deepspeed-config",),
+    "run.resume": ("--resume",),
+    "run.checkpoint_every": ("--checkpoint-every",),
+    "run.keep_checkpoints": ("--keep-checkpoints",),
+    "run.eval_every": ("--eval-every",),
+    "run.zeroshot_frequency": ("--zeroshot-frequency",),
+    "run.log_every": ("--log-every-n-steps",),
+    "run.report_to": ("--report-to",),
+    "run.wandb_project": ("--wandb-project-name",),
+    "run.wandb_notes": ("--wandb-notes",),
 }
+METAVARS = {"int": "INT", "float": "FLOAT", "bool": "BOOL"}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every setting as `--section.field VALUE` (grouped by section, with its default and meaning), plus the
+    aliases above. Values stay text here: `trainer.config.load` reads them strictly, naming the key."""
     parser = argparse.ArgumentParser(
-        prog="helip-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="helip-train",
+        usage="%(prog)s [--config FILE] [--section.field VALUE | --alias VALUE ...] [--set KEY=VALUE ...]",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # a misspelt flag is an error: --epoch must not quietly mean --epochs
     )
     parser.add_argument("--config", help="YAML file of TrainConfig sections (data, model, loss, mining, optim, run)")
-    for flag, key in FLAGS.items():
-        parser.add_argument(flag, dest=key, metavar=key.split(".")[-1].upper(), help=f"sets {key}")
     parser.add_argument(
         "--set",
         action="append",
@@ -52,17 +89,38 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="any setting by its dotted name, e.g. --set mining.prefetch=4 (repeatable)",
     )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
-    parser.add_argument("--log-level", default="INFO")
+    for section in config_docs.sections():
+        group = parser.add_argument_group(f"{section.key} ({section.class_name})", section.help or None)
+        for setting in section.settings:
+            meaning = setting.help.replace("%", "%%")
+            options = {"metavar": METAVARS.get(setting.kind, "TEXT")}
+            if setting.kind == "bool":  # `--local-loss` alone means true, as open_clip's switches do
+                options.update(nargs="?", const="true")
+            group.add_argument(
+                f"--{setting.key}",
+                *ALIASES.get(setting.key, ()),
+                dest=setting.key,
+                help=f"{meaning} (default: {setting.default.replace('%', '%%')})".lstrip(),
+                **options,
+            )
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def settings_of(args: argparse.Namespace) -> dict[str, object]:
+    """The dotted settings the command line gave (flags not given are None: the file's or default value stays)."""
+    return {key: getattr(args, key) for key in config_docs.settings()}
+
+
+def parse_config(argv: list[str] | None = None):
+    """(args, TrainConfig) from the command line; a bad value exits with status 2 and a message naming it."""
     parser = build_parser()
     args = parser.parse_args(argv)
     from trainer import config as train_config  # after --help, which should not wait for torch
+    from trainer.reporting import check_reporters
 
-    overrides = {key: getattr(args, key) for key in FLAGS.values()}
+    overrides = settings_of(args)
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -70,20 +128,22 @@ def main(argv: list[str] | None = None) -> int:
         overrides[key] = value
     try:
         config = train_config.load(args.config, overrides)
-        # Constructing these validates values early, with messages naming the field.
-        from trainer.sampler import SamplerConfig  # noqa: F401
-
-        if config.optim.steps < 1 or config.optim.batch_size < 2:
-            raise ValueError("optim.steps must be >= 1 and optim.batch_size >= 2")
-        if not 0 <= config.optim.hard_ratio < 1:
-            raise ValueError(f"optim.hard_ratio must be in [0, 1), got {config.optim.hard_ratio}")
         if not (config.data.train or config.data.synth_dir):
             raise ValueError("data.train (--train-data) or data.synth_dir must be set")
+        check_reporters(config.run.reporters)
         from trainer.eval import check_data_sources
 
         check_data_sources(config.data)  # bad evaluation data fails now, not after training
+        from trainer.model import check_model
+
+        check_model(config.model)  # an unknown pretrained tag fails here, not after the data is prepared
     except (ValueError, OSError) as error:
         parser.error(str(error))
+    return args, config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, config = parse_config(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from trainer.engine import Trainer
     from trainer.ledger import TooManyBadSamples
@@ -105,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer.close()
     if result.summary_json and result.final_checkpoint:
         print(f"checkpoint:  {result.final_checkpoint}")
-        print(f"tensorboard: {result.tensorboard_dir}")
+        if "tensorboard" in config.run.reporters:
+            print(f"tensorboard: {result.tensorboard_dir}")
         print(f"eval:        {result.eval_json}")
         print(f"summary:     {result.summary_json}")
     return 0

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.bootstrap import bootstrap_index, miner_rows
+from trainer.checkpoints import Checkpointer
 from trainer.config import TrainConfig, to_dict
 from trainer.data import open_pairs
 from trainer.hard_pairs import HardPairSampler, hard_pair_loader
@@ -30,8 +31,9 @@ from trainer.local_miner import LocalMiner
 from trainer.losses import HelipLoss
 from trainer.metrics import TrainerMetrics
 from trainer.mining import MiningCounters, make_client
-from trainer.model import build_model, save_checkpoint, vectorize_scalar_parameters
+from trainer.model import build_model, vectorize_scalar_parameters
 from trainer.namespace import NamespaceMismatch, claim_namespace, dataset_fingerprint, run_namespace
+from trainer.precision import apply_precision, enabled_precision
 from trainer.pusher import EmbeddingPusher
 from trainer.runlog import RunLog
 from trainer.schedule import warmup_cosine
@@ -71,10 +73,12 @@ def broadcast(value, src: int = 0):
 
 
 def deepspeed_config(config: TrainConfig) -> dict:
-    """The user's DeepSpeed JSON with our values filled in where it says "auto", and precision the device has."""
+    """The user's DeepSpeed JSON with our values filled in where it says "auto", and model.precision's bf16/fp16
+    blocks (trainer.precision; a JSON that disagrees is a ValueError), unless the device lacks that precision."""
     from deepspeed.accelerator import get_accelerator
 
-    ds = json.loads(Path(config.run.deepspeed_config).read_text())
+    source = config.run.deepspeed_config
+    ds = apply_precision(json.loads(Path(source).read_text()), config.model.precision, source)
     if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
         ds["train_micro_batch_size_per_gpu"] = config.optim.batch_size
     if ds.get("gradient_clipping", "auto") == "auto":
@@ -84,12 +88,7 @@ def deepspeed_config(config: TrainConfig) -> dict:
     accelerator = get_accelerator()
     for key, supported in (("bf16", accelerator.is_bf16_supported()), ("fp16", accelerator.is_fp16_supported())):
         if ds.get(key, {}).get("enabled") and not supported:
-            log.warning(
-                "%s asked for by %s but %s lacks it: training in fp32",
-                key,
-                config.run.deepspeed_config,
-                accelerator.device_name(),
-            )
+            log.warning("model.precision is %s but %s lacks it: training in fp32", key, accelerator.device_name())
             ds[key]["enabled"] = False
     return ds
 
@@ -122,9 +121,11 @@ class Trainer:
             torch.cuda.set_device(self.device)
 
         self._prepare_data()
-        model_config = config.model
-        model_config.device = device
-        self.model, preprocess_train, self.preprocess_val, self.tokenizer = build_model(model_config)
+        config.model.device = device
+        # open_clip builds fp32 weights; DeepSpeed casts them to model.precision itself (deepspeed_config).
+        self.model, preprocess_train, self.preprocess_val, self.tokenizer = build_model(
+            dataclasses.replace(config.model, precision="fp32")
+        )
         # open_clip's training augmentation for real data; the synthetic set's captions name positions and
         # sizes, so its config turns augmentation off (data.augment).
         self.dataset = open_pairs(
@@ -141,8 +142,13 @@ class Trainer:
         vectorize_scalar_parameters(self.model)  # DeepSpeed cannot broadcast 0-dim parameters
         ds_config = deepspeed_config(config)
         self.accumulation = int(ds_config.get("gradient_accumulation_steps", 1))
-        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
-        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2 or "logit_scale" in n]
+        optim.steps = optim.steps_for(len(self.dataset), self.world_size, self.accumulation)
+        if optim.epochs:
+            log.info("%d epochs of %d samples: %d optimizer steps", optim.epochs, len(self.dataset), optim.steps)
+        # Locked towers' parameters stay out of the optimizer: no updates, no weight decay, no optimizer state.
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        decay = [p for n, p in trainable if p.ndim >= 2 and "logit_scale" not in n]
+        no_decay = [p for n, p in trainable if p.ndim < 2 or "logit_scale" in n]
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=optim.lr,
@@ -153,12 +159,23 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
+        log.info(
+            "training in %s (model.precision, DeepSpeed %s)", enabled_precision(ds_config), config.run.deepspeed_config
+        )
         self.input_dtype = (
             torch.bfloat16
             if self.engine.bfloat16_enabled()
             else torch.float16
             if self.engine.fp16_enabled()
             else torch.float32
+        )
+        self.checkpoints = Checkpointer(
+            self.engine,
+            self.output_dir,
+            config.model,
+            keep=config.run.keep_checkpoints,
+            accumulation=self.accumulation,
+            is_main=self.is_main,
         )
         self.loss = HelipLoss(config.loss, rank=self.rank, world_size=self.world_size)
 
@@ -180,11 +197,17 @@ class Trainer:
         if config.run.metrics_port:
             port = self.metrics.serve(config.run.metrics_port + self.local_rank, config.run.metrics_host)
             log.info("rank %d metrics on %s:%d/metrics", self.rank, config.run.metrics_host, port)
-        self.writer = None
+        self.writer = None  # the run's reporters (run.report_to), main rank only
         if self.is_main:
-            from torch.utils.tensorboard import SummaryWriter
+            from trainer.reporting import create_reporters
 
-            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+            self.writer = create_reporters(
+                config.run.reporters,
+                self.output_dir,
+                wandb_project=config.run.wandb_project,
+                wandb_notes=config.run.wandb_notes,
+                config=to_dict(config),
+            )
             (self.output_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2, default=str))
         self.sampler = None
 
@@ -252,7 +275,7 @@ class Trainer:
 
         config = self.config
         total_micro = config.optim.steps * self.accumulation
-        start_micro = self._resume()
+        start_micro = self.checkpoints.resume(config.run.resume)
         if self._needs_bootstrap(start_micro):
             self._bootstrap()
         self.sampler = HardPairSampler(
@@ -281,6 +304,7 @@ class Trainer:
             config.run.log_every,
             self.accumulation,
             self.writer,
+            device=self.device,
         )
         ledger.on_bad = lambda bad: runlog.bad_sample(bad.kind)
         progress = tqdm(
@@ -292,6 +316,7 @@ class Trainer:
         )
         seen: set[int] = set()
         ckpt_every = config.run.checkpoint_every * self.accumulation
+        epoch_micro = self.sampler.anchors.steps_per_epoch  # micro-steps per epoch on every rank
         eval_every = config.run.eval_every * self.accumulation
         # Zero-shot on data.zeroshot_dir counts epochs (open_clip's --zeroshot-frequency); an epoch is the sampler's:
         # every sample once as an anchor, steps_per_epoch micro-steps on each rank.
@@ -315,7 +340,10 @@ class Trainer:
             progress.update(1)
             progress.set_postfix(loss=f"{last['total']:.3f}", hard=f"{layout.hard_fraction:.2f}")
             if ckpt_every and done % ckpt_every == 0 and done != total_micro:
-                self._save(done)
+                self.checkpoints.save(done)
+            if done % epoch_micro == 0:
+                epoch = done // epoch_micro
+                self.checkpoints.export(f"epoch_{epoch}", step=done // self.accumulation, epoch=epoch)
             periodic = bool(eval_every) and done % eval_every == 0
             zero_shot = bool(zeroshot_every) and done % zeroshot_every == 0
             if (periodic or zero_shot) and done != total_micro:
@@ -325,11 +353,8 @@ class Trainer:
         del batches, loader  # stops the loader's workers
         if config.run.record_ids:
             np.save(self.output_dir / f"seen-ids-rank{self.rank}.npy", np.array(sorted(seen), dtype=np.int64))
-        self._save(total_micro)
-        final = None
-        if self.is_main:
-            final = self.output_dir / "final.pt"
-            save_checkpoint(self.engine.module, final, extra={"step": config.optim.steps}, config=config.model)
+        self.checkpoints.save(total_micro)
+        final = self.checkpoints.export("final", step=config.optim.steps)
         eval_json = self._evaluate("final")
         totals = {**runlog.totals, "bad_samples": ledger.bad, "bad_by_kind": dict(ledger.by_kind)}
         return self._finish(final, eval_json, last, totals)
@@ -390,25 +415,6 @@ class Trainer:
         if self.pusher is not None and self.config.mining.update_index:
             self.pusher.push(batch.ids, image_features, text_features, self.engine.global_steps)
         return losses
-
-    def _save(self, micro: int) -> None:
-        tag = f"step_{micro // self.accumulation}"
-        self.engine.save_checkpoint(str(self.output_dir / "checkpoints"), tag=tag, client_state={"micro_step": micro})
-
-    def _resume(self) -> int:
-        resume = self.config.run.resume
-        if not resume:
-            return 0
-        directory = self.output_dir / "checkpoints"
-        if not (directory / "latest").exists() and resume == "latest":
-            log.info("no checkpoint in %s yet: starting from step 0", directory)
-            return 0
-        path, client_state = self.engine.load_checkpoint(str(directory), tag=None if resume == "latest" else resume)
-        if path is None:
-            raise FileNotFoundError(f"--resume {resume}: no checkpoint in {directory}")
-        micro = int(client_state["micro_step"])
-        log.info("resumed from %s at step %d", path, micro // self.accumulation)
-        return micro
 
     @functools.cached_property
     def eval_suite(self):

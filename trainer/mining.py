@@ -44,11 +44,11 @@ class MiningConfig:
     max_in_flight: int = 4  # Mine calls out at once; more requests queue behind them
     breaker_failures: int = 3  # consecutive failed calls that open the circuit breaker
     breaker_cooldown_s: float = 2.0  # first pause before a probe call; doubles per failed probe
-    breaker_max_cooldown_s: float = 30.0
-    scoring: str = "PRODUCT"
+    breaker_max_cooldown_s: float = 30.0  # the longest pause between probes
+    scoring: str = "PRODUCT"  # how two pairs are scored: PRODUCT or SUM of image and text similarity, IMAGE, TEXT
     max_similarity: float = 0.0  # 0: the miner's default near-duplicate cut
     push_queue: int = 64  # upserts waiting to be sent before new ones are dropped
-    wire_dtype: str = "FLOAT16"
+    wire_dtype: str = "FLOAT16"  # dtype of the embeddings sent to the miner: FLOAT16, BFLOAT16 or FLOAT32
     # Before the first step, embed the whole training set once with the starting model and push it, so that
     # epoch one already has hard pairs (the paper's offline pass, streamed). Off: epoch one mostly falls back.
     # A resumed run bootstraps whenever the miner holds fewer rows than the data set, whatever this says.
@@ -65,11 +65,11 @@ class MiningConfig:
     # Security towards the miner: TLS (trusting tls_ca_file, else the system roots), a client certificate for
     # mutual TLS, and a bearer token read from token_file (else $HELIP_AUTH_TOKEN).
     tls: bool = False
-    tls_ca_file: str = ""
-    tls_cert_file: str = ""
-    tls_key_file: str = ""
-    tls_server_name: str = ""
-    token_file: str = ""
+    tls_ca_file: str = ""  # PEM file of the CA that signed the miner's certificate; empty: the system roots
+    tls_cert_file: str = ""  # PEM client certificate, for mutual TLS
+    tls_key_file: str = ""  # PEM private key of tls_cert_file
+    tls_server_name: str = ""  # the name the miner's certificate must carry, when not its address's host
+    token_file: str = ""  # file holding the bearer token; empty: $HELIP_AUTH_TOKEN, if set
     namespace: str = ""  # miner namespace of this run's rows; empty: the run's output dir name (helip-train)
     reset_namespace: bool = False  # drop and recreate the namespace when it holds another data set's rows
 

@@ -1,13 +1,16 @@
 """The CLIP model: built by open_clip from a model name or a JSON model config, and our checkpoints.
 
-Nothing here downloads: a named open_clip architecture is built with random weights, and `pretrained` may
-only name a local weights file. open_clip's BPE vocabulary ships inside the package, so the tokenizer
-works offline too.
+`pretrained` names the starting weights: a local weights file, one of open_clip's pretrained tags for the
+model (e.g. "openai", "laion2b_s34b_b79k"), or "hf-hub:org/name" (that Hugging Face repository's open_clip
+weights). Tags and hf-hub names are downloaded by open_clip, so they need the network the first time; a
+local file never does. open_clip's BPE vocabulary ships inside the package, so the tokenizer works offline.
 
 Checkpoint format (`save_checkpoint`), a `torch.save`d dict:
     {"state_dict": {name: tensor}, "model_name": str, "model_config": dict | None, **extra}
 `model_config` is the JSON model config when the model was built from a file (so a checkpoint can be
-rebuilt without the file), else None. `load_checkpoint` also reads a plain open_clip state dict.
+rebuilt without the file), else None. open_clip reads the same file (`open_clip.load_checkpoint`, or
+`create_model_and_transforms(model_name, pretrained=path)`): it takes "state_dict" and ignores the rest.
+`load_checkpoint` also reads a plain open_clip state dict.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,21 +35,42 @@ CHECKPOINT_KEYS = ("state_dict", "model_name", "model_config")
 WRAPPER_PREFIX = "module."
 
 
+# Precisions a run trains in; DeepSpeed gets the same one (trainer.precision).
+PRECISIONS = ("fp32", "bf16", "fp16")
+HF_HUB_PREFIX = "hf-hub:"
+# What a `pretrained` value that is meant as a file looks like, so a typo reads as a missing file, not a tag.
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz")
+
+
 @dataclass
 class ModelConfig:
-    """Which CLIP to build.
+    """Which CLIP to build, from which weights, and which of its parts train."""
 
-    name: an open_clip architecture name (e.g. "ViT-B-32", random init) or the path of a JSON open_clip
-        model config ({"embed_dim", "vision_cfg", "text_cfg"}); the file's stem becomes the model name.
-    pretrained: None, or the path of a local open_clip weights file (never a download tag).
-    precision: open_clip precision ("fp32", "fp16", "bf16", "amp", ...).
-    device: where the model is placed.
-    """
+    name: str = "configs/models/helip-tiny.json"  # open_clip model name (ViT-B-32, ...) or a JSON model config
+    pretrained: str | None = None  # starting weights: a local file, an open_clip tag (openai) or hf-hub:org/name
+    cache_dir: str = ""  # where tags and hf-hub weights download to (empty: open_clip's / Hugging Face's default)
+    precision: str = "fp32"  # fp32, bf16 or fp16; also sets the DeepSpeed JSON's bf16/fp16 blocks
+    device: str = "cpu"  # where the model is placed (the trainer sets its rank's device)
+    lock_image: bool = False  # freeze the image tower (LiT)
+    lock_image_unlocked_groups: int = 0  # with lock_image: leave its last N layer groups trainable
+    lock_image_freeze_bn_stats: bool = False  # with lock_image: freeze BatchNorm statistics of locked layers
+    lock_text: bool = False  # freeze the text tower
+    lock_text_unlocked_layers: int = 0  # with lock_text: leave its last N layer groups trainable
+    lock_text_freeze_layer_norm: bool = True  # with lock_text: freeze LayerNorms too (open_clip's own tower: true)
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
 
-    name: str = "configs/models/helip-tiny.json"
-    pretrained: str | None = None
-    precision: str = "fp32"
-    device: str = "cpu"
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"model.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("lock_image_unlocked_groups", "lock_text_unlocked_layers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lock_image_unlocked_groups and not self.lock_image:
+            raise ValueError("model.lock_image_unlocked_groups is set but model.lock_image is not")
+        if self.lock_text_unlocked_layers and not self.lock_text:
+            raise ValueError("model.lock_text_unlocked_layers is set but model.lock_text is not")
+        if self.pretrained == "":
+            self.pretrained = None
 
 
 def resolve_model(config: ModelConfig) -> tuple[str, dict[str, Any] | None]:
@@ -78,10 +103,44 @@ def resolve_model(config: ModelConfig) -> tuple[str, dict[str, Any] | None]:
     return config.name, None
 
 
+def resolve_pretrained(config: ModelConfig, model_name: str) -> tuple[str, str] | None:
+    """Say what `config.pretrained` names, without downloading: None, or (kind, value) with kind "file" (a
+    local path), "tag" (an open_clip pretrained tag of `model_name`) or "hf-hub" (a Hugging Face repo id).
+
+    Raises FileNotFoundError for a path that does not exist and ValueError for an unknown tag (listing the
+    model's tags) or an hf-hub name that is not "hf-hub:org/name"; each names model.pretrained.
+    """
+    value = config.pretrained
+    if not value:
+        return None
+    if value.startswith(HF_HUB_PREFIX):
+        repo_id = value[len(HF_HUB_PREFIX) :]
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+            raise ValueError(f"model.pretrained: expected hf-hub:org/name, got {value!r}")
+        return "hf-hub", repo_id
+    if Path(value).is_file():
+        return "file", value
+    if open_clip.is_pretrained_cfg(model_name, value):
+        return "tag", value
+    if "/" in value or os.sep in value or value.endswith(WEIGHT_SUFFIXES):
+        raise FileNotFoundError(f"model.pretrained: weights file {value} does not exist")
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    raise ValueError(
+        f"model.pretrained: {value!r} is neither a file nor a pretrained tag of {model_name} "
+        f"(its tags: {', '.join(tags) if tags else 'none'}; or hf-hub:org/name)"
+    )
+
+
+def check_model(config: ModelConfig) -> None:
+    """Validate name and pretrained (files, tags) before anything is built or downloaded."""
+    model_name, _ = resolve_model(config)
+    resolve_pretrained(config, model_name)
+
+
 def build_model(
     config: ModelConfig,
 ) -> tuple[torch.nn.Module, Callable[..., Any], Callable[..., Any], Callable[..., torch.Tensor]]:
-    """Build (model, preprocess_train, preprocess_val, tokenizer).
+    """Build (model, preprocess_train, preprocess_val, tokenizer), locked and checkpointed as `config` says.
 
     model: open_clip CLIP whose forward(images [B,3,H,W], texts [B,L] int64) returns a dict with
         "image_features" [B,E] and "text_features" [B,E] (L2-normalised) and "logit_scale" (exp'd scalar).
@@ -89,24 +148,58 @@ def build_model(
     tokenizer: list[str] -> int64 [N, context_length], context_length taken from the model config.
     """
     model_name, _ = resolve_model(config)
-    if config.pretrained is not None and not Path(config.pretrained).is_file():
-        raise FileNotFoundError(
-            f"ModelConfig.pretrained must be a local weights file (downloads are disabled), got {config.pretrained!r}"
-        )
+    pretrained = resolve_pretrained(config, model_name)
+    weights = None
+    if pretrained is not None:
+        kind, weights = pretrained
+        if kind == "hf-hub":
+            # The repo's weights file into model.name's architecture, so our checkpoints rebuild it offline.
+            weights = open_clip.pretrained.download_pretrained_from_hf(weights, cache_dir=config.cache_dir or None)
+        logger.info("starting from %s weights %s", kind, weights)
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         model_name,
-        pretrained=config.pretrained,
+        pretrained=weights,
         precision=config.precision,
         device=config.device,
-        # Never fetch base tower weights (timm / Hugging Face) either.
+        cache_dir=config.cache_dir or None,
+        # Never fetch base tower weights (timm / Hugging Face): `pretrained` is the one source of weights.
         pretrained_image=False,
         pretrained_text=False,
         output_dict=True,
     )
+    set_trainable(model, config)
     tokenizer = open_clip.get_tokenizer(model_name)
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("built %s (%.1fM parameters, %s on %s)", model_name, n_params / 1e6, config.precision, config.device)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info(
+        "built %s (%.1fM parameters, %.1fM trainable, %s on %s)",
+        model_name,
+        n_params / 1e6,
+        n_trainable / 1e6,
+        config.precision,
+        config.device,
+    )
     return model, preprocess_train, preprocess_val, tokenizer
+
+
+def set_trainable(model: torch.nn.Module, config: ModelConfig) -> None:
+    """Freeze the towers `config` locks and turn on gradient checkpointing, with open_clip's own methods."""
+    if config.lock_image:
+        model.lock_image_tower(
+            unlocked_groups=config.lock_image_unlocked_groups, freeze_bn_stats=config.lock_image_freeze_bn_stats
+        )
+    if config.lock_text:
+        if not config.lock_text_freeze_layer_norm and type(getattr(model, "text", None)).__name__ != "HFTextEncoder":
+            # Only open_clip's Hugging Face text tower can keep LayerNorms trainable; its own asserts otherwise.
+            raise ValueError(
+                "model.lock_text_freeze_layer_norm=false needs a Hugging Face text tower; this model's text "
+                "tower always freezes its LayerNorms when locked"
+            )
+        model.lock_text_tower(
+            unlocked_layers=config.lock_text_unlocked_layers, freeze_layer_norm=config.lock_text_freeze_layer_norm
+        )
+    if config.grad_checkpointing:
+        model.set_grad_checkpointing(True)
 
 
 # Scalar parameters that open_clip keeps 0-dimensional (the learned temperature and bias).

@@ -1,8 +1,10 @@
 """A run's bookkeeping, so the training loop does not carry it: per-step records, windows, metrics, totals.
 
-Every micro-step lands in `losses.jsonl` (main rank) and in Prometheus (every rank); every `log_every` optimizer
-steps a window of them goes to TensorBoard and the log. Mining's own counters (kept by threads) are exported as
-increases since the last step.
+Every micro-step lands in `losses.jsonl` (the main rank's own losses) and in Prometheus (every rank); every
+`log_every` optimizer steps a window of them goes to the reporters (TensorBoard, wandb) and the log. A window's
+losses are the mean over its steps and over all ranks: one all_reduce of a few numbers per window, so the step's
+path gains no synchronisation. Mining's own counters (kept by threads) are exported as increases since the last
+step.
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
 
 from trainer.hard_pairs import BatchLayout
 from trainer.metrics import TrainerMetrics
@@ -29,6 +34,7 @@ class Window:
     fallback: int = 0
     compute_s: float = 0.0
     data_wait_s: float = 0.0
+    loss_sums: dict[str, float] = field(default_factory=dict)
 
 
 class RunLog:
@@ -41,16 +47,20 @@ class RunLog:
         counters: MiningCounters,
         log_every: int,
         accumulation: int,
-        writer=None,
+        reporter=None,
+        device: torch.device | str = "cpu",
     ):
+        """reporter: where windows go, on the main rank only (None elsewhere). device: where the window's losses
+        are all-reduced (the process group's device: CUDA under NCCL)."""
         self.rank = rank
         self.world_size = world_size
         self.metrics = metrics
         self.counters = counters
         self.log_every_micro = log_every * accumulation
         self.accumulation = accumulation
-        self.writer = writer  # TensorBoard, main rank only
-        self.jsonl = open(output_dir / "losses.jsonl", "a") if writer is not None else None
+        self.reporter = reporter
+        self.device = torch.device(device)
+        self.jsonl = open(output_dir / "losses.jsonl", "a") if reporter is not None else None
         self.window = Window()
         self.window_started = time.perf_counter()
         self.totals = {"hard": 0, "fallback": 0, "samples": 0}
@@ -74,6 +84,8 @@ class RunLog:
         w.fallback += layout.n_fallback
         w.compute_s += compute_s
         w.data_wait_s += data_wait_s
+        for name, value in losses.items():
+            w.loss_sums[name] = w.loss_sums.get(name, 0.0) + value
         self.totals["hard"] += layout.n_hard
         self.totals["fallback"] += layout.n_fallback
         self.totals["samples"] += layout.n_slots
@@ -96,7 +108,7 @@ class RunLog:
             self.jsonl.flush()
         done = micro + 1
         if done % self.log_every_micro == 0 or last:
-            self._flush_window(done // self.accumulation, losses, lr)
+            self._flush_window(done // self.accumulation, lr)
 
     def _export(self, layout: BatchLayout, compute_s: float, data_wait_s: float) -> None:
         m = self.metrics
@@ -121,14 +133,24 @@ class RunLog:
     def bad_sample(self, kind: str) -> None:
         self.metrics.bad_samples.labels(str(self.rank), kind).inc()
 
-    def _flush_window(self, opt_step: int, losses: dict[str, float], lr: float) -> None:
+    def window_losses(self) -> dict[str, float]:
+        """The current window's mean losses over its steps and every rank (collective: all ranks call it)."""
+        names = sorted(self.window.loss_sums)
+        sums = torch.tensor([self.window.loss_sums[n] for n in names] + [self.window.steps], dtype=torch.float64)
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            sums = sums.to(self.device)
+            dist.all_reduce(sums)
+            sums = sums.cpu()
+        steps = max(1.0, float(sums[-1]))
+        return {name: float(total) / steps for name, total in zip(names, sums[:-1])}
+
+    def _flush_window(self, opt_step: int, lr: float) -> None:
         w, elapsed = self.window, time.perf_counter() - self.window_started
-        if self.writer is not None:
+        losses = self.window_losses()
+        if self.reporter is not None:
             slots = max(1, w.slots)
             scalars = {
-                "loss/total": losses["total"],
-                "loss/contrastive": losses["contrastive"],
-                "loss/hnml": losses["hnml"],
+                **{f"loss/{name}": value for name, value in losses.items()},
                 "mining/hard_fraction": w.hard / slots,
                 "mining/fallbacks": w.fallback,
                 "perf/data_wait_s": w.data_wait_s,
@@ -136,8 +158,7 @@ class RunLog:
                 "perf/step_compute_s": w.compute_s / max(1, w.steps),
                 "lr": lr,
             }
-            for name, value in scalars.items():
-                self.writer.add_scalar(name, value, opt_step)
+            self.reporter.log(scalars, opt_step)
             log.info("step %d: %s", opt_step, ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
         self.window = Window()
         self.window_started = time.perf_counter()

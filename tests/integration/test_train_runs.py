@@ -212,7 +212,7 @@ def test_training_survives_a_miner_restart(synth, tmp_path, miner_factory, redis
 
 def test_zero2_bf16_with_gradient_accumulation(synth, tmp_path):
     """ZeRO stage 2 in bf16 (the CPU accelerator has it) with two micro-batches per optimizer step."""
-    config = json.loads((ROOT / "configs/deepspeed/zero2_bf16.json").read_text())
+    config = json.loads((ROOT / "configs/deepspeed/zero2.json").read_text())
     config["gradient_accumulation_steps"] = 2
     (tmp_path / "ds.json").write_text(json.dumps(config))
     out = tmp_path / "zero2"
@@ -222,7 +222,16 @@ def test_zero2_bf16_with_gradient_accumulation(synth, tmp_path):
             "-m",
             "trainer.cli",
             *train_command(
-                synth, out, "--steps", "3", "--checkpoint-every", "0", "--deepspeed-config", str(tmp_path / "ds.json")
+                synth,
+                out,
+                "--steps",
+                "3",
+                "--checkpoint-every",
+                "0",
+                "--deepspeed-config",
+                str(tmp_path / "ds.json"),
+                "--set",
+                "model.precision=bf16",
             ),
         ]
     )

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from trainer.model import ModelConfig, build_model, load_checkpoint, resolve_model, save_checkpoint
+from trainer.model import (
+    ModelConfig,
+    build_model,
+    check_model,
+    load_checkpoint,
+    resolve_model,
+    resolve_pretrained,
+    save_checkpoint,
+)
 
 REPO_TINY = Path(__file__).resolve().parents[2] / "configs" / "models" / "helip-tiny.json"
 TINY = {
@@ -71,10 +80,12 @@ def test_resolve_model_registers_json_configs_and_accepts_open_clip_names(tiny_c
     [
         (ModelConfig(name="no-such-model"), ValueError, "neither"),
         (ModelConfig(name="configs/models/absent.json"), FileNotFoundError, "absent.json"),
-        (ModelConfig(name="ViT-B-32", pretrained="openai"), FileNotFoundError, "downloads are disabled"),
+        (ModelConfig(name="ViT-B-32", pretrained="no_such_tag"), ValueError, "model.pretrained.*laion2b_s34b_b79k"),
+        (ModelConfig(name="ViT-B-32", pretrained="weights/absent.pt"), FileNotFoundError, "model.pretrained"),
+        (ModelConfig(name="ViT-B-32", pretrained="hf-hub:no-org"), ValueError, "hf-hub:org/name"),
     ],
 )
-def test_build_model_refuses_unknown_models_and_downloads(config, error, message):
+def test_build_model_refuses_unknown_models_and_weights_before_any_download(config, error, message):
     with pytest.raises(error, match=message):
         build_model(config)
 
@@ -165,3 +176,139 @@ def test_extra_must_not_overwrite_checkpoint_keys(tiny_config, tmp_path):
     model, _, _ = build_seeded(tiny_config, 0)
     with pytest.raises(ValueError, match="state_dict"):
         save_checkpoint(model, tmp_path / "x.pt", {"state_dict": {}}, config=tiny_config)
+
+
+def test_pretrained_names_a_file_a_tag_or_a_hub_repo_without_downloading(tiny_config, tmp_path):
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"")
+    assert resolve_pretrained(ModelConfig(pretrained=str(weights)), "helip-tiny") == ("file", str(weights))
+    for tag in ("openai", "laion2b_s34b_b79k", "LAION2B-S34B-B79K"):  # open_clip normalises a tag's case and dashes
+        assert resolve_pretrained(ModelConfig(name="ViT-B-32", pretrained=tag), "ViT-B-32") == ("tag", tag)
+    hub = ModelConfig(name="ViT-B-32", pretrained="hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K")
+    assert resolve_pretrained(hub, "ViT-B-32") == ("hf-hub", "laion/CLIP-ViT-B-32-laion2B-s34B-b79K")
+    assert resolve_pretrained(ModelConfig(pretrained=None), "ViT-B-32") is None
+    assert ModelConfig(pretrained="").pretrained is None  # an empty flag or YAML value means none
+    # A JSON model config has no tags of open_clip's: the error says so instead of listing another model's.
+    with pytest.raises(ValueError, match="model.pretrained: 'openai' .* helip-tiny \\(its tags: none"):
+        check_model(dataclasses.replace(tiny_config, pretrained="openai"))
+
+
+@pytest.mark.parametrize("weights_format", ["ours", "open_clip"])
+def test_pretrained_local_file_gives_its_weights(tiny_config, batch, tmp_path, weights_format):
+    source, _, _ = build_seeded(tiny_config, 0)
+    path = tmp_path / "start.pt"
+    if weights_format == "ours":
+        save_checkpoint(source, path, config=tiny_config)
+    else:
+        torch.save(source.state_dict(), path)
+
+    torch.manual_seed(1)  # a different random init, which the weights file must overwrite
+    started, _, _, _ = build_model(dataclasses.replace(tiny_config, pretrained=str(path)))
+    expected = source.state_dict()
+    for name, tensor in started.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"precision": "amp"}, "model.precision"),
+        ({"lock_image_unlocked_groups": -1}, "model.lock_image_unlocked_groups"),
+        ({"lock_image_unlocked_groups": 1}, "model.lock_image_unlocked_groups is set but model.lock_image"),
+        ({"lock_text_unlocked_layers": 2}, "model.lock_text_unlocked_layers is set but model.lock_text"),
+    ],
+)
+def test_model_config_names_the_bad_field(changes, field):
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(**changes)
+
+
+def trainable(model, prefix: str = "") -> dict[str, bool]:
+    return {name: p.requires_grad for name, p in model.named_parameters() if name.startswith(prefix)}
+
+
+def test_lock_image_freezes_the_image_tower_only(tiny_config):
+    torch.manual_seed(0)
+    model, _, _, _ = build_model(dataclasses.replace(tiny_config, lock_image=True))
+    assert not any(trainable(model, "visual.").values())
+    others = {name: grad for name, grad in trainable(model).items() if not name.startswith("visual.")}
+    assert others and all(others.values())  # the text tower and logit_scale still train
+
+
+def test_lock_image_unlocked_groups_leave_the_last_groups_trainable(tiny_config):
+    torch.manual_seed(0)
+    model, _, _, _ = build_model(dataclasses.replace(tiny_config, lock_image=True, lock_image_unlocked_groups=1))
+    visual = trainable(model, "visual.")
+    assert visual["visual.proj"] and not visual["visual.conv1.weight"]  # the projection is the last group
+
+
+def test_lock_text_freezes_the_text_tower_only(tiny_config):
+    torch.manual_seed(0)
+    model, _, _, _ = build_model(dataclasses.replace(tiny_config, lock_text=True))
+    flags = trainable(model)
+    text = {name: grad for name, grad in flags.items() if not name.startswith("visual.") and name != "logit_scale"}
+    assert "text_projection" in text and "ln_final.weight" in text and not any(text.values())
+    assert all(trainable(model, "visual.").values()) and flags["logit_scale"]
+
+
+def test_unfrozen_layer_norms_need_a_hugging_face_text_tower(tiny_config):
+    config = dataclasses.replace(tiny_config, lock_text=True, lock_text_freeze_layer_norm=False)
+    with pytest.raises(ValueError, match="model.lock_text_freeze_layer_norm"):
+        build_model(config)
+
+
+def test_grad_checkpointing_gives_the_same_loss_and_gradients(tiny_config, batch):
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model, _, _, _ = build_model(dataclasses.replace(tiny_config, grad_checkpointing=checkpointing))
+        assert model.transformer.grad_checkpointing is checkpointing
+        out = model.train()(*batch)
+        loss = (out["image_features"] @ out["text_features"].T * out["logit_scale"]).logsumexp(1).mean()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_plain, grads_plain), (loss_ckpt, grads_ckpt) = results
+    torch.testing.assert_close(loss_ckpt, loss_plain)
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, msg=name)
+
+
+def test_cli_refuses_an_unknown_tag_with_exit_2_before_training(capsys):
+    from trainer import cli
+
+    argv = ["--train-data", "absent.csv", "--model", "ViT-B-32", "--pretrained", "no_such_tag"]
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 2
+    assert "model.pretrained: 'no_such_tag'" in capsys.readouterr().err
+
+
+def test_lock_and_checkpointing_flags_are_switches():
+    from trainer.cli import build_parser
+
+    args = vars(build_parser().parse_args(["--lock-image", "--lock-text", "false", "--grad-checkpointing"]))
+    assert args["model.lock_image"] == "true" and args["model.lock_text"] == "false"
+    assert args["model.grad_checkpointing"] == "true" and args["model.lock_image_freeze_bn_stats"] is None
+
+
+def test_hf_hub_weights_load_into_the_named_architecture_from_the_hub_cache(tiny_config, tmp_path, monkeypatch):
+    """hf-hub:org/name through open_clip's own download, answered by a Hugging Face cache with the hub offline."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    source, _, _ = build_seeded(tiny_config, 0)
+    snapshot = tmp_path / "models--helip--tiny" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    torch.save(source.state_dict(), snapshot / "open_clip_pytorch_model.bin")
+    (tmp_path / "models--helip--tiny" / "refs").mkdir()
+    (tmp_path / "models--helip--tiny" / "refs" / "main").write_text("0" * 40)
+
+    config = dataclasses.replace(tiny_config, pretrained="hf-hub:helip/tiny", cache_dir=str(tmp_path))
+    torch.manual_seed(1)
+    started, _, _, _ = build_model(config)
+    expected = source.state_dict()
+    for name, tensor in started.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+    with pytest.raises(FileNotFoundError, match="helip/absent"):
+        build_model(dataclasses.replace(config, pretrained="hf-hub:helip/absent"))
