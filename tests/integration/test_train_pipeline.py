@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from miner_service.client import MinerClient
+from miner_service.client import ClientConfig, MinerClient
 from tests.conftest import ROOT, free_port
 from tests.integration.test_train_runs import losses, run, train_command
 from trainer.synth import SynthConfig, generate
@@ -131,11 +131,13 @@ def test_a_miner_holding_another_data_sets_rows(synth, tmp_path, miner_factory):
                 "0",
                 "--set",
                 "mining.bootstrap_index=true",
+                "--set",
+                "mining.namespace=shared",  # both runs on purpose: the same data set, one namespace
             ),
         ]
     )
     rng = np.random.default_rng(0)
-    with MinerClient(miner.address) as client:
+    with MinerClient(ClientConfig(address=miner.address, namespace="shared")) as client:
         found, image, text = client.fetch(np.arange(320))
         assert found.all()
 
@@ -172,6 +174,8 @@ def test_a_miner_holding_another_data_sets_rows(synth, tmp_path, miner_factory):
                 "0",
                 "--set",
                 "mining.bootstrap_index=true",
+                "--set",
+                "mining.namespace=shared",
             ),
         ]
     )

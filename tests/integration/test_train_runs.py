@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from miner_service.client import MinerClient
+from miner_service.client import ClientConfig, MinerClient
 from tests.conftest import ROOT, free_port
 from trainer.synth import SynthConfig, generate
 
@@ -85,6 +85,8 @@ def test_two_ranks_push_and_receive_hard_pairs(synth, tmp_path, miner_factory):
                 "28",
                 "--set",
                 "run.record_ids=true",
+                "--set",
+                "mining.namespace=two-ranks",
                 "--checkpoint-every",
                 "0",
             ),
@@ -96,7 +98,7 @@ def test_two_ranks_push_and_receive_hard_pairs(synth, tmp_path, miner_factory):
         assert record["mining"]["pushed_rows"] >= 28 * 16  # every rank pushed every step
         assert record["hard"] > 0, record  # and got hard pairs back
         seen |= set(np.load(out / f"seen-ids-rank{rank}.npy").tolist())
-    with MinerClient(miner.address) as client:
+    with MinerClient(ClientConfig(address=miner.address, namespace="two-ranks")) as client:
         assert client.stats().size == len(seen)
     assert (out / "final.pt").exists() and json.loads((out / "eval" / "final.json").read_text())
 
