@@ -301,8 +301,10 @@ def test_sigterm_under_load(miner_factory, redis_url, key_prefix, tmp_path):
     for thread in [*threads, slow]:
         thread.join(60)
 
+    # Calls that reach the miner as it stops are refused (UNAVAILABLE) or, when gRPC had accepted one that no worker
+    # had started yet, cancelled; either way the client knows it got no answer. Calls well inside must end OK.
     codes = {record.code for record in load.records}
-    assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
+    assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}, codes
     [slow_record] = [r for r in load.records if r.kind == "slow_mine"]
     assert slow_record.code == grpc.StatusCode.OK and slow_record.ended > sigterm_at
     settled = [r for r in load.records if r.started < sigterm_at - 0.2]  # surely inside the miner at SIGTERM
