@@ -70,6 +70,19 @@ def variant_settings(variant: str, args: argparse.Namespace) -> dict[str, object
     }
 
 
+def run_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The settings every run of a quality benchmark shares: the synthetic set, batch, steps, no mid-run saves."""
+    return {
+        "data.synth_dir": args.synth_dir,
+        "data.synth_train": args.synth_train,
+        "data.synth_test": args.synth_test,
+        "optim.batch_size": args.batch_size,
+        "optim.steps": args.steps,
+        "run.checkpoint_every": 0,
+        "run.eval_every": 0,
+    }
+
+
 def extra_steps(variant: str, args: argparse.Namespace) -> int:
     """Steps a variant without the bootstrap pass gets on top of --steps to match the others' compute."""
     if not args.equal_compute or variant in BOOTSTRAPPED:
@@ -147,15 +160,7 @@ def main() -> None:
     started = time.perf_counter()
     temporary = None if args.work_dir else tempfile.TemporaryDirectory(prefix="helip-quality-")
     work = Path(args.work_dir or temporary.name)
-    data = {
-        "data.synth_dir": args.synth_dir,
-        "data.synth_train": args.synth_train,
-        "data.synth_test": args.synth_test,
-        "optim.batch_size": args.batch_size,
-        "optim.steps": args.steps,
-        "run.checkpoint_every": 0,
-        "run.eval_every": 0,
-    }
+    data = run_settings(args)
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     ensure_synth(args.synth_dir, args.synth_train, args.synth_test)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import ROOT, ensure_synth, report
-from bench.quality import METRICS, mean_std
+from bench.quality import METRICS, mean_std, run_settings
 from bench.train_overhead import TrainRun, train
 
 VARIANTS = ("plain", "streaming")
@@ -83,17 +83,7 @@ def main() -> None:
     started = time.perf_counter()
     temporary = None if args.work_dir else tempfile.TemporaryDirectory(prefix="helip-scratch-")
     work = Path(args.work_dir or temporary.name)
-    common = {
-        "data.synth_dir": args.synth_dir,
-        "data.synth_train": args.synth_train,
-        "data.synth_test": args.synth_test,
-        "optim.batch_size": args.batch_size,
-        "optim.steps": args.steps,
-        "optim.lr": args.lr,
-        "optim.warmup_steps": args.warmup,
-        "run.checkpoint_every": 0,
-        "run.eval_every": 0,
-    }
+    common = {**run_settings(args), "optim.lr": args.lr, "optim.warmup_steps": args.warmup}
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     ensure_synth(args.synth_dir, args.synth_train, args.synth_test)
     jobs = [(seed, variant) for seed in args.seeds for variant in args.variants]

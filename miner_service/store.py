@@ -75,8 +75,8 @@ class RowBlock:
         index = torch.from_numpy(offsets).to(self.device)
         # Allocated before the first row changes, so that a failed allocation leaves the block as it was.
         labels = torch.from_numpy(ids.view(np.int64)).to(self.device) if self.device.type != "cpu" else None
-        first, last = int(offsets[0]), int(offsets[-1])
-        if last - first + 1 == len(offsets) and np.all(np.diff(offsets) == 1):
+        if np.all(np.diff(offsets) == 1):
+            first, last = int(offsets[0]), int(offsets[-1])
             # New rows land in consecutive slots: a slice copy, much cheaper than an indexed scatter.
             self.image[first : last + 1].copy_(image)
             self.text[first : last + 1].copy_(text)

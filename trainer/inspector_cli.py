@@ -21,6 +21,7 @@ from PIL import Image
 
 from trainer.data import BadSampleError, PairDataset, open_pairs
 from trainer.inspector import AnchorPairs, FalseNegativeRule, mine_embeddings, mine_miner
+from trainer.synth import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -104,16 +105,6 @@ def pick_anchors(n_samples: int, count: int, seed: int) -> list[int]:
 # CLI
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _id_list(text: str) -> list[int]:
     try:
         ids = [int(part) for part in text.split(",") if part.strip()]
@@ -142,10 +133,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model config .json or open_clip name (in-process)")
     parser.add_argument("--token-file", default="", help="bearer token for --miner (else $HELIP_AUTH_TOKEN)")
     anchors = parser.add_mutually_exclusive_group()
-    anchors.add_argument("--anchors", type=_positive_int, default=8, help="how many anchors to draw")
+    anchors.add_argument("--anchors", type=positive_int, default=8, help="how many anchors to draw")
     anchors.add_argument("--ids", type=_id_list, help="comma-separated anchor ids instead of a draw")
     parser.add_argument("--seed", type=int, default=0, help="seed of the anchor draw")
-    parser.add_argument("--k", type=_positive_int, default=5, help="pairs shown per anchor")
+    parser.add_argument("--k", type=positive_int, default=5, help="pairs shown per anchor")
     parser.add_argument("--out", type=Path, default=Path("runs/inspect"), help="output directory")
     parser.add_argument(
         "--max-similarity",
@@ -165,8 +156,8 @@ def _parser() -> argparse.ArgumentParser:
         default=FalseNegativeRule.cut_margin,
         help="a similarity this close to --max-similarity is flagged",
     )
-    parser.add_argument("--thumb", type=_positive_int, default=96, help="thumbnail side in pixels")
-    parser.add_argument("--batch-size", type=_positive_int, default=256)
+    parser.add_argument("--thumb", type=positive_int, default=96, help="thumbnail side in pixels")
+    parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for embedding")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -369,7 +369,7 @@ def write_shards(
 # CLI.
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -384,14 +384,14 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     synth = commands.add_parser("synth", help="generate the synthetic captioned image set")
     synth.add_argument("--out", type=Path, required=True, help="output directory")
-    synth.add_argument("--train", type=_positive_int, default=SynthConfig.train_size, help="training samples")
-    synth.add_argument("--test", type=_positive_int, default=SynthConfig.test_size, help="test samples")
-    synth.add_argument("--image-size", type=_positive_int, default=SynthConfig.image_size, help="pixels a side")
+    synth.add_argument("--train", type=positive_int, default=SynthConfig.train_size, help="training samples")
+    synth.add_argument("--test", type=positive_int, default=SynthConfig.test_size, help="test samples")
+    synth.add_argument("--image-size", type=positive_int, default=SynthConfig.image_size, help="pixels a side")
     synth.add_argument("--seed", type=int, default=SynthConfig.seed)
     wds = commands.add_parser("wds", help="convert a CSV pair set to webdataset .tar shards")
     wds.add_argument("--csv", type=Path, required=True, help="tab-separated CSV with filepath and title columns")
     wds.add_argument("--out", type=Path, required=True, help="output directory for shard-NNNNNN.tar")
-    wds.add_argument("--shard-size", type=_positive_int, default=1000, help="samples per shard")
+    wds.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard")
     return parser
 
 
