@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -17,6 +18,18 @@ from bench.common import report, summarize, unit_pairs
 from miner_service.config import SearchConfig
 from miner_service.core_api import MineQuery
 from miner_service.miner import HardPairMiner
+
+# (rows per storage block, top-k segment columns, one Mine's scratch MiB) timed beside the defaults: what the GPU
+# defaults were chosen from.
+VARIANTS = [
+    (1 << 16, 0, 256),
+    (1 << 16, 0, 1024),
+    (1 << 16, 4096, 1024),
+    (1 << 18, 0, 1024),
+    (1 << 18, 0, 4096),
+    (1 << 20, 0, 4096),
+    (1 << 20, 4096, 4096),
+]
 
 
 def compare(rows: int, dim: int, k: int) -> dict:
@@ -28,13 +41,14 @@ def compare(rows: int, dim: int, k: int) -> dict:
         "cpu": SearchConfig(device="cpu"),
         "cuda_fp32": SearchConfig(device="cuda", storage_dtype="float32"),
         "cuda_fp16": SearchConfig(device="cuda", storage_dtype="float16"),
+        "cuda_fp16_segmented": SearchConfig(device="cuda", storage_dtype="float16", topk_segment=1024),
     }.items():
         miner = HardPairMiner(dim, config)
         miner.upsert(ids, image, text, 1)
         answers[name] = miner.mine(MineQuery(k, anchor_ids=anchors))
     cpu = answers["cpu"]
     out = {}
-    for name in ("cuda_fp32", "cuda_fp16"):
+    for name in ("cuda_fp32", "cuda_fp16", "cuda_fp16_segmented"):
         got = answers[name]
         out[name] = {
             "ids_equal_fraction": float((got.neighbour_ids == cpu.neighbour_ids).mean()),
@@ -46,17 +60,62 @@ def compare(rows: int, dim: int, k: int) -> dict:
     return out
 
 
-def latency(rows: int, dim: int, n_anchors: int, k: int, repeats: int) -> dict:
-    miner = HardPairMiner(dim, SearchConfig(device="cuda"))
+def filled(rows: int, dim: int, config: SearchConfig) -> HardPairMiner:
+    """A GPU miner holding `rows` random pairs, made on the GPU: no 20 GB host round trip."""
+    miner = HardPairMiner(dim, config)
     generator = torch.Generator(device="cuda").manual_seed(0)
     chunk = 1 << 20
-    for first in range(0, rows, chunk):  # rows made on the GPU: no 20 GB host round trip
+    for first in range(0, rows, chunk):
         n = min(chunk, rows - first)
         image = torch.nn.functional.normalize(torch.randn(n, dim, device="cuda", generator=generator), dim=1)
         text = torch.nn.functional.normalize(
             image + 0.5 * torch.randn(n, dim, device="cuda", generator=generator), dim=1
         )
         miner.upsert(np.arange(first, first + n, dtype=np.uint64), image, text, 1)
+    return miner
+
+
+def latency(rows: int, dim: int, n_anchors: int, k: int, repeats: int) -> dict:
+    miner = filled(rows, dim, SearchConfig(device="cuda"))
+    seconds = time_mines(miner, rows, n_anchors, k, repeats)
+    dtype = miner.dtype
+    variants = {}
+    for store_block_rows in sorted({v[0] for v in VARIANTS}):
+        del miner
+        torch.cuda.empty_cache()
+        miner = filled(rows, dim, SearchConfig(device="cuda", store_block_rows=store_block_rows))
+        for _, segment, scratch_mib in (v for v in VARIANTS if v[0] == store_block_rows):
+            # The same stored rows under other search settings (read by each Mine): no refill per setting.
+            miner.config = replace(
+                miner.config,
+                topk_segment=segment,
+                mine_scratch_bytes=scratch_mib << 20,
+                scratch_budget_bytes=max(scratch_mib << 20, miner.config.scratch_budget_bytes),
+            )
+            name = f"store blocks {store_block_rows}, segment {segment}, scratch {scratch_mib} MiB"
+            variants[name] = summarize(time_mines(miner, rows, n_anchors, k, max(5, repeats // 3)))
+    del miner
+    torch.cuda.empty_cache()
+    a = torch.randn(n_anchors, dim, device="cuda", dtype=dtype)
+    b = torch.randn(rows, dim, device="cuda", dtype=dtype)
+    matmul = []
+    for repeat in range(8):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        a @ b.T
+        torch.cuda.synchronize()
+        if repeat >= 3:
+            matmul.append(time.perf_counter() - started)
+    return {
+        "mine": summarize(seconds),
+        "variants": variants,
+        "matmul_one_product": summarize(matmul),
+        "dtype": str(dtype),
+    }
+
+
+def time_mines(miner: HardPairMiner, rows: int, n_anchors: int, k: int, repeats: int) -> list[float]:
+    """Seconds of `repeats` Mines of random stored anchors, after 3 not timed."""
     rng = np.random.default_rng(2)
     seconds = []
     for repeat in range(repeats + 3):
@@ -66,17 +125,7 @@ def latency(rows: int, dim: int, n_anchors: int, k: int, repeats: int) -> dict:
         miner.mine(MineQuery(k, anchor_ids=anchors))
         if repeat >= 3:
             seconds.append(time.perf_counter() - started)
-    a = torch.randn(n_anchors, dim, device="cuda", dtype=miner.dtype)
-    b = torch.randn(rows, dim, device="cuda", dtype=miner.dtype)
-    matmul = []
-    for repeat in range(8):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        a @ b.T
-        torch.cuda.synchronize()
-        if repeat >= 3:
-            matmul.append(time.perf_counter() - started)
-    return {"mine": summarize(seconds), "matmul_one_product": summarize(matmul), "dtype": str(miner.dtype)}
+    return seconds
 
 
 def main() -> None:
@@ -107,6 +156,10 @@ def main() -> None:
             f"{timing['mine']['median_ms']:.2f} / {timing['mine']['p99_ms']:.2f}",
         ),
         ("one plain product of the same shape (ms)", f"{timing['matmul_one_product']['median_ms']:.2f}"),
+    ]
+    rows += [
+        (f"Mine median at N={args.rows:,}, {name} (ms)", f"{v['median_ms']:.2f}")
+        for name, v in timing["variants"].items()
     ]
     report("gpu_check", results, rows, args.json_out)
 

@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("mine-scratch-bytes", "BYTES", "scratch memory of one Mine: its anchors x rows scored at once"),
         ("scratch-budget-bytes", "BYTES", "scratch memory of all running Mines together"),
         ("mine-queue-limit", "N", "Mines that may wait for scratch memory; more are refused (RESOURCE_EXHAUSTED)"),
+        ("topk-segment", "COLUMNS", "GPU top-k: select within segments of this many columns first (0: off)"),
     ):
         serve.add_argument(
             f"--{flag}", dest=f"search.{flag.replace('-', '_')}", metavar=metavar, type=int, help=help_text

@@ -154,7 +154,7 @@ class IvfPath:
         for first in range(0, query.image.shape[0], group_size):
             _stop_if(cancelled, f"stopped before anchor {first} of {query.image.shape[0]}")
             group = query.anchors(slice(first, first + group_size))
-            topk = make_topk(group.image.shape[0], query.k, self.device, self.config.topk)
+            topk = make_topk(group.image.shape[0], query.k, self.device, self.config.topk, self.config.topk_segment)
             self._rerank_candidates(group, ivf.index, ivf.fresh_ids, topk)
             fresh_rows = self.fresh_rows_at_once(group.image.shape[0], rows_at_once)
             self._search_fresh(group, ivf.fresh_ids, fresh_rows, topk, cancelled)

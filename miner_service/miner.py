@@ -50,9 +50,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 class HardPairMiner:
     def __init__(self, dim: int, config: SearchConfig = SearchConfig(), max_rows: int = 0):
-        self.config = config
         self.devices = resolve_devices(config.device)
         self.device = self.devices[0]
+        self.config = config = config.for_device(self.device.type)
         self.dtype = resolve_dtype(config.storage_dtype, self.device)
         # The most stored rows scored at once; the scratch budget makes it fewer for Mines with many anchors.
         self.block_rows = config.block_rows or (1 << 20 if self.device.type == "cuda" else 1 << 12)
@@ -151,7 +151,7 @@ class HardPairMiner:
                 if used_ivf:
                     scores, labels = self.ivf.search(search, ivf, rows_at_once, cancelled)
                 else:
-                    topk = make_topk(n_search, k, self.device, self.config.topk)
+                    topk = make_topk(n_search, k, self.device, self.config.topk, self.config.topk_segment)
                     exact_search(search, self.store.blocks(), rows_at_once, topk, cancelled)
                     scores, labels = topk.result()
         found_ids, scores, found_steps = self._finish(
@@ -169,7 +169,10 @@ class HardPairMiner:
 
     def chunk_rows(self, n_anchors: int) -> int:
         """Stored rows one Mine with n_anchors scores at once, within mine_scratch_bytes."""
-        return chunk_rows(n_anchors, self.config.mine_scratch_bytes, self._bytes_per_score, self.block_rows)
+        rows = chunk_rows(n_anchors, self.config.mine_scratch_bytes, self._bytes_per_score, self.block_rows)
+        segment = self.config.topk_segment
+        # Whole segments, so that every full chunk takes the segmented top-k (TorchTopK).
+        return rows - rows % segment if segment and rows > segment else rows
 
     def scratch_bytes(self, n_anchors: int, rows_at_once: int, ivf_k: int = 0) -> int:
         """What one Mine is admitted for: its score chunk, or on the IVF path a group of anchors' candidates and a
@@ -195,9 +198,8 @@ class HardPairMiner:
         if self_ids is not None:
             keep &= ids != self_ids.astype(np.int64)[:, None]
         steps = np.zeros(ids.shape, dtype=np.uint64)
-        current = self.store.gather(slots[keep], expected_ids=ids[keep].astype(np.uint64))
-        steps[keep] = current.steps
-        keep[keep] = current.found  # deleted since the lookup above
+        steps[keep], still_found = self.store.steps_of(slots[keep], expected_ids=ids[keep].astype(np.uint64))
+        keep[keep] = still_found  # deleted since the lookup above
         if not (keep == found).all():
             order = np.argsort(~keep, axis=1, kind="stable")
             ids, scores, steps, keep = (np.take_along_axis(a, order, axis=1) for a in (ids, scores, steps, keep))

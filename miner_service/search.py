@@ -93,22 +93,22 @@ def score_block(query: SearchQuery, image_rows: torch.Tensor, text_rows: torch.T
     return scores
 
 
-def mask_slots(scores: torch.Tensor, query: SearchQuery, first_slot: int, slot_of_column=None) -> None:
+def mask_slots(
+    scores: torch.Tensor, query: SearchQuery, first_slot: int, slot_of_column=None, sync_free: bool | None = None
+) -> None:
     """Set self and excluded candidates to -inf in a score block whose columns are slots first_slot.. (in place).
 
     When the block's columns are not a contiguous slot range, `slot_of_column` ([rows] int64) gives each
-    column's slot instead.
+    column's slot instead. sync_free (default: off the CPU) masks a slot range without asking the device how many
+    entries fall in it (see `_mask_range_sync_free`); both forms set the same entries.
     """
-    n_cols = scores.shape[1]
     if slot_of_column is None:
-        excluded = query.exclude_slots - first_slot
-        excluded = excluded[(excluded >= 0) & (excluded < n_cols)]
-        if excluded.numel():
-            scores[:, excluded] = NEG_INF
-        own = query.self_slots - first_slot
-        anchors = torch.nonzero((query.self_slots >= 0) & (own >= 0) & (own < n_cols)).flatten()
-        if anchors.numel():
-            scores[anchors, own[anchors]] = NEG_INF
+        if sync_free is None:
+            sync_free = scores.device.type != "cpu"
+        if sync_free:
+            _mask_range_sync_free(scores, query, first_slot)
+        else:
+            _mask_range_indexed(scores, query, first_slot)
         return
     if query.exclude_slots.numel():
         scores[:, torch.isin(slot_of_column, query.exclude_slots)] = NEG_INF
@@ -116,19 +116,56 @@ def mask_slots(scores: torch.Tensor, query: SearchQuery, first_slot: int, slot_o
     scores.masked_fill_(own, NEG_INF)
 
 
-class TorchTopK:
-    """Running top-k by concatenate-and-select; the GPU path (torch.topk is fast there)."""
+def _mask_range_indexed(scores: torch.Tensor, query: SearchQuery, first_slot: int) -> None:
+    """The CPU form: pick the excluded columns and the anchors whose own row is in range, then index them."""
+    n_cols = scores.shape[1]
+    excluded = query.exclude_slots - first_slot
+    excluded = excluded[(excluded >= 0) & (excluded < n_cols)]
+    if excluded.numel():
+        scores[:, excluded] = NEG_INF
+    own = query.self_slots - first_slot
+    anchors = torch.nonzero((query.self_slots >= 0) & (own >= 0) & (own < n_cols)).flatten()
+    if anchors.numel():
+        scores[anchors, own[anchors]] = NEG_INF
 
-    def __init__(self, n_anchors: int, k: int, device):
+
+def _mask_range_sync_free(scores: torch.Tensor, query: SearchQuery, first_slot: int) -> None:
+    """The device form: fixed-shape kernels only. Boolean indexing and nonzero make the host wait for the device
+    to finish everything queued so far; once per chunk that made a Mine over 10M rows on a GPU ~80 times slower
+    than its matrix products (bench/gpu_check.py)."""
+    n_cols = scores.shape[1]
+    if query.exclude_slots.numel():
+        excluded = query.exclude_slots - first_slot
+        in_range = (excluded >= 0) & (excluded < n_cols)
+        # One spare column takes the out-of-range entries, so the fill needs no count of them.
+        hit = torch.zeros(n_cols + 1, dtype=torch.bool, device=scores.device)
+        hit.index_fill_(0, torch.where(in_range, excluded, n_cols), True)
+        scores.masked_fill_(hit[:n_cols], NEG_INF)
+    own = query.self_slots - first_slot
+    in_range = (query.self_slots >= 0) & (own >= 0) & (own < n_cols)
+    # min(score, -inf) where the anchor's own row is in this range, min(score, +inf) = score elsewhere.
+    bound = torch.full((len(own), 1), float("inf"), dtype=scores.dtype, device=scores.device)
+    bound.masked_fill_(in_range.unsqueeze(1), NEG_INF)
+    scores.scatter_reduce_(1, torch.where(in_range, own, 0).unsqueeze(1), bound, reduce="amin")
+
+
+class TorchTopK:
+    """Running top-k by concatenate-and-select; the GPU path (torch.topk is fast there).
+
+    segment > 0: a block whose column count is a multiple of it is first cut into rows of `segment` columns, each
+    row's top-k taken, and those (k per segment) merged; exact, since a row's top k are among its segments' top k.
+    """
+
+    def __init__(self, n_anchors: int, k: int, device, segment: int = 0):
         self.k = k
+        self.segment = segment
         self.scores = torch.full((n_anchors, k), NEG_INF, device=device)
         self.slots = torch.full((n_anchors, k), -1, dtype=torch.int64, device=device)
 
     def add(self, scores: torch.Tensor, slots: torch.Tensor) -> None:
         """Offer a block of candidates; `slots` (labels: slots or ids, int64) is [cols] (shared by all anchors) or
         [anchors, cols]."""
-        take = min(self.k, scores.shape[1])
-        top_scores, top_cols = torch.topk(scores, take, dim=1)
+        top_scores, top_cols = self._block_top(scores)
         top_slots = slots[top_cols] if slots.dim() == 1 else torch.gather(slots, 1, top_cols)
         # Blocks on other devices send only their top-k over, never a block of scores.
         top_scores, top_slots = top_scores.to(self.scores.device), top_slots.to(self.scores.device)
@@ -136,6 +173,17 @@ class TorchTopK:
         merged_slots = torch.cat([self.slots, top_slots], dim=1)
         self.scores, keep = torch.topk(merged_scores, self.k, dim=1)
         self.slots = torch.gather(merged_slots, 1, keep)
+
+    def _block_top(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidates of one block: (scores, columns), at least its top k per anchor."""
+        n_anchors, cols = scores.shape
+        take = min(self.k, cols)
+        segment = self.segment
+        if not segment or cols % segment or cols == segment or take > segment or not scores.is_contiguous():
+            return torch.topk(scores, take, dim=1)
+        top, cols_in = torch.topk(scores.view(n_anchors, cols // segment, segment), take, dim=2)
+        cols_in += torch.arange(0, cols, segment, device=scores.device).unsqueeze(1)
+        return top.flatten(1), cols_in.flatten(1)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.slots[self.scores == NEG_INF] = -1
@@ -172,11 +220,11 @@ class HeapTopK:
         return torch.from_numpy(self.scores), torch.from_numpy(self.slots)
 
 
-def make_topk(n_anchors: int, k: int, device: torch.device, kind: str = "auto"):
-    """kind: "auto" (heaps on the CPU, torch elsewhere), "heap" (CPU only) or "torch"."""
+def make_topk(n_anchors: int, k: int, device: torch.device, kind: str = "auto", segment: int = 0):
+    """kind: "auto" (heaps on the CPU, torch elsewhere), "heap" (CPU only) or "torch" (segment: see TorchTopK)."""
     if kind == "heap" or (kind == "auto" and device.type == "cpu"):
         return HeapTopK(n_anchors, k)
-    return TorchTopK(n_anchors, k, device)
+    return TorchTopK(n_anchors, k, device, segment)
 
 
 class SearchCancelled(Exception):

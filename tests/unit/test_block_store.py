@@ -227,3 +227,28 @@ def test_a_write_meets_a_search_once_going_against_its_direction():
         assert [int(blocks[b].steps[1]) for b in range(4)] == [1, 1, 7, 7]
     writer.join(WAIT_S)
     assert [int(blocks[b].steps[1]) for b in range(4)] == [7, 7, 7, 7]
+
+
+def test_gather_returns_rows_in_the_order_asked_and_zeros_where_not_found():
+    rng = np.random.default_rng(3)
+    miner, rows = make_miner(store_block_rows=4), {}
+    put(miner, rows, rng, range(20), step=7)
+    miner.delete(np.array([5], dtype=np.uint64))
+    store = miner.store
+    ids = np.array([17, 5, 2, 11, 0, 9], dtype=np.uint64)  # over several blocks, out of block order
+    slots = store.slots_of(ids)
+    slots[1] = 5  # the deleted id's old slot
+    expected = ids.copy()
+    expected[3] = 12  # slot of 11, but another id expected there: not found
+    got = store.gather(slots, expected_ids=expected)
+    np.testing.assert_array_equal(got.found, [True, False, True, False, True, True])
+    for position, sample in enumerate(ids.tolist()):
+        if got.found[position]:
+            np.testing.assert_allclose(got.image[position].numpy(), rows[sample][0], rtol=1e-6)
+            np.testing.assert_allclose(got.text[position].numpy(), rows[sample][1], rtol=1e-6)
+        else:
+            assert not got.image[position].any() and not got.text[position].any()
+    np.testing.assert_array_equal(got.steps, np.where(got.found, 7, 0))
+    steps, found = store.steps_of(slots, expected_ids=expected)
+    np.testing.assert_array_equal(found, got.found)
+    np.testing.assert_array_equal(steps, got.steps)

@@ -52,7 +52,18 @@ def test_budget_settings_are_validated():
     with pytest.raises(ValueError, match="mine_queue_limit"):
         SearchConfig(mine_queue_limit=-1)
     with pytest.raises(ValueError, match="store_block_rows"):
-        SearchConfig(store_block_rows=0)
+        SearchConfig(store_block_rows=-1)
+
+
+def test_settings_left_at_zero_are_filled_in_by_device():
+    cpu, cuda = SearchConfig().for_device("cpu"), SearchConfig().for_device("cuda")
+    assert (cpu.store_block_rows, cpu.mine_scratch_bytes, cpu.scratch_budget_bytes) == (1 << 16, 256 << 20, 1 << 30)
+    assert (cuda.store_block_rows, cuda.mine_scratch_bytes, cuda.scratch_budget_bytes) == (1 << 18, 4 << 30, 8 << 30)
+    # What is set stays; a total set alone caps the per-Mine default, a Mine set alone raises the default total.
+    assert SearchConfig(store_block_rows=8).for_device("cuda").store_block_rows == 8
+    assert SearchConfig(scratch_budget_bytes=1 << 30).for_device("cuda").mine_scratch_bytes == 1 << 30
+    assert SearchConfig(mine_scratch_bytes=16 << 30).for_device("cuda").scratch_budget_bytes == 16 << 30
+    assert HardPairMiner(4, SearchConfig(device="cpu")).store.block_rows == 1 << 16
 
 
 class Waiter:
