@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import ROOT, ensure_synth, report
-from bench.train_overhead import TrainRun, train
+from bench.train_overhead import TrainRun, train, train_once
 
 METRICS = {
     "zero_shot/top1": "zero-shot top-1",
@@ -185,9 +185,9 @@ def main() -> None:
             start_checkpoint, start_metrics = start.output_dir / "final.pt", start.metrics
         runs = {}
         for variant in args.variants:
-            print(f"seed {seed}: {variant}", file=sys.stderr, flush=True)
-            runs[variant] = train(
-                work / f"seed{seed}-{variant}",
+            runs[variant] = train_once(
+                work,
+                f"seed{seed}-{variant}",
                 {
                     **data,
                     "optim.seed": seed,

@@ -9,14 +9,14 @@ set: zero-shot top-1 and retrieval R@1 both ways; mean ± std over seeds, deltas
 seeds are ahead.
 
     python -m bench.scratch [--steps 600] [--seeds 0 1 2 3 4] [--start-step 100] [--start-coverage 0.5]
-                            [--ramp-steps 50] [--hard-ratio 0.5] [--hnml-weight 0] [--jobs 2] [--json-out F]
+                            [--ramp-steps 50] [--hard-ratio 0.5] [--hnml-weight 0] [--k 50] [--jobs 2]
+                            [--work-dir DIR] [--json-out F]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +26,7 @@ import numpy as np
 
 from bench.common import ROOT, ensure_synth, report
 from bench.quality import METRICS, mean_std, run_settings
-from bench.train_overhead import TrainRun, train
+from bench.train_overhead import TrainRun, train_once
 
 VARIANTS = ("plain", "streaming")
 
@@ -43,6 +43,7 @@ def variant_settings(variant: str, args: argparse.Namespace) -> dict[str, object
         "mining.start_step": args.start_step,
         "mining.start_coverage": args.start_coverage,
         "mining.ramp_steps": args.ramp_steps,
+        "mining.k": args.k,
     }
 
 
@@ -69,11 +70,16 @@ def main() -> None:
     parser.add_argument("--start-step", type=int, default=100, help="no mining before this step (warm-up)")
     parser.add_argument("--start-coverage", type=float, default=0.5)
     parser.add_argument("--ramp-steps", type=int, default=50)
+    parser.add_argument("--k", type=int, default=50, help="hard pairs are drawn from each anchor's top k")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--synth-dir", default=str(ROOT / "data" / "synth"))
     parser.add_argument("--synth-train", type=int, default=4000)
     parser.add_argument("--synth-test", type=int, default=600)
-    parser.add_argument("--work-dir", help="keep the runs here (default: a temporary directory)")
+    parser.add_argument(
+        "--work-dir",
+        help="keep the runs here (default: a temporary directory); a run already there with the same settings is "
+        "read, not run again (so cells of a sweep share their plain runs)",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, each with cpus/jobs torch threads")
     parser.add_argument("--json-out")
     args = parser.parse_args()
@@ -90,9 +96,8 @@ def main() -> None:
 
     def one(job: tuple[int, str]) -> TrainRun:
         seed, variant = job
-        print(f"seed {seed}: {variant}", file=sys.stderr, flush=True)
         settings = {**common, "optim.seed": seed, **variant_settings(variant, args)}
-        return train(work / f"seed{seed}-{variant}", settings, threads=threads)
+        return train_once(work, f"seed{seed}-{variant}", settings, threads=threads)
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         runs = dict(zip(jobs, pool.map(one, jobs)))

@@ -46,7 +46,7 @@ def run_cell(args, work: Path, start_dir: Path | None, weight: float, margin: fl
         "--jobs",
         str(args.jobs),
         "--work-dir",
-        str(work / out.stem),
+        str(work),  # one dir for every cell: identical runs (plain, per seed) are trained once and read after
         "--json-out",
         str(out),
     ]
@@ -64,7 +64,9 @@ def main() -> None:
     parser.add_argument("--margins", type=float, nargs="+", default=[0.1, 0.2, 0.4])
     parser.add_argument("--forms", nargs="+", choices=("pair", "paper"), default=["pair", "paper"])
     parser.add_argument("--jobs", type=int, default=3)
-    parser.add_argument("--work-dir", help="keep the runs here (default: a temporary directory)")
+    parser.add_argument(
+        "--work-dir", help="keep the runs here (default: a temporary directory); a sweep run again there resumes"
+    )
     parser.add_argument("--json-out")
     args = parser.parse_args()
 
@@ -75,13 +77,13 @@ def main() -> None:
     # λ = 0 makes the margin and the form irrelevant: one cell stands for all of them.
     cells = [(0.0, args.margins[0], args.forms[0])] if 0.0 in args.weights else []
     cells += [(w, m, f) for f, w, m in itertools.product(args.forms, [w for w in args.weights if w > 0], args.margins)]
-    start_dir = None
+    # Starting checkpoints already in the work dir (an interrupted sweep run again) are reused too.
+    start_dir = work if all((work / f"seed{seed}" / "final.pt").exists() for seed in args.seeds) else None
     results = []
     for weight, margin, form in cells:
         print(f"λ {weight:g}, margin {margin:g}, form {form}", file=sys.stderr, flush=True)
         cell = run_cell(args, work, start_dir, weight, margin, form)
-        if start_dir is None:  # the first cell trained the starting checkpoints: every later cell reuses them
-            start_dir = work / f"cell-{form}-w{weight:g}-m{margin:g}"
+        start_dir = work  # the first cell trained the starting checkpoints there: every later cell reuses them
         deltas = {key: cell["delta_vs_plain"]["online"][key] for key in METRICS}
         results.append({"hnml_weight": weight, "margin": margin, "form": form, "delta_vs_plain": deltas})
     if temporary is not None:

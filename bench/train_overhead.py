@@ -14,8 +14,10 @@ drift in the machine's speed hits both modes alike.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -83,11 +85,32 @@ def train(
     if code != 0:
         tail = "\n".join(log_path.read_text().splitlines()[-30:])
         raise RuntimeError(f"helip-train exited with {code} ({' '.join(command)}):\n{tail}")
+    (output_dir / "wall_s").write_text(f"{wall_s}\n")
+    return read_run(output_dir)
+
+
+def train_once(work: Path, name: str, settings: dict[str, object], threads: int | None = None) -> TrainRun:
+    """`train` into work/<name>-<digest of the settings>, or read the run already finished there: benchmarks that
+    share a work dir (the cells of a sweep) share their identical runs, and a digest never mixes settings."""
+    text = json.dumps({key: str(value) for key, value in sorted(settings.items())})
+    output_dir = work / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+    if (output_dir / "summary.json").exists():
+        print(f"{name}: read from {output_dir}", file=sys.stderr, flush=True)
+        return read_run(output_dir)
+    if output_dir.exists():  # an interrupted run: start it again
+        shutil.rmtree(output_dir)
+    print(f"{name}: training", file=sys.stderr, flush=True)
+    return train(output_dir, settings, threads=threads)
+
+
+def read_run(output_dir: Path) -> TrainRun:
+    """The TrainRun of a finished `train` in output_dir (its summary.json is written last)."""
     steps = [json.loads(line) for line in (output_dir / "losses.jsonl").read_text().splitlines() if line]
     eval_json = output_dir / "eval" / "final.json"
     metrics = json.loads(eval_json.read_text()) if eval_json.exists() else {}
     summary = json.loads((output_dir / "summary.json").read_text())
-    return TrainRun(output_dir, steps, metrics, summary, wall_s)
+    wall = output_dir / "wall_s"
+    return TrainRun(output_dir, steps, metrics, summary, float(wall.read_text()) if wall.exists() else float("nan"))
 
 
 def step_times(run: TrainRun, warmup: int) -> np.ndarray:
