@@ -12,7 +12,9 @@ Runs open_clip_train's real `main()` unchanged, after three small patches (each 
 
 Options of this script start with --helip-; everything else is passed to open_clip_train as is. CSV training
 data only (--dataset-type csv, or auto with a .csv/.tsv path); --accum-freq 1; CLIP loss (no SigLIP, CoCa or
-distillation). Start a miner first, with --dim = the model's embed_dim (helip-tiny: 64):
+distillation). The run's rows go to their own miner namespace (--helip-namespace; default open_clip's --name, else
+the training file's name), which refuses a data set other than the one it holds (--helip-reset-namespace drops it).
+Start a miner first, with --dim = the model's embed_dim (helip-tiny: 64):
 
     helip-miner serve --dim 64 --port 50051 &
     python examples/open_clip_train_helip.py --helip-miner 127.0.0.1:50051 \\
@@ -38,10 +40,13 @@ except ImportError as error:  # open_clip_train's data module needs pandas: open
         f"open_clip_train cannot be imported ({error}): pip install 'open_clip_torch[training]'"
     ) from error
 
+from miner_service.errors import InvalidArgument
+from miner_service.namespaces import validate_name
 from trainer.data import CsvPairs
 from trainer.hard_pairs import HardPairSampler, hard_pair_loader
 from trainer.losses import HelipLoss, LossConfig
 from trainer.mining import MiningConfig, MiningCounters, make_client
+from trainer.namespace import NamespaceMismatch, claim_namespace, dataset_fingerprint, run_namespace
 from trainer.pusher import EmbeddingPusher
 
 log = logging.getLogger("helip")
@@ -115,8 +120,9 @@ class HelipOpenClipLoss(torch.nn.Module):
 
 
 class HelipPlugin:
-    def __init__(self, miner: str, hard_ratio: float, loss_config: LossConfig):
-        self.mining, self.counters = MiningConfig(address=miner), MiningCounters()
+    def __init__(self, miner: str, namespace: str, reset: bool, hard_ratio: float, loss_config: LossConfig):
+        self.mining = MiningConfig(address=miner, namespace=namespace, reset_namespace=reset)
+        self.counters = MiningCounters()
         self.hard_ratio, self.loss_config = hard_ratio, loss_config
         self.pusher = EmbeddingPusher(make_client(self.mining), self.mining, self.counters)
         self.sampler = self.batches = None
@@ -159,6 +165,7 @@ class HelipPlugin:
             caption_key=args.csv_caption_key,
             sep=args.csv_separator,
         )
+        self.claim_namespace(args, dataset)
         self.sampler = HardPairSampler(
             len(dataset),
             args.batch_size,
@@ -182,10 +189,38 @@ class HelipPlugin:
         )
         return HardPairDataInfo(self.batches, self.sampler)
 
+    def claim_namespace(self, args, dataset) -> None:
+        # The run's rows go to their own namespace, tagged with the data set's fingerprint: a namespace holding
+        # another data set's rows is refused (ids would name other samples), as helip-train does. Rank 0 creates
+        # or resets it; the others wait for that, then check it.
+        dim = (open_clip.get_model_config(args.model) or {}).get("embed_dim", 0)
+        fingerprint = dataset_fingerprint(dataset)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        try:
+            if args.rank == 0:
+                claim_namespace(
+                    self.pusher.client, self.mining.namespace, dim, fingerprint, self.mining.reset_namespace
+                )
+            if distributed:
+                torch.distributed.barrier()
+            if args.rank != 0:
+                claim_namespace(self.pusher.client, self.mining.namespace, dim, fingerprint)
+        except NamespaceMismatch as error:
+            raise SystemExit(f"helip example: {error} (flags: --helip-reset-namespace, --helip-namespace)") from None
+
     def close(self) -> None:
         self.pusher.close()  # waits for the last pushes
         if self.sampler is not None:
             self.sampler.close()
+
+
+def default_namespace(open_clip_args: list[str]) -> str:
+    """open_clip's --name when given (a run's name), else the stem of its --train-data file."""
+    peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    peek.add_argument("--name")
+    peek.add_argument("--train-data")
+    known, _ = peek.parse_known_args(open_clip_args)
+    return run_namespace(known.name or Path(known.train_data or "open-clip").stem)
 
 
 def main(argv=None) -> int:
@@ -211,11 +246,29 @@ def main(argv=None) -> int:
         help="a JSON open_clip model config, or a directory of them, to register (then pass "
         "--model <file stem>); default: this repository's configs/models",
     )
+    parser.add_argument(
+        "--helip-namespace",
+        default="",
+        metavar="NAME",
+        help="miner namespace of this run's rows (default: open_clip's --name, else the training file's name)",
+    )
+    parser.add_argument(
+        "--helip-reset-namespace",
+        action="store_true",
+        help="drop the namespace's rows first when it holds another data set (else such a run is refused)",
+    )
     helip_args, open_clip_args = parser.parse_known_args(argv)
+    namespace = helip_args.helip_namespace or default_namespace(open_clip_args)
+    try:
+        validate_name(namespace, "--helip-namespace")
+    except InvalidArgument as error:
+        parser.error(str(error))
 
     open_clip.add_model_config(helip_args.helip_model_config)
     plugin = HelipPlugin(
         helip_args.helip_miner,
+        namespace,
+        helip_args.helip_reset_namespace,
         helip_args.helip_hard_ratio,
         LossConfig(margin=helip_args.helip_margin, hnml_weight=helip_args.helip_hnml_weight),
     )

@@ -56,6 +56,17 @@ class ClientConfig:
 
 
 @dataclass(frozen=True)
+class FetchedRows:
+    """A Fetch's answer: the rows found, in request order."""
+
+    found: np.ndarray  # [requested] bool: which requested ids are stored
+    ids: np.ndarray  # [found] uint64
+    image: np.ndarray  # [found, dim]
+    text: np.ndarray
+    steps: np.ndarray  # [found] uint64: the step that wrote each row
+
+
+@dataclass(frozen=True)
 class Neighbours:
     ids: np.ndarray  # [anchors, k] int64, -1 padding
     scores: np.ndarray  # [anchors, k] float32
@@ -198,13 +209,24 @@ class MinerClient:
         )
 
     def fetch(self, ids, timeout_s: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(found mask, image [found, dim], text [found, dim]) of the stored rows of `ids`."""
+        """(found mask, image [found, dim], text [found, dim]) of the stored rows of `ids` (see `fetch_rows`)."""
+        rows = self.fetch_rows(ids, timeout_s)
+        return rows.found, rows.image, rows.text
+
+    def fetch_rows(self, ids, timeout_s: float | None = None) -> FetchedRows:
+        """The stored rows of `ids`, with the step that wrote each."""
         ids = _ids(ids)
         reply = self._invoke(
             self.stub.Fetch, pb.FetchRequest(ids=ids.tolist(), namespace=self.config.namespace), timeout_s, retry=True
         )
-        found = np.isin(ids, np.array(reply.found_ids, dtype=np.uint64))
-        return found, decode(reply.image, "image"), decode(reply.text, "text")
+        found_ids = np.array(reply.found_ids, dtype=np.uint64)
+        return FetchedRows(
+            np.isin(ids, found_ids),
+            found_ids,
+            decode(reply.image, "image"),
+            decode(reply.text, "text"),
+            np.array(reply.steps, dtype=np.uint64),
+        )
 
     def stats(self, timeout_s: float | None = None) -> pb.StatsReply:
         return self._invoke(self.stub.Stats, pb.StatsRequest(namespace=self.config.namespace), timeout_s, retry=True)

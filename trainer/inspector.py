@@ -195,20 +195,14 @@ def mine_embeddings(
 
 def fetch_rows(client, ids: Sequence[int]) -> Rows:
     """The stored rows of `ids` from a miner (one Fetch: embeddings and the step of each row)."""
-    from helip.miner.v1 import miner_pb2 as pb
-    from miner_service.tensors import decode
-
-    unique = np.unique(np.asarray(ids, dtype=np.uint64))
-    # MinerClient.fetch drops the steps of the reply, so the request goes through the client's own retrying call.
-    reply = client._invoke(client.stub.Fetch, pb.FetchRequest(ids=unique.tolist()), None, retry=True)
-    found = [int(i) for i in reply.found_ids]
-    if not found:
+    fetched = client.fetch_rows(np.unique(np.asarray(ids, dtype=np.uint64)))
+    if not len(fetched.ids):
         return Rows({}, np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), np.zeros(0, np.int64))
     return Rows(
-        {sample_id: n for n, sample_id in enumerate(found)},
-        decode(reply.image, "image").astype(np.float32),
-        decode(reply.text, "text").astype(np.float32),
-        np.array(reply.steps, dtype=np.int64),
+        {int(sample_id): n for n, sample_id in enumerate(fetched.ids)},
+        fetched.image.astype(np.float32),
+        fetched.text.astype(np.float32),
+        fetched.steps.astype(np.int64),
     )
 
 

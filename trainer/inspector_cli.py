@@ -132,6 +132,11 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--miner", help="HOST:PORT of a running miner whose rows are this data set's ids")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model config .json or open_clip name (in-process)")
     parser.add_argument("--token-file", default="", help="bearer token for --miner (else $HELIP_AUTH_TOKEN)")
+    parser.add_argument(
+        "--namespace",
+        default="",
+        help="the miner namespace holding the rows (helip-train's: its output dir name; default: 'default')",
+    )
     anchors = parser.add_mutually_exclusive_group()
     anchors.add_argument("--anchors", type=positive_int, default=8, help="how many anchors to draw")
     anchors.add_argument("--ids", type=_id_list, help="comma-separated anchor ids instead of a draw")
@@ -231,8 +236,14 @@ def _from_miner(parser, args, rule, dataset: PairDataset, anchor_ids: list[int])
     import grpc
 
     from miner_service.client import ClientConfig, MinerClient
+    from miner_service.errors import InvalidArgument
+    from miner_service.namespaces import validate_name
 
-    client = MinerClient(ClientConfig.with_token_from(args.token_file, address=args.miner))
+    try:
+        namespace = validate_name(args.namespace, "--namespace")
+    except InvalidArgument as error:
+        parser.error(f"argument {error}")
+    client = MinerClient(ClientConfig.with_token_from(args.token_file, address=args.miner, namespace=namespace))
     try:
         client.wait_ready(10.0)
         size = client.stats().size

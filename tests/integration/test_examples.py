@@ -134,10 +134,15 @@ def test_open_clip_train_runs_with_the_hard_pair_plugin(synth, tmp_path, miner_f
     assert [(e, int(n)) for e, _, n in epochs] == [("0", 25), ("1", 25)], output[-4000:]
     assert float(epochs[0][1]) > 0 and float(epochs[1][1]) > 0, epochs
     assert "helip step 25:" in output  # epoch 1 continued the step count: set_epoch reached the sampler
+    # The rows went to the run's own namespace (open_clip's --name), tagged with the data set's fingerprint.
+    with MinerClient(miner.address) as client:
+        spaces = {info.name: info for info in client.stats().namespaces}
+    assert spaces["helip"].rows == TRAIN_SIZE, spaces
+    assert spaces["helip"].fingerprint.startswith(f"samples={TRAIN_SIZE};"), spaces
+    assert spaces["default"].rows == 0
     # open_clip's own loop logged helip's loss terms, and saved its checkpoints and log.
     run = logs / "helip"
     assert "Hnml_loss" in (run / "out.log").read_text()
     checkpoint = torch.load(run / "checkpoints" / "epoch_2.pt", map_location="cpu", weights_only=False)
     assert checkpoint["epoch"] == 2 and "logit_scale" in checkpoint["state_dict"]
     assert (run / "checkpoints" / "epoch_1.pt").exists() and (run / "params.txt").exists()
-    assert miner_rows(miner.address) == TRAIN_SIZE

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from miner_service.client import MinerClient
+from miner_service.client import ClientConfig, MinerClient
 from miner_service.config import MinerConfig
 from miner_service.server import MinerServer
 from trainer.inspector_cli import main
@@ -35,14 +35,18 @@ def test_inspect_a_running_miner(miner, tmp_path, capsys):
     (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
     image = np.array([_unit(c) for c in (1.0, 0.9, 0.8, 0.6, 0.0)], dtype=np.float32)
     text = np.array([_unit(c) for c in (1.0, 0.95, 0.7, 0.6, 0.1)], dtype=np.float32)
-    with MinerClient(f"127.0.0.1:{miner.port}") as client:
+    # The rows live in a run's namespace (as helip-train's do); the default namespace holds other rows.
+    with MinerClient(ClientConfig(f"127.0.0.1:{miner.port}", namespace="run-a")) as client:
+        client.ensure_namespace(dim=3)
         client.upsert([0, 1, 2], image[:3], text[:3], step=5)
         client.upsert([3, 4], image[3:], text[3:], step=9)
+    with MinerClient(f"127.0.0.1:{miner.port}") as client:
+        client.upsert([0, 1, 2], image[[4, 3, 2]], text[[4, 3, 2]], step=1)
 
     out = tmp_path / "out"
     code = main(
         ["--data", str(tmp_path / "pairs.csv"), "--miner", f"127.0.0.1:{miner.port}", "--ids", "0,5", "--k", "3"]
-        + ["--out", str(out), "--max-similarity", "0.99"]
+        + ["--out", str(out), "--max-similarity", "0.99", "--namespace", "run-a"]
     )
 
     assert code == 0
@@ -56,3 +60,12 @@ def test_inspect_a_running_miner(miner, tmp_path, capsys):
     assert first["flags"] == ["same caption"] and not anchor["pairs"][1]["flags"]
     assert missing == {"anchor": {"id": 5, "caption": "never pushed", "step": 0}, "pairs": [], "stored": False}
     assert 'class="pair false-negative" data-id="1"' in (out / "index.html").read_text()
+
+
+def test_a_bad_namespace_is_refused_naming_the_flag(miner, tmp_path, capsys):
+    Image.new("RGB", (8, 8)).save(tmp_path / "0.png")
+    (tmp_path / "pairs.csv").write_text("filepath\ttitle\n0.png\ta thing\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", str(tmp_path / "pairs.csv"), "--miner", f"127.0.0.1:{miner.port}", "--namespace", "no spaces"])
+    assert exit_info.value.code == 2
+    assert "--namespace" in capsys.readouterr().err
