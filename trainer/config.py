@@ -30,6 +30,7 @@ class DataConfig:
     synth_dir: str = ""  # generate the synthetic set here when it is missing (the one-box default)
     synth_train: int = 4000  # training samples generated into synth_dir
     synth_test: int = 600  # evaluation samples generated into synth_dir
+    synth_seed: int = 0  # seed of the generated set; not optim.seed, so that runs of several seeds share one set
     workers: int = 2  # DataLoader worker processes per rank (0: load in the training process)
     prefetch_factor: int = 2  # batches each worker loads ahead
     augment: bool = True  # open_clip's training augmentation (off for the synthetic set: captions name positions)
@@ -62,7 +63,7 @@ class OptimConfig:
     warmup_steps: int = 20  # optimizer steps of linear warm-up before the cosine decay
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # gradient norm clipping (where the DeepSpeed config says "auto")
-    seed: int = 0  # seeds the model's initialisation, the sample order and the synthetic set
+    seed: int = 0  # seeds the model's initialisation and the sample order (the synthetic set: data.synth_seed)
 
     def __post_init__(self):
         if self.steps < 1:

@@ -262,7 +262,7 @@ class Trainer:
                         out_dir=root,
                         train_size=data.synth_train,
                         test_size=data.synth_test,
-                        seed=self.config.optim.seed,
+                        seed=data.synth_seed,
                     )
                 )
             dist.barrier()
