@@ -49,22 +49,23 @@ BOOTSTRAPPED = ("online", "offline")  # variants that pay a forward pass over th
 def variant_settings(variant: str, args: argparse.Namespace) -> dict[str, object]:
     if variant == "plain":
         return {"optim.hard_ratio": 0, "loss.hnml_weight": 0}
+    helip = {
+        "optim.hard_ratio": args.hard_ratio,
+        "loss.hnml_weight": args.hnml_weight,
+        "loss.margin": args.margin,
+        "loss.hnml_form": args.hnml_form,
+        "mining.k": args.k,
+    }
     if variant == "streaming":
         return {
-            "optim.hard_ratio": args.hard_ratio,
-            "loss.hnml_weight": args.hnml_weight,
-            "loss.margin": args.margin,
-            "loss.hnml_form": args.hnml_form,
+            **helip,
             "mining.bootstrap_index": "false",
             "mining.update_index": "true",
             "mining.start_coverage": args.start_coverage,
             "mining.ramp_steps": args.ramp_steps,
         }
     return {
-        "optim.hard_ratio": args.hard_ratio,
-        "loss.hnml_weight": args.hnml_weight,
-        "loss.margin": args.margin,
-        "loss.hnml_form": args.hnml_form,
+        **helip,
         "mining.bootstrap_index": "true",
         "mining.update_index": "true" if variant == "online" else "false",
     }
@@ -131,6 +132,7 @@ def main() -> None:
     parser.add_argument("--hnml-weight", type=float, default=1.0, help="λ")
     parser.add_argument("--margin", type=float, default=0.2)
     parser.add_argument("--hnml-form", choices=("pair", "paper"), default="pair")
+    parser.add_argument("--k", type=int, default=50, help="hard pairs are drawn from each anchor's top k")
     parser.add_argument("--start-coverage", type=float, default=0.5, help="streaming: index coverage to start at")
     parser.add_argument("--ramp-steps", type=int, default=20, help="streaming: steps over which hard pairs ramp in")
     parser.add_argument(

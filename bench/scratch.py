@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--start-step", type=int, default=100, help="no mining before this step (warm-up)")
     parser.add_argument("--start-coverage", type=float, default=0.5)
     parser.add_argument("--ramp-steps", type=int, default=50)
-    parser.add_argument("--k", type=int, default=50, help="hard pairs are drawn from each anchor's top k")
+    parser.add_argument("--k", type=int, default=10, help="hard pairs are drawn from each anchor's top k")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--synth-dir", default=str(ROOT / "data" / "synth"))
     parser.add_argument("--synth-train", type=int, default=4000)

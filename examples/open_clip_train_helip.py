@@ -238,7 +238,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--helip-hard-ratio", type=float, default=0.5, help="share of each batch that is hard pairs")
     parser.add_argument("--helip-margin", type=float, default=0.2, help="margin of the hard-pair margin loss")
-    parser.add_argument("--helip-hnml-weight", type=float, default=1.0, help="weight of the margin loss (0: off)")
+    parser.add_argument(
+        "--helip-hnml-weight", type=float, default=0.0, help="weight of the margin loss (default 0: off)"
+    )
     parser.add_argument(
         "--helip-model-config",
         default=str(MODEL_CONFIGS),

@@ -93,7 +93,8 @@ def main(argv=None) -> None:
     )  # helip
     loader = hard_pair_loader(dataset, sampler)  # helip: a DataLoader of PairBatch(ids, images, tokens)
     pusher = EmbeddingPusher(client, mining, counters)  # helip: sends embeddings in the background
-    criterion = HelipLoss(LossConfig(margin=0.2, hnml_weight=1.0))  # helip: CLIP loss + margin loss on couples
+    # helip: the CLIP loss (+ the margin loss on the couples when hnml_weight > 0; off by default, see the README).
+    criterion = HelipLoss(LossConfig())
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
 
     model.train()
