@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+LOCAL_MINE_SCRATCH_BYTES = 256 << 20
+LOCAL_SCRATCH_BUDGET_BYTES = 1 << 30
 
 
 class LocalMiner:
@@ -39,6 +41,12 @@ class LocalMiner:
                     str(dim),
                     "--port-file",
                     str(self.port_file),
+                    # Beside training on the same GPU: the small scratch a CPU miner gets, not a GPU miner's
+                    # 4 GiB per Mine (miner_service.config.DEVICE_DEFAULTS), which a full training GPU may lack.
+                    "--mine-scratch-bytes",
+                    str(LOCAL_MINE_SCRATCH_BYTES),
+                    "--scratch-budget-bytes",
+                    str(LOCAL_SCRATCH_BUDGET_BYTES),
                 ],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
