@@ -22,8 +22,18 @@ ENV_PREFIX = "HELIP_MINER_"
 # took 290 ms with 64K-row blocks and 256 MiB of scratch, 151 ms with 256K-row blocks and 4 GiB
 # (bench/gpu_check.py, docs/BENCHMARKS.md). Scratch is per namespace: lower it on a GPU shared by many.
 DEVICE_DEFAULTS = {
-    "cpu": {"store_block_rows": 1 << 16, "mine_scratch_bytes": 256 << 20, "scratch_budget_bytes": 1 << 30},
-    "cuda": {"store_block_rows": 1 << 18, "mine_scratch_bytes": 4 << 30, "scratch_budget_bytes": 8 << 30},
+    "cpu": {
+        "block_rows": 1 << 12,
+        "store_block_rows": 1 << 16,
+        "mine_scratch_bytes": 256 << 20,
+        "scratch_budget_bytes": 1 << 30,
+    },
+    "cuda": {
+        "block_rows": 1 << 20,
+        "store_block_rows": 1 << 18,
+        "mine_scratch_bytes": 4 << 30,
+        "scratch_budget_bytes": 8 << 30,
+    },
 }
 
 
@@ -73,6 +83,7 @@ class SearchConfig:
         )
         return replace(
             self,
+            block_rows=self.block_rows or defaults["block_rows"],
             store_block_rows=self.store_block_rows or defaults["store_block_rows"],
             mine_scratch_bytes=mine_scratch,
             # A Mine larger than the default total still fits: the total grows to it.

@@ -55,7 +55,7 @@ class HardPairMiner:
         self.config = config = config.for_device(self.device.type)
         self.dtype = resolve_dtype(config.storage_dtype, self.device)
         # The most stored rows scored at once; the scratch budget makes it fewer for Mines with many anchors.
-        self.block_rows = config.block_rows or (1 << 20 if self.device.type == "cuda" else 1 << 12)
+        self.block_rows = config.block_rows
         self.admission = ScratchAdmission(config.scratch_budget_bytes, config.mine_queue_limit)
         self._bytes_per_score = bytes_per_score(self.dtype)
         # A capped store never needs a block larger than its cap (a small namespace, a test miner).

@@ -194,11 +194,7 @@ class PairStore:
         # Positions and offsets go to each device in one copy: a copy from pageable host memory waits for the
         # device's queue to drain, which once per block made a gather on a GPU wait ~150 times at 10M rows.
         uploaded: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        for block, part in self._locked(groups):
-            positions, offsets = groups.positions[part], groups.offsets[part]
-            good = self._holds(block, offsets, positions, expected_ids)
-            steps[positions[good]] = block.steps[offsets[good]]
-            found[positions[good]] = True
+        for block, part in self._found(groups, expected_ids, steps, found):
             if block.device not in uploaded:
                 uploaded[block.device] = (
                     torch.from_numpy(groups.offsets).to(block.device),
@@ -219,20 +215,21 @@ class PairStore:
         """(steps uint64, found bool) of the rows at `slots`, as `gather` finds them, without copying rows."""
         steps = np.zeros(len(slots), dtype=np.uint64)
         found = np.zeros(len(slots), dtype=bool)
-        groups = _BlockGroups(slots, self.block_rows)
-        for block, part in self._locked(groups):
-            positions, offsets = groups.positions[part], groups.offsets[part]
-            good = self._holds(block, offsets, positions, expected_ids)
-            steps[positions[good]] = block.steps[offsets[good]]
-            found[positions[good]] = True
+        for _ in self._found(_BlockGroups(slots, self.block_rows), expected_ids, steps, found):
+            pass
         return steps, found
 
-    def _locked(self, groups: _BlockGroups):
-        """Yield (block, slice of the groups' arrays) block by block, holding the block's read lock meanwhile."""
+    def _found(self, groups: _BlockGroups, expected_ids, steps: np.ndarray, found: np.ndarray):
+        """Fill `steps` and `found` block by block; after each block, yield (block, slice of the groups' arrays)
+        while still holding its read lock, so that a caller copying rows sees what was found."""
         blocks = self.blocks()
         for block_index, part in groups:
             block = blocks[block_index]
+            positions, offsets = groups.positions[part], groups.offsets[part]
             with block.lock.read():
+                good = self._holds(block, offsets, positions, expected_ids)
+                steps[positions[good]] = block.steps[offsets[good]]
+                found[positions[good]] = True
                 yield block, part
 
     @staticmethod
