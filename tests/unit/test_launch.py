@@ -55,7 +55,7 @@ def test_inconsistent_variables_are_named(environ, message):
 
 def test_a_local_miner_is_refused_across_hosts():
     pytest.importorskip("deepspeed")
-    from trainer.engine import refuse_local_miner_across_hosts
+    from trainer.run_mining import refuse_local_miner_across_hosts
 
     refuse_local_miner_across_hosts(["node0", "node0", "node0"], 64)  # one host: fine
     with pytest.raises(RuntimeError, match=r"2 hosts \(node0, node1\).*--miner HOST:50051"):
