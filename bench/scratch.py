@@ -9,7 +9,8 @@ set: zero-shot top-1 and retrieval R@1 both ways; mean ± std over seeds, deltas
 seeds are ahead.
 
     python -m bench.scratch [--steps 600] [--seeds 0 1 2 3 4] [--start-step 100] [--start-coverage 0.5]
-                            [--ramp-steps 50] [--hard-ratio 0.5] [--hnml-weight 0] [--k 50] [--jobs 2]
+                            [--ramp-steps 50] [--hard-ratio 0.5] [--hnml-weight 0] [--k 10] [--jobs 2]
+                            [--scoring PRODUCT|SUM|IMAGE|TEXT]
                             [--work-dir DIR] [--json-out F]
 """
 
@@ -34,7 +35,9 @@ VARIANTS = ("plain", "streaming")
 def variant_settings(variant: str, args: argparse.Namespace) -> dict[str, object]:
     if variant == "plain":
         return {"optim.hard_ratio": 0, "loss.hnml_weight": 0, "mining.bootstrap_index": "false"}
+    scoring = {} if args.scoring == "PRODUCT" else {"mining.scoring": args.scoring}  # run digests stay as they were
     return {
+        **scoring,
         "optim.hard_ratio": args.hard_ratio,
         "loss.hnml_weight": args.hnml_weight,
         "loss.margin": args.margin,
@@ -71,6 +74,12 @@ def main() -> None:
     parser.add_argument("--start-coverage", type=float, default=0.5)
     parser.add_argument("--ramp-steps", type=int, default=50)
     parser.add_argument("--k", type=int, default=10, help="hard pairs are drawn from each anchor's top k")
+    parser.add_argument(
+        "--scoring",
+        choices=("PRODUCT", "SUM", "IMAGE", "TEXT"),
+        default="PRODUCT",
+        help="how the miner scores a stored pair against an anchor (mining.scoring)",
+    )
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--synth-dir", default=str(ROOT / "data" / "synth"))
     parser.add_argument("--synth-train", type=int, default=4000)
