@@ -17,8 +17,13 @@ import argparse
 import logging
 import signal
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trainer import config_docs
+
+if TYPE_CHECKING:
+    from trainer.config import DataConfig
 
 # Short flags, and open_clip_train's flags where helip's setting means the same thing, beside `--section.field`.
 ALIASES = {
@@ -142,15 +147,40 @@ def parse_config(argv: list[str] | None = None):
     return args, config
 
 
+def prepare_synth_data(data: DataConfig, local_rank: int) -> None:
+    """data.synth_dir without data.train: generate the synthetic set there (once per host) and train on it."""
+    if data.synth_dir and not data.train:
+        import torch.distributed as dist
+
+        from trainer.synth import SynthConfig, generate
+
+        root = Path(data.synth_dir)
+        if local_rank == 0 and not (root / "train.csv").exists():
+            logging.getLogger("helip-train").info("generating the synthetic set in %s", root)
+            generate(
+                SynthConfig(
+                    out_dir=root,
+                    train_size=data.synth_train,
+                    test_size=data.synth_test,
+                    seed=data.synth_seed,
+                )
+            )
+        dist.barrier()
+        data.train = str(root / "train.csv")
+        data.eval_dir = data.eval_dir or str(root)
+
+
 def main(argv: list[str] | None = None) -> int:
     args, config = parse_config(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from trainer.engine import Trainer
+    from trainer.engine import Trainer, setup_distributed
     from trainer.ledger import TooManyBadSamples
     from trainer.namespace import NamespaceMismatch
 
     # SIGTERM (an orchestrator stopping the pod) unwinds like Ctrl-C, so the local miner is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    _, _, local_rank = setup_distributed()
+    prepare_synth_data(config.data, local_rank)
     try:
         trainer = Trainer(config)
     except NamespaceMismatch as error:  # the miner holds another data set there: the user decides, no traceback

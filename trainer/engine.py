@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from trainer.cadence import Cadence
 from trainer.checkpoints import Checkpointer
-from trainer.config import DataConfig, TrainConfig, to_dict
+from trainer.config import TrainConfig, to_dict
 from trainer.data import open_pairs
 from trainer.ds_engine import build_engine
 from trainer.hard_pairs import HardPairSampler, hard_pair_loader
@@ -50,36 +50,17 @@ class TrainResult:
 
 
 def setup_distributed() -> tuple[int, int, int]:
-    """Join the process group the launcher (torchrun, deepspeed, srun) describes, or a group of one."""
+    """Join the process group the launcher (torchrun, deepspeed, srun) describes, or a group of one (once)."""
     import deepspeed
 
     env = dist_env(os.environ)
+    if dist.is_initialized():  # the CLI joined already, to prepare the data set
+        return dist.get_rank(), dist.get_world_size(), env.local_rank
     os.environ.update(env.export())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     log.info("rank %d of %d (local rank %d, launcher %s)", env.rank, env.world_size, env.local_rank, env.launcher)
     return dist.get_rank(), dist.get_world_size(), env.local_rank
-
-
-def prepare_synth_data(data: DataConfig, local_rank: int) -> None:
-    """data.synth_dir without data.train: generate the synthetic set there (once per host) and train on it."""
-    if data.synth_dir and not data.train:
-        from trainer.synth import SynthConfig, generate
-
-        root = Path(data.synth_dir)
-        if local_rank == 0 and not (root / "train.csv").exists():
-            log.info("generating the synthetic set in %s", root)
-            generate(
-                SynthConfig(
-                    out_dir=root,
-                    train_size=data.synth_train,
-                    test_size=data.synth_test,
-                    seed=data.synth_seed,
-                )
-            )
-        dist.barrier()
-        data.train = str(root / "train.csv")
-        data.eval_dir = data.eval_dir or str(root)
 
 
 class Trainer:
@@ -95,7 +76,8 @@ class Trainer:
         if device.startswith("cuda"):
             torch.cuda.set_device(self.device)
 
-        prepare_synth_data(config.data, self.local_rank)
+        if not config.data.train:  # the CLI generates the synthetic set and points data.train at it
+            raise ValueError("data.train is empty: a Trainer trains on a prepared data set")
         config.model.device = device
         # open_clip builds fp32 weights; DeepSpeed casts them to model.precision itself (deepspeed_config).
         self.model, preprocess_train, self.preprocess_val, self.tokenizer = build_model(
