@@ -215,7 +215,7 @@ class PairStore:
         """(steps uint64, found bool) of the rows at `slots`, as `gather` finds them, without copying rows."""
         steps = np.zeros(len(slots), dtype=np.uint64)
         found = np.zeros(len(slots), dtype=bool)
-        for _ in self._found(_BlockGroups(slots, self.block_rows), expected_ids, steps, found):
+        for _ in self._found(_BlockGroups(slots, self.block_rows), expected_ids, steps, found):  # the walk fills them
             pass
         return steps, found
 

@@ -14,9 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+from miner_service.config import DEVICE_DEFAULTS
+
 log = logging.getLogger(__name__)
-LOCAL_MINE_SCRATCH_BYTES = 256 << 20
-LOCAL_SCRATCH_BUDGET_BYTES = 1 << 30
+# Beside training on the same GPU: the small scratch a CPU miner gets, not a GPU miner's 4 GiB per Mine, which a
+# full training GPU may lack.
+LOCAL_SCRATCH = DEVICE_DEFAULTS["cpu"]
 
 
 class LocalMiner:
@@ -41,12 +44,10 @@ class LocalMiner:
                     str(dim),
                     "--port-file",
                     str(self.port_file),
-                    # Beside training on the same GPU: the small scratch a CPU miner gets, not a GPU miner's
-                    # 4 GiB per Mine (miner_service.config.DEVICE_DEFAULTS), which a full training GPU may lack.
                     "--mine-scratch-bytes",
-                    str(LOCAL_MINE_SCRATCH_BYTES),
+                    str(LOCAL_SCRATCH["mine_scratch_bytes"]),
                     "--scratch-budget-bytes",
-                    str(LOCAL_SCRATCH_BUDGET_BYTES),
+                    str(LOCAL_SCRATCH["scratch_budget_bytes"]),
                 ],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,

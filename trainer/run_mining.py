@@ -12,7 +12,6 @@ import logging
 import socket
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from trainer.bootstrap import bootstrap_index, miner_rows
@@ -65,6 +64,8 @@ class RunMining:
         self.is_main = rank == 0
         self.dataset = dataset
         self.local_miner: LocalMiner | None = None
+        self.client = self.pusher = None  # set below; close() may run before (a refused namespace)
+        self._closed = False
         self.config = dataclasses.replace(
             config,
             address=self._address(config.address, output_dir, embed_dim),
@@ -124,43 +125,21 @@ class RunMining:
         )
         return True
 
-    def bootstrap(
-        self,
-        model,
-        *,
-        batch_size: int,
-        num_workers: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        step: int,
-        progress: bool,
-    ) -> None:
-        """Every rank pushes its share of the data set embedded by `model`; returns once all ranks' rows are in."""
-        bootstrap_index(
-            model,
-            self.dataset,
-            self.pusher,
-            rank=self.rank,
-            world_size=self.world_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            device=device,
-            dtype=dtype,
-            step=step,
-            progress=progress,
-        )
+    def bootstrap(self, model, **options) -> None:
+        """Every rank pushes its share of the data set embedded by `model`; returns once all ranks' rows are in.
+
+        options: bootstrap_index's (batch_size, num_workers, device, dtype, step, progress)."""
+        bootstrap_index(model, self.dataset, self.pusher, rank=self.rank, world_size=self.world_size, **options)
         dist.barrier()  # every rank's rows are in before anyone mines
 
     def close(self) -> None:
         """Stop the pusher (waiting a little for queued rows), the client and the local miner."""
-        if getattr(self, "_closed", False):
+        if self._closed:
             return
         self._closed = True
-        pusher = getattr(self, "pusher", None)
-        if pusher is not None:
-            pusher.close(timeout_s=10)
-        client = getattr(self, "client", None)
-        if client is not None:
-            client.close()
+        if self.pusher is not None:
+            self.pusher.close(timeout_s=10)
+        if self.client is not None:
+            self.client.close()
         if self.local_miner is not None:
             self.local_miner.stop()
