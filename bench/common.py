@@ -62,7 +62,7 @@ class MinerSubprocess:
             [
                 sys.executable,
                 "-m",
-                "miner_service.cli",
+                "helip.miner_service.service.cli",
                 "serve",
                 "--port",
                 "0",
@@ -113,7 +113,7 @@ def report(name: str, results: dict, rows: list[tuple[str, str]], json_out: str 
 def ensure_synth(synth_dir: str | Path, train_size: int, test_size: int) -> Path:
     """Generate the synthetic set once, before runs start in parallel: each run would otherwise generate it into
     the same directory at the same time (with its own seed)."""
-    from trainer.synth import SynthConfig, generate
+    from helip.trainer.tools.synth import SynthConfig, generate
 
     root = Path(synth_dir)
     if not (root / "train.csv").exists():

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from bench.common import MinerSubprocess, report, summarize, unit_pairs
 from helip.miner.v1 import miner_pb2 as pb
-from miner_service.client import ClientConfig, MinerClient
+from helip.miner_service.client.single import ClientConfig, MinerClient
 
 
 def connect(server: MinerSubprocess) -> MinerClient:

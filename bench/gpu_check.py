@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from bench.common import report, summarize, unit_pairs
-from miner_service.config import SearchConfig
-from miner_service.core_api import MineQuery
-from miner_service.miner import HardPairMiner
+from helip.miner_service.core.api import MineQuery
+from helip.miner_service.core.config import SearchConfig
+from helip.miner_service.core.miner import HardPairMiner
 
 # (rows per storage block, top-k segment columns, one Mine's scratch MiB) timed beside the defaults: what the GPU
 # defaults were chosen from.

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 source bench/gpu_env.sh
 RUN=${GPU_TRAIN_DIR:-/tmp/helip-gpu-train}
 rm -rf "$RUN"
-"$PY" -m trainer.cli --config configs/demo.yaml --set run.output_dir="$RUN/run" --set data.synth_dir="$RUN/synth" \
+"$PY" -m helip.trainer.app.cli --config configs/demo.yaml --set run.output_dir="$RUN/run" --set data.synth_dir="$RUN/synth" \
   --set run.progress=false \
   "$@" 2>&1 | tee "$OUT_DIR/gpu_train.log"
 cp "$RUN/run/summary.json" "$OUT_DIR/gpu_train_summary.json"

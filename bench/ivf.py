@@ -20,10 +20,12 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from bench.common import report, summarize  # noqa: E402
-from miner_service.config import SearchConfig  # noqa: E402
-from miner_service.core_api import MineQuery  # noqa: E402
-from miner_service.ivf import IvfConfig  # noqa: E402
-from miner_service.miner import HardPairMiner  # noqa: E402
+from helip.miner_service.core.api import MineQuery  # noqa: E402
+from helip.miner_service.core.config import (
+    IvfConfig,  # noqa: E402
+    SearchConfig,  # noqa: E402
+)
+from helip.miner_service.core.miner import HardPairMiner  # noqa: E402
 
 
 def clustered_pairs(rng, n: int, dim: int, clusters: int, chunk: int = 65536):

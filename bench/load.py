@@ -68,7 +68,7 @@ def client_loop(index: int, config: LoadConfig, start_at: float, results) -> Non
     import grpc
 
     from helip.miner.v1 import miner_pb2 as pb
-    from miner_service.client import ClientConfig, MinerClient
+    from helip.miner_service.client.single import ClientConfig, MinerClient
 
     client = MinerClient(
         ClientConfig(address=config.address, wire_dtype=pb.FLOAT16, retries=0, timeout_s=config.timeout_s)
@@ -125,7 +125,7 @@ def memory_of(pid: int | None) -> dict | None:
 def preload(address: str, rows: int, dim: int, batch: int = 4096) -> float:
     """Upsert rows 0..rows-1 (FLOAT16 on the wire); returns rows per second."""
     from helip.miner.v1 import miner_pb2 as pb
-    from miner_service.client import ClientConfig, MinerClient
+    from helip.miner_service.client.single import ClientConfig, MinerClient
 
     rng = np.random.default_rng(0)
     started = time.perf_counter()
@@ -181,7 +181,7 @@ def paced_loop(
 ) -> None:
     """One process of the contention run: "writer" upserts every interval_s, "miner" mines back to back."""
     from helip.miner.v1 import miner_pb2 as pb
-    from miner_service.client import ClientConfig, MinerClient
+    from helip.miner_service.client.single import ClientConfig, MinerClient
 
     client = MinerClient(
         ClientConfig(address=config.address, wire_dtype=pb.FLOAT16, retries=0, timeout_s=config.timeout_s)
@@ -254,8 +254,8 @@ def store_memory_worker(rows: int, dim: int, device: str, results) -> None:
     """In a fresh process: fill a miner core with `rows` rows and report its memory, steady and peak."""
     import torch
 
-    from miner_service.config import SearchConfig
-    from miner_service.miner import HardPairMiner
+    from helip.miner_service.core.config import SearchConfig
+    from helip.miner_service.core.miner import HardPairMiner
 
     miner = HardPairMiner(dim, SearchConfig(device=device))
     on_gpu = miner.device.type == "cuda"

@@ -38,11 +38,11 @@ from tqdm import tqdm
 
 from bench.common import ROOT, MinerSubprocess, report, unit_pairs
 from helip.miner.v1 import miner_pb2 as pb
-from miner_service.client import ClientConfig, MinerClient
-from trainer.data import CsvPairs, collate_pairs, read_pairs
-from trainer.hard_pairs import WORKER_START_METHOD, HardPairSampler, hard_pair_loader
-from trainer.mining import MiningConfig
-from trainer.synth import SynthConfig, generate
+from helip.miner_service.client.single import ClientConfig, MinerClient
+from helip.trainer.pairs.data import CsvPairs, collate_pairs, read_pairs
+from helip.trainer.pairs.hard_pairs import WORKER_START_METHOD, HardPairSampler, hard_pair_loader
+from helip.trainer.pairs.mining import MiningConfig
+from helip.trainer.tools.synth import SynthConfig, generate
 
 log = logging.getLogger("bench.loader")
 DIM = 512  # ViT-B/32's embedding width

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-# The same OpenMP policy as `helip-miner serve` (miner_service/cli.py), so both sides compute alike.
+# The same OpenMP policy as `helip-miner serve` (miner_service/service/cli.py), so both sides compute alike.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 from bench.common import MinerSubprocess, report, summarize, unit_pairs
 from helip.miner.v1 import miner_pb2 as pb
-from miner_service.client import ClientConfig, MinerClient
-from miner_service.config import SearchConfig
-from miner_service.core_api import MineQuery
-from miner_service.miner import HardPairMiner
+from helip.miner_service.client.single import ClientConfig, MinerClient
+from helip.miner_service.core.api import MineQuery
+from helip.miner_service.core.config import SearchConfig
+from helip.miner_service.core.miner import HardPairMiner
 
 
 def upsert_all(upsert, ids, image, text, batch: int, label: str) -> float:

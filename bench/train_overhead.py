@@ -65,7 +65,7 @@ def train(
     command = [
         sys.executable,
         "-m",
-        "trainer.cli",
+        "helip.trainer.app.cli",
         "--config",
         str(config),
         "--output-dir",

@@ -40,14 +40,14 @@ except ImportError as error:  # open_clip_train's data module needs pandas: open
         f"open_clip_train cannot be imported ({error}): pip install 'open_clip_torch[training]'"
     ) from error
 
-from miner_service.errors import InvalidArgument
-from miner_service.namespaces import validate_name
-from trainer.data import CsvPairs
-from trainer.hard_pairs import HardPairSampler, hard_pair_loader
-from trainer.losses import HelipLoss, LossConfig
-from trainer.mining import MiningConfig, MiningCounters, make_client
-from trainer.namespace import NamespaceMismatch, claim_namespace, dataset_fingerprint, run_namespace
-from trainer.pusher import EmbeddingPusher
+from helip.miner_service.core.errors import InvalidArgument
+from helip.miner_service.wire.names import validate_name
+from helip.trainer.pairs.data import CsvPairs
+from helip.trainer.pairs.hard_pairs import HardPairSampler, hard_pair_loader
+from helip.trainer.pairs.losses import HelipLoss, LossConfig
+from helip.trainer.pairs.mining import MiningConfig, MiningCounters, make_client
+from helip.trainer.pairs.namespace import NamespaceMismatch, claim_namespace, dataset_fingerprint, run_namespace
+from helip.trainer.pairs.pusher import EmbeddingPusher
 
 log = logging.getLogger("helip")
 MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"  # helip-tiny.json lives here

@@ -16,12 +16,14 @@ from pathlib import Path
 import open_clip
 import torch
 
-from trainer.data import CsvPairs  # map-style: dataset[i] -> (i, image, tokens); the id is what the miner stores
-from trainer.hard_pairs import HardPairSampler, hard_pair_loader  # helip
-from trainer.losses import HelipLoss, LossConfig  # helip
-from trainer.mining import MiningConfig, MiningCounters, make_client  # helip
-from trainer.namespace import claim_namespace, dataset_fingerprint  # helip: one miner, many runs
-from trainer.pusher import EmbeddingPusher  # helip
+from helip.trainer.pairs.data import (
+    CsvPairs,  # map-style: dataset[i] -> (i, image, tokens); the id is what the miner stores
+)
+from helip.trainer.pairs.hard_pairs import HardPairSampler, hard_pair_loader  # helip
+from helip.trainer.pairs.losses import HelipLoss, LossConfig  # helip
+from helip.trainer.pairs.mining import MiningConfig, MiningCounters, make_client  # helip
+from helip.trainer.pairs.namespace import claim_namespace, dataset_fingerprint  # helip: one miner, many runs
+from helip.trainer.pairs.pusher import EmbeddingPusher  # helip
 
 log = logging.getLogger("plain_loop")
 

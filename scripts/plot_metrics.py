@@ -33,7 +33,7 @@ def start_miner(workdir: Path, dim: int) -> tuple[subprocess.Popen, int, int]:
         [
             sys.executable,
             "-m",
-            "miner_service.cli",
+            "helip.miner_service.service.cli",
             "serve",
             "--dim",
             str(dim),
@@ -88,7 +88,7 @@ def quantile(q: float, bounds: np.ndarray, counts: np.ndarray) -> float:
 def drive(address: str, dim: int, phases: list[int], seconds: float, stop: threading.Event) -> None:
     """Grow the store to each phase's row count in turn, mining and overwriting rows all along."""
     from helip.miner.v1 import miner_pb2 as pb
-    from miner_service.client import ClientConfig, MinerClient
+    from helip.miner_service.client.single import ClientConfig, MinerClient
 
     client = MinerClient(ClientConfig(address=address, wire_dtype=pb.FLOAT32, timeout_s=60))
     rng = np.random.default_rng(0)

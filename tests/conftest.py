@@ -53,7 +53,7 @@ def start_miner(workdir: Path, *args: str, env: dict | None = None, timeout_s: f
     command = [
         sys.executable,
         "-m",
-        "miner_service.cli",
+        "helip.miner_service.service.cli",
         "serve",
         "--host",
         "127.0.0.1",

@@ -1,4 +1,4 @@
-"""A brute-force numpy reference of the miner's answers, written independently of miner_service.search."""
+"""A brute-force numpy reference of the miner's answers, written independently of helip.miner_service.core.search."""
 
 from __future__ import annotations
 

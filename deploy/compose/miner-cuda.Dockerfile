@@ -18,6 +18,7 @@ COPY pyproject.toml setup.py README.md ./
 COPY protos/ protos/
 COPY miner_service/ miner_service/
 COPY trainer/ trainer/
+COPY helip/__init__.py helip/__init__.py
 # No FAISS GPU build: a GPU miner searches exactly with torch (docs/OPERATIONS.md, "Storage and memory").
 RUN pip install . && mkdir -p /snapshots && chown helip /snapshots
 

@@ -14,6 +14,7 @@ COPY pyproject.toml setup.py README.md ./
 COPY protos/ protos/
 COPY miner_service/ miner_service/
 COPY trainer/ trainer/
+COPY helip/__init__.py helip/__init__.py
 RUN pip install . && mkdir -p /snapshots && chown helip /snapshots
 
 USER helip

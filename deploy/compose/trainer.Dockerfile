@@ -17,6 +17,7 @@ COPY pyproject.toml setup.py README.md ./
 COPY protos/ protos/
 COPY miner_service/ miner_service/
 COPY trainer/ trainer/
+COPY helip/__init__.py helip/__init__.py
 RUN pip install ".[train]"
 COPY configs/ configs/
 RUN mkdir -p /data /runs && chown helip /data /runs
@@ -25,4 +26,4 @@ USER helip
 # 29500: torch.distributed rendezvous (rank 0); 9500: the trainer's /metrics (9500 + local rank).
 EXPOSE 29500 9500
 ENTRYPOINT ["torchrun"]
-CMD ["--nproc-per-node=1", "-m", "trainer.cli", "--config", "configs/demo.yaml"]
+CMD ["--nproc-per-node=1", "-m", "helip.trainer.app.cli", "--config", "configs/demo.yaml"]

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from miner_service.config import SearchConfig
-from miner_service.core_api import MineQuery
-from miner_service.ivf import IvfConfig
-from miner_service.miner import HardPairMiner
+from helip.miner_service.core.api import MineQuery
+from helip.miner_service.core.config import IvfConfig, SearchConfig
+from helip.miner_service.core.miner import HardPairMiner
 from tests.reference import random_pairs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -69,7 +68,7 @@ def test_blocks_spread_over_two_gpus_answer_like_one():
 
 
 def test_the_ivf_setting_is_off_on_a_gpu_miner_and_says_so(caplog):
-    with caplog.at_level(logging.WARNING, logger="miner_service.ivf_path"):
+    with caplog.at_level(logging.WARNING, logger="helip.miner_service.core.ivf_path"):
         miner = HardPairMiner(DIM, SearchConfig(device="cuda", ivf=IvfConfig(min_rows=1000)))
     assert "IVF candidate path off" in caplog.text
     image, text = random_pairs(np.random.default_rng(2), 2000, DIM)

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from miner_service.config import SearchConfig
-from miner_service.core_api import MineQuery
-from miner_service.miner import HardPairMiner
-from miner_service.search import Scoring
+from helip.miner_service.core.api import MineQuery
+from helip.miner_service.core.config import SearchConfig
+from helip.miner_service.core.miner import HardPairMiner
+from helip.miner_service.core.search import Scoring
 from tests.reference import random_pairs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

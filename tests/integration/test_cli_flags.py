@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from helip.trainer.tools.synth import SynthConfig, generate
 from tests.conftest import ROOT, free_port
-from trainer.synth import SynthConfig, generate
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ def test_epochs_train_that_many_passes_and_report_to_tensorboard_and_wandb(tmp_p
         "WANDB_DATA_DIR": str(tmp_path / "wandb-home" / "data"),
     }
     command = [
-        *(sys.executable, "-m", "trainer.cli", "--config", str(ROOT / "configs/demo.yaml")),
+        *(sys.executable, "-m", "helip.trainer.app.cli", "--config", str(ROOT / "configs/demo.yaml")),
         *("--train-data", str(tmp_path / "synth" / "train.csv"), "--set", "data.synth_dir="),
         *("--output-dir", str(out), "--run.progress", "false", "--checkpoint-every", "0"),
         *("--hard-ratio", "0", "--hnml-weight", "0", "--batch-size", "8", "--workers", "0"),
@@ -82,10 +82,10 @@ def per_rank_losses(rank: int, micro: int) -> dict[str, float]:
 
 
 def log_two_ranks(rank: int, world_size: int, port: int, out: str) -> None:
-    from trainer.hard_pairs import BatchLayout
-    from trainer.metrics import TrainerMetrics
-    from trainer.mining import MiningCounters
-    from trainer.runlog import RunLog
+    from helip.trainer.app.metrics import TrainerMetrics
+    from helip.trainer.app.runlog import RunLog
+    from helip.trainer.pairs.hard_pairs import BatchLayout
+    from helip.trainer.pairs.mining import MiningCounters
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:

@@ -31,7 +31,7 @@ KUSTOMIZE = DEPLOY / "kubernetes"
 COMPOSE = DEPLOY / "compose"
 INSTALL_HINT = "install the deploy tools with `bash scripts/dev.sh install`"
 
-# What the trainer exports (trainer/metrics.py), one endpoint per rank. The dashboard and the rules may name only
+# What the trainer exports (trainer/app/metrics.py), one endpoint per rank. The dashboard and the rules may name only
 # these; test_trainer_metric_list_matches_the_exporter checks the list against the exporter's registry.
 TRAINER_METRICS = {
     "helip_trainer_step_seconds_bucket",
@@ -206,7 +206,7 @@ def scrape_names(url: str) -> set[str]:
 
 def test_every_miner_metric_named_in_dashboard_and_rules_is_exported_by_a_live_miner(miner_factory):
     from helip.miner.v1 import miner_pb2 as pb
-    from miner_service.client import ClientConfig, MinerClient
+    from helip.miner_service.client.single import ClientConfig, MinerClient
 
     miner = miner_factory("--dim", "8")
     client = MinerClient(ClientConfig(address=miner.address, wire_dtype=pb.FLOAT32, timeout_s=30))
@@ -231,14 +231,14 @@ def test_every_trainer_metric_named_in_dashboard_and_rules_is_in_the_trainer_lis
 
 
 def test_trainer_metric_list_matches_the_exporter():
-    """TRAINER_METRICS against the trainer's own registry (trainer/metrics.py, in process).
+    """TRAINER_METRICS against the trainer's own registry (trainer/app/metrics.py, in process).
 
     The same names on a live training rank: tests/integration/test_prometheus.py."""
-    if importlib.util.find_spec("trainer.metrics") is None:
-        pytest.skip("trainer/metrics.py (the trainer's exporter) is not in this tree yet")
+    if importlib.util.find_spec("helip.trainer.app.metrics") is None:
+        pytest.skip("trainer/app/metrics.py (the trainer's exporter) is not in this tree yet")
     from prometheus_client import generate_latest
 
-    from trainer.metrics import TrainerMetrics
+    from helip.trainer.app.metrics import TrainerMetrics
 
     text = generate_latest(TrainerMetrics.create(rank=0).registry).decode()
     exported = {s.name for family in text_string_to_metric_families(text) for s in family.samples}
@@ -344,7 +344,7 @@ def test_shards_trainer_nodes_probes_and_durability_agree(overlay):
 
 
 def test_trainer_shell_builds_the_shard_list_the_trainer_parses():
-    """The Job's shell loop, run by a real sh, gives the comma-separated list trainer.mining splits on."""
+    """The Job's shell loop, run by a real sh, gives the comma-separated list helip.trainer.pairs.mining splits on."""
     job = find(render(KUSTOMIZE / "overlays" / "cpu"), "Job", "trainer")
     script = job["spec"]["template"]["spec"]["containers"][0]["args"][0].split("exec torchrun")[0]
     result = subprocess.run(

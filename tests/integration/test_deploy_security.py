@@ -29,8 +29,8 @@ import pytest
 import redis
 import yaml
 
-from miner_service.client import ClientConfig, MinerClient
-from miner_service.sharding import shard_of
+from helip.miner_service.client.single import ClientConfig, MinerClient
+from helip.miner_service.wire.shards import shard_of
 from tests.conftest import ROOT, free_port
 from tests.integration.test_deploy import COMPOSE, KUSTOMIZE, compose, find, render
 
@@ -361,7 +361,7 @@ def succeeds(argv: list[str], env: dict[str, str] | None = None) -> bool:
 
 def mining_config_from(sets: dict[str, str], address: str, server_name: str):
     """The trainer's MiningConfig from its `--set mining.*` settings (and train.yaml's), at our address."""
-    from trainer.mining import MiningConfig
+    from helip.trainer.pairs.mining import MiningConfig
 
     truthy = {"true": True, "false": False}
     fields = {k.removeprefix("mining."): truthy.get(v, v) for k, v in sets.items() if k.startswith("mining.")}
@@ -369,7 +369,7 @@ def mining_config_from(sets: dict[str, str], address: str, server_name: str):
 
 
 def check_the_miner_refuses_without_the_token(port: int, server_name: str, ca_file: Path, mining, token: str):
-    from trainer.mining import make_client
+    from helip.trainer.pairs.mining import make_client
 
     address = f"127.0.0.1:{port}"
     tls = dict(address=address, tls=True, tls_ca_file=str(ca_file), tls_server_name=server_name)

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from helip.miner.v1 import miner_pb2 as pb
-from miner_service.client import ClientConfig, MinerClient
-from miner_service.sharding import ShardedMinerClient, shard_of
+from helip.miner_service.client.sharded import ShardedMinerClient
+from helip.miner_service.client.single import ClientConfig, MinerClient
+from helip.miner_service.wire.shards import shard_of
 from tests.reference import random_pairs
 
 DIM = 16

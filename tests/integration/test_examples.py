@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from miner_service.client import ClientConfig, MinerClient
+from helip.miner_service.client.single import ClientConfig, MinerClient
+from helip.trainer.tools.synth import SynthConfig, generate
 from tests.conftest import ROOT
-from trainer.synth import SynthConfig, generate
 
 pytestmark = pytest.mark.slow
 

@@ -20,9 +20,9 @@ import pytest
 import redis
 
 from helip.miner.v1 import miner_pb2 as pb
-from miner_service.client import ClientConfig, MinerClient
-from miner_service.config import DurabilityConfig
-from miner_service.tensors import encode
+from helip.miner_service.client.single import ClientConfig, MinerClient
+from helip.miner_service.service.config import DurabilityConfig
+from helip.miner_service.wire.tensors import encode
 from tests.conftest import ROOT
 from tests.reference import random_pairs
 

@@ -57,7 +57,7 @@ def test_the_pages_commands_run_as_written(tmp_path):
 
 def test_the_flag_table_names_only_flags_helip_train_accepts():
     help_text = subprocess.run(
-        [sys.executable, "-m", "trainer.cli", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "helip.trainer.app.cli", "--help"], capture_output=True, text=True, check=True
     ).stdout
     table = PAGE.read_text().split("## Flag by flag", 1)[1].split("## Try it here", 1)[0]
     helip_cells = [line.split("|")[2] for line in table.splitlines() if line.startswith("| `--")]

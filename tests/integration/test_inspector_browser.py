@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from trainer.synth import BACKGROUND, SynthConfig, generate
+from helip.trainer.tools.synth import BACKGROUND, SynthConfig, generate
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium")
@@ -44,7 +44,7 @@ window.addEventListener("load", () => {
 
 def _helip_inspect() -> list[str]:
     script = Path(sys.executable).parent / "helip-inspect"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "trainer.inspector_cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "helip.trainer.tools.inspector_cli"]
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +128,6 @@ def test_page_renders_the_images(page_dir, tmp_path):
 
 
 def test_grid_png_has_a_row_per_anchor(page_dir):
-    from trainer.inspector_page import GridLayout
+    from helip.trainer.tools.inspector_page import GridLayout
 
     assert Image.open(page_dir / "grid.png").size == GridLayout().size(ANCHORS, 1 + K)

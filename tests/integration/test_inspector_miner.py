@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from miner_service.client import ClientConfig, MinerClient
-from miner_service.config import MinerConfig
-from miner_service.server import MinerServer
-from trainer.inspector_cli import main
+from helip.miner_service.client.single import ClientConfig, MinerClient
+from helip.miner_service.service.config import MinerConfig
+from helip.miner_service.service.server import MinerServer
+from helip.trainer.tools.inspector_cli import main
 
 
 def _unit(cos: float) -> list[float]:

@@ -9,9 +9,10 @@ import sys
 import numpy as np
 import redis
 
-from miner_service.config import DurabilityConfig, SearchConfig
-from miner_service.durable import DurableMiner
-from miner_service.miner import HardPairMiner
+from helip.miner_service.core.config import SearchConfig
+from helip.miner_service.core.miner import HardPairMiner
+from helip.miner_service.service.config import DurabilityConfig
+from helip.miner_service.service.durable import DurableMiner
 from tests.conftest import ROOT
 from tests.reference import random_pairs
 
@@ -20,7 +21,7 @@ DIM = 8
 
 def serve(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "miner_service.cli", "serve", "--dim", str(DIM), "--port", "0", *args],
+        [sys.executable, "-m", "helip.miner_service.service.cli", "serve", "--dim", str(DIM), "--port", "0", *args],
         capture_output=True,
         text=True,
         timeout=120,

@@ -6,10 +6,11 @@ import grpc
 import numpy as np
 
 from helip.miner.v1 import miner_pb2 as pb
-from miner_service.client import ClientConfig, MinerClient
-from miner_service.config import MinerConfig, SearchConfig
-from miner_service.miner import HardPairMiner
-from miner_service.server import MinerServer
+from helip.miner_service.client.single import ClientConfig, MinerClient
+from helip.miner_service.core.config import SearchConfig
+from helip.miner_service.core.miner import HardPairMiner
+from helip.miner_service.service.config import MinerConfig
+from helip.miner_service.service.server import MinerServer
 from tests.reference import random_pairs
 
 DIM = 8

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from helip.miner.v1 import miner_pb2 as pb
-from miner_service.client import ClientConfig, MinerClient
-from miner_service.tensors import encode
+from helip.miner_service.client.single import ClientConfig, MinerClient
+from helip.miner_service.wire.tensors import encode
 from tests.reference import random_pairs
 
 DIM = 16

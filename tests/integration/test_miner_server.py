@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from helip.miner.v1 import miner_pb2 as pb
-from miner_service.client import ClientConfig, MinerClient
+from helip.miner_service.client.single import ClientConfig, MinerClient
 from tests.reference import random_pairs, reference_mine
 
 DIM = 16

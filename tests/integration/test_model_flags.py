@@ -14,10 +14,10 @@ import open_clip
 import pytest
 import torch
 
+from helip.trainer.tools.eval import main as eval_main
+from helip.trainer.tools.model import ModelConfig, build_model, load_checkpoint, save_checkpoint
+from helip.trainer.tools.synth import SynthConfig, generate
 from tests.conftest import ROOT
-from trainer.eval import main as eval_main
-from trainer.model import ModelConfig, build_model, load_checkpoint, save_checkpoint
-from trainer.synth import SynthConfig, generate
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ def train(synth: Path, out: Path, start: Path, *extra: str) -> list[dict]:
     command = [
         sys.executable,
         "-m",
-        "trainer.cli",
+        "helip.trainer.app.cli",
         "--config",
         str(ROOT / "configs/demo.yaml"),
         "--train-data",

@@ -15,9 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from helip.miner.v1 import miner_pb2 as pb
 from helip.miner.v1 import miner_pb2_grpc as pb_grpc
-from miner_service.client import ClientConfig, MinerClient
-from miner_service.config import MinerConfig, SearchConfig
-from miner_service.server import MinerServer
+from helip.miner_service.client.single import ClientConfig, MinerClient
+from helip.miner_service.core.config import SearchConfig
+from helip.miner_service.service.config import MinerConfig
+from helip.miner_service.service.server import MinerServer
 from tests.reference import random_pairs, reference_mine
 
 DIM = 16

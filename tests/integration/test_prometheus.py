@@ -116,7 +116,7 @@ def drive_mining(address: str, stop: threading.Event, dim: int = 16, rows: int =
     """Upsert `rows` pairs, then, until `stop` (or max_s), Mine a batch of anchors and overwrite a batch of rows at
     the next step, as training does: bounded local load."""
     from helip.miner.v1 import miner_pb2 as pb
-    from miner_service.client import ClientConfig, MinerClient
+    from helip.miner_service.client.single import ClientConfig, MinerClient
 
     client = MinerClient(ClientConfig(address=address, wire_dtype=pb.FLOAT32, timeout_s=30))
     rng = np.random.default_rng(0)
@@ -177,8 +177,8 @@ def test_prometheus_scrapes_a_miner_and_a_training_rank(miner_factory, prometheu
 
     from prometheus_client.parser import text_string_to_metric_families
 
+    from helip.trainer.tools.synth import SynthConfig, generate
     from tests.integration.test_deploy import TRAINER_METRICS
-    from trainer.synth import SynthConfig, generate
 
     synth = tmp_path / "synth"
     generate(SynthConfig(out_dir=synth, train_size=256, test_size=40))
@@ -188,7 +188,7 @@ def test_prometheus_scrapes_a_miner_and_a_training_rank(miner_factory, prometheu
         [
             sys.executable,
             "-m",
-            "trainer.cli",
+            "helip.trainer.app.cli",
             "--config",
             str(ROOT / "configs/demo.yaml"),
             "--miner",

@@ -13,12 +13,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from helip.miner.v1 import miner_pb2 as pb
-from miner_service.client import ClientConfig, MinerClient
-from miner_service.replicas import ReplicatedMinerClient
-from miner_service.sharding import ShardedMinerClient, shard_of
+from helip.miner_service.client.replicas import ReplicatedMinerClient
+from helip.miner_service.client.sharded import ShardedMinerClient
+from helip.miner_service.client.single import ClientConfig, MinerClient
+from helip.miner_service.wire.shards import shard_of
+from helip.trainer.pairs.mining import MinePrefetcher, MiningConfig, MiningCounters, make_client
 from tests.conftest import free_port
 from tests.reference import random_pairs, reference_mine
-from trainer.mining import MinePrefetcher, MiningConfig, MiningCounters, make_client
 
 DIM = 16
 CONFIG = ClientConfig(wire_dtype=pb.FLOAT32, timeout_s=20)
@@ -123,8 +124,8 @@ def test_a_follower_that_reports_not_serving_is_skipped_by_its_channel():
     asked again once its rest is over."""
     from grpc_health.v1 import health_pb2
 
-    from miner_service.config import MinerConfig
-    from miner_service.server import SERVICE_NAME, MinerServer
+    from helip.miner_service.service.config import MinerConfig
+    from helip.miner_service.service.server import SERVICE_NAME, MinerServer
 
     leader, follower = (MinerServer(MinerConfig(dim=DIM, port=0, metrics_port=-1)).start() for _ in range(2))
     try:
@@ -262,8 +263,8 @@ def test_a_follower_behind_reports_its_lag_in_replies_stats_and_metrics(miner_fa
 def test_lag_is_measured_from_the_oldest_unapplied_entry_by_redis_clock(redis_url, key_prefix):
     import redis
 
-    from miner_service.lag import follower_lag
-    from miner_service.log import Offset
+    from helip.miner_service.service.lag import follower_lag
+    from helip.miner_service.service.log import Offset
 
     client = redis.Redis.from_url(redis_url)
     stream = f"{key_prefix}:lag-probe"

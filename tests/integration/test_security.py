@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from miner_service.client import ClientConfig, MinerClient
+from helip.miner_service.client.single import ClientConfig, MinerClient
 
 TOKEN = "s3cret-token-value"
 
@@ -168,7 +168,7 @@ def test_bad_tls_settings_exit_2(tmp_path):
         [
             sys.executable,
             "-m",
-            "miner_service.cli",
+            "helip.miner_service.service.cli",
             "serve",
             "--dim",
             "8",

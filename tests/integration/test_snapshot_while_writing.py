@@ -10,10 +10,11 @@ import threading
 
 import numpy as np
 
-from miner_service.config import DurabilityConfig, SearchConfig
-from miner_service.core_api import MineQuery
-from miner_service.durable import DurableMiner
-from miner_service.miner import HardPairMiner
+from helip.miner_service.core.api import MineQuery
+from helip.miner_service.core.config import SearchConfig
+from helip.miner_service.core.miner import HardPairMiner
+from helip.miner_service.service.config import DurabilityConfig
+from helip.miner_service.service.durable import DurableMiner
 from tests.reference import random_pairs
 
 DIM = 8

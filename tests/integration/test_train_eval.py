@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
+from helip.trainer.pairs.data import read_csv_rows
+from helip.trainer.tools.synth import SynthConfig, generate
 from tests.conftest import ROOT
-from trainer.data import read_csv_rows
-from trainer.synth import SynthConfig, generate
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def test_short_run_evaluates_folders_every_epoch_and_everything_at_the_end(tmp_p
     command = [
         sys.executable,
         "-m",
-        "trainer.cli",
+        "helip.trainer.app.cli",
         "--config",
         str(ROOT / "configs/demo.yaml"),
         "--train-data",

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from helip.miner.v1 import miner_pb2 as pb
-from miner_service.client import ClientConfig, MinerClient
+from helip.miner_service.client.single import ClientConfig, MinerClient
+from helip.trainer.pairs.data import read_pairs
+from helip.trainer.pairs.namespace import dataset_fingerprint
+from helip.trainer.tools.synth import SynthConfig, generate
 from tests.conftest import ROOT
 from tests.integration.test_train_runs import train_command
-from trainer.data import read_pairs
-from trainer.namespace import dataset_fingerprint
-from trainer.synth import SynthConfig, generate
 
 pytestmark = pytest.mark.slow
 DIM = 64  # the demo model's embedding dim
@@ -37,7 +37,7 @@ class Captions:
 
 def helip_train(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "trainer.cli", *args]
+    command = [sys.executable, "-m", "helip.trainer.app.cli", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from miner_service.client import ClientConfig, MinerClient
+from helip.miner_service.client.single import ClientConfig, MinerClient
+from helip.trainer.tools.synth import SynthConfig, generate
 from tests.conftest import ROOT, free_port
 from tests.integration.test_train_runs import losses, run, train_command
-from trainer.synth import SynthConfig, generate
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ def test_a_stopped_miner_does_not_slow_the_steps(synth, tmp_path, miner_factory)
         [
             sys.executable,
             "-m",
-            "trainer.cli",
+            "helip.trainer.app.cli",
             *train_command(
                 synth,
                 out,
@@ -119,7 +119,7 @@ def test_a_miner_holding_another_data_sets_rows(synth, tmp_path, miner_factory):
         [
             sys.executable,
             "-m",
-            "trainer.cli",
+            "helip.trainer.app.cli",
             *train_command(
                 synth,
                 tmp_path / "first",
@@ -162,7 +162,7 @@ def test_a_miner_holding_another_data_sets_rows(synth, tmp_path, miner_factory):
         [
             sys.executable,
             "-m",
-            "trainer.cli",
+            "helip.trainer.app.cli",
             *train_command(
                 synth,
                 out,
@@ -188,10 +188,10 @@ def test_a_miner_holding_another_data_sets_rows(synth, tmp_path, miner_factory):
 def test_resume_has_hard_pairs_from_its_first_step(synth, tmp_path):
     out = tmp_path / "resume"
     common = ("--steps", "30", "--checkpoint-every", "20", "--set", "mining.bootstrap_index=false")
-    run([sys.executable, "-m", "trainer.cli", *train_command(synth, out, *common)])  # its own local miner
+    run([sys.executable, "-m", "helip.trainer.app.cli", *train_command(synth, out, *common)])  # its own local miner
     (out / "losses.jsonl").rename(out / "first-losses.jsonl")
     # The resumed run starts a new, empty local miner: it must bootstrap before its first step.
-    run([sys.executable, "-m", "trainer.cli", *train_command(synth, out, *common, "--resume", "step_20")])
+    run([sys.executable, "-m", "helip.trainer.app.cli", *train_command(synth, out, *common, "--resume", "step_20")])
     resumed = losses(out)
     assert [r["micro_step"] for r in resumed] == list(range(20, 30))
     filled = sum(r["n_hard"] for r in resumed) / (len(resumed) * BATCH // 2)
@@ -239,7 +239,7 @@ def test_damaged_data_is_skipped_and_counted_until_too_much_of_it(synth, tmp_pat
         "--set",
         "data.bad_min_samples=50",
     )
-    result = run([sys.executable, "-m", "trainer.cli", *command])
+    result = run([sys.executable, "-m", "helip.trainer.app.cli", *command])
     record = json.loads((tmp_path / "ok" / "rank0.json").read_text())
     assert record["bad_samples"] > 0 and set(record["bad_by_kind"]) <= {
         "missing_file",
@@ -266,7 +266,7 @@ def test_damaged_data_is_skipped_and_counted_until_too_much_of_it(synth, tmp_pat
         "0",
     )
     failed = subprocess.run(
-        [sys.executable, "-m", "trainer.cli", *strict],
+        [sys.executable, "-m", "helip.trainer.app.cli", *strict],
         capture_output=True,
         text=True,
         timeout=600,
@@ -284,7 +284,7 @@ def test_slurm_srun_ranks(synth, tmp_path, miner_factory):
     command = [
         sys.executable,
         "-m",
-        "trainer.cli",
+        "helip.trainer.app.cli",
         *train_command(synth, out, "--miner", miner.address, "--steps", "4", "--checkpoint-every", "0"),
     ]
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from miner_service.client import ClientConfig, MinerClient
+from helip.miner_service.client.single import ClientConfig, MinerClient
+from helip.trainer.tools.synth import SynthConfig, generate
 from tests.conftest import ROOT, free_port
-from trainer.synth import SynthConfig, generate
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +75,7 @@ def test_two_ranks_push_and_receive_hard_pairs(synth, tmp_path, miner_factory):
             "--standalone",
             "--nproc_per_node=2",
             "-m",
-            "trainer.cli",
+            "helip.trainer.app.cli",
             *train_command(
                 synth,
                 out,
@@ -118,14 +118,14 @@ def test_resume_continues_at_the_same_step_with_the_same_loss(synth, tmp_path):
         "--set",
         "optim.warmup_steps=2",
     ]
-    run([sys.executable, "-m", "trainer.cli", *train_command(synth, first, *plain)])
+    run([sys.executable, "-m", "helip.trainer.app.cli", *train_command(synth, first, *plain)])
     uninterrupted = losses(first)
     assert [r["micro_step"] for r in uninterrupted] == list(range(6))
 
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(first / "checkpoints", resumed / "checkpoints")
-    run([sys.executable, "-m", "trainer.cli", *train_command(synth, resumed, *plain, "--resume", "step_3")])
+    run([sys.executable, "-m", "helip.trainer.app.cli", *train_command(synth, resumed, *plain, "--resume", "step_3")])
     again = losses(resumed)
     assert [r["micro_step"] for r in again] == [3, 4, 5]
     for a, b in zip(uninterrupted[3:], again):
@@ -144,7 +144,7 @@ def test_resume_continues_at_the_same_step_with_the_same_loss(synth, tmp_path):
 )
 def test_cli_rejects_bad_settings_with_exit_2(args, field):
     result = subprocess.run(
-        [sys.executable, "-m", "trainer.cli", "--config", str(ROOT / "configs/demo.yaml"), *args],
+        [sys.executable, "-m", "helip.trainer.app.cli", "--config", str(ROOT / "configs/demo.yaml"), *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -166,7 +166,7 @@ def test_training_survives_a_miner_restart(synth, tmp_path, miner_factory, redis
         [
             sys.executable,
             "-m",
-            "trainer.cli",
+            "helip.trainer.app.cli",
             *train_command(
                 synth,
                 out,
@@ -222,7 +222,7 @@ def test_zero2_bf16_with_gradient_accumulation(synth, tmp_path):
         [
             sys.executable,
             "-m",
-            "trainer.cli",
+            "helip.trainer.app.cli",
             *train_command(
                 synth,
                 out,

@@ -8,12 +8,12 @@ import time
 import numpy as np
 import torch
 
-from miner_service.client import MinerClient
+from helip.miner_service.client.single import MinerClient
+from helip.trainer.pairs.data import Sample
+from helip.trainer.pairs.hard_pairs import HardPairSampler, hard_pair_loader
+from helip.trainer.pairs.mining import MiningConfig, MiningCounters, make_client
+from helip.trainer.pairs.pusher import EmbeddingPusher
 from tests.conftest import free_port
-from trainer.data import Sample
-from trainer.hard_pairs import HardPairSampler, hard_pair_loader
-from trainer.mining import MiningConfig, MiningCounters, make_client
-from trainer.pusher import EmbeddingPusher
 
 DIM = 16
 N = 400

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torchvision import transforms
 
-from trainer.data import BadSampleError, CsvPairs, PairBatch, collate_pairs
-from trainer.ledger import BadSampleLedger, TooManyBadSamples
-from trainer.synth import SynthConfig, generate
+from helip.trainer.pairs.data import BadSampleError, CsvPairs, PairBatch, collate_pairs
+from helip.trainer.pairs.ledger import BadSampleLedger, TooManyBadSamples
+from helip.trainer.tools.synth import SynthConfig, generate
 
 TRANSFORM = transforms.ToTensor()
 TOKENIZE = open_clip.get_tokenizer("ViT-B-32")
@@ -66,7 +66,7 @@ def test_an_evaluation_set_refuses_bad_samples(damaged):
 
 
 def _batch(n: int, bad: int) -> PairBatch:
-    from trainer.data import BadSample
+    from helip.trainer.pairs.data import BadSample
 
     return PairBatch(
         torch.arange(n),

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from miner_service.config import SearchConfig
-from miner_service.core_api import MineQuery
-from miner_service.miner import HardPairMiner, resolve_devices
-from miner_service.search import Scoring
-from miner_service.store import PairStore, block_device
+from helip.miner_service.core.api import MineQuery
+from helip.miner_service.core.config import SearchConfig
+from helip.miner_service.core.miner import HardPairMiner, resolve_devices
+from helip.miner_service.core.search import Scoring
+from helip.miner_service.core.store import PairStore, block_device
 from tests.reference import random_pairs, reference_mine
 
 DIM = 8
@@ -205,7 +205,7 @@ def test_copy_rows_lets_writers_in_between_blocks():
 
 
 def test_the_ivf_path_is_on_for_a_cpu_miner_only_when_asked():
-    from miner_service.ivf import IvfConfig
+    from helip.miner_service.core.config import IvfConfig
 
     assert HardPairMiner(DIM, SearchConfig(device="cpu", ivf=IvfConfig(min_rows=10))).stats().ivf_enabled
     assert not HardPairMiner(DIM, SearchConfig(device="cpu", ivf=IvfConfig(min_rows=0))).stats().ivf_enabled

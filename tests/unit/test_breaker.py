@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.breaker import CLOSED, HALF_OPEN, OPEN, BreakerConfig, CircuitBreaker
+from helip.trainer.pairs.breaker import CLOSED, HALF_OPEN, OPEN, BreakerConfig, CircuitBreaker
 
 
 class Clock:

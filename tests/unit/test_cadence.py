@@ -1,6 +1,6 @@
 import pytest
 
-from trainer.cadence import Cadence, Due
+from helip.trainer.app.cadence import Cadence, Due
 
 
 def dues(cadence: Cadence) -> dict[int, Due]:

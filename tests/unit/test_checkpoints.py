@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.checkpoints import prune_resumable, resumable_checkpoints
+from helip.trainer.app.checkpoints import prune_resumable, resumable_checkpoints
 
 
 def make_checkpoints(directory: Path, steps: list[int], latest: int | None = None) -> None:

@@ -10,9 +10,9 @@ import textwrap
 
 import pytest
 
+from helip.trainer.app import cli, config_docs
+from helip.trainer.app.config import TrainConfig
 from tests.conftest import ROOT
-from trainer import cli, config_docs
-from trainer.config import TrainConfig
 
 
 def real_settings(config=None, prefix: str = "") -> dict[str, object]:
@@ -53,7 +53,7 @@ def test_help_lists_every_setting_with_its_default_and_meaning(monkeypatch):
 
 
 def test_help_does_not_import_torch():
-    code = "import sys, trainer.cli as c; c.build_parser().format_help(); print('torch' in sys.modules)"
+    code = "import sys, helip.trainer.app.cli as c; c.build_parser().format_help(); print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert result.stdout.strip() == "False"
 
@@ -193,7 +193,7 @@ def test_bad_values_exit_2_naming_the_setting(capsys, flags, names):
 
 
 def test_steps_for_epochs_follows_the_sampler():
-    from trainer.config import OptimConfig
+    from helip.trainer.app.config import OptimConfig
 
     # 100 samples, 2 ranks x 8 anchors (batch 16, half hard pairs): 6 micro-steps an epoch.
     optim = OptimConfig(epochs=2, batch_size=16, hard_ratio=0.5)

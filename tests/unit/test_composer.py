@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from trainer.composer import compose_batch
-from trainer.sampler import AnchorSampler, SamplerConfig
+from helip.trainer.pairs.composer import compose_batch
+from helip.trainer.pairs.sampler import AnchorSampler, SamplerConfig
 
 
 def test_alternates_anchor_and_hard_pair_without_duplicates():

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from trainer import synth
-from trainer.data import CsvPairs, WebDatasetPairs, collate, open_pairs, read_pairs
-from trainer.synth import SynthConfig, generate, write_shards
+from helip.trainer.pairs.data import CsvPairs, WebDatasetPairs, collate, open_pairs, read_pairs
+from helip.trainer.tools import synth
+from helip.trainer.tools.synth import SynthConfig, generate, write_shards
 
 TRANSFORM = transforms.ToTensor()
 TOKENIZE = open_clip.get_tokenizer("ViT-B-32")  # offline: the BPE vocabulary ships inside open_clip

@@ -12,12 +12,12 @@ import torch
 from torch import nn
 from torchvision import transforms
 
-from trainer import eval as helip_eval
-from trainer import eval_metrics
-from trainer.data import CsvPairs, read_csv_rows
-from trainer.eval_tasks import ZeroShotTask, image_folder_task, load_suite, synth_task
-from trainer.probe import ProbeConfig
-from trainer.synth import SynthConfig, generate
+from helip.trainer.pairs.data import CsvPairs, read_csv_rows
+from helip.trainer.tools import eval as helip_eval
+from helip.trainer.tools import eval_metrics
+from helip.trainer.tools.eval_tasks import ZeroShotTask, image_folder_task, load_suite, synth_task
+from helip.trainer.tools.probe import ProbeConfig
+from helip.trainer.tools.synth import SynthConfig, generate
 
 TRANSFORM = transforms.ToTensor()
 TOKENIZE = open_clip.get_tokenizer("ViT-B-32")

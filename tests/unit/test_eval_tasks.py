@@ -13,9 +13,9 @@ from open_clip.zero_shot_metadata import (
 )
 from PIL import Image
 
-from trainer import eval_tasks
-from trainer.eval_tasks import EvalDataError
-from trainer.probe import ProbeConfig
+from helip.trainer.tools import eval_tasks
+from helip.trainer.tools.eval_tasks import EvalDataError
+from helip.trainer.tools.probe import ProbeConfig
 
 
 def _png(path: Path, colour=(200, 30, 30)) -> Path:

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from miner_service.client import Neighbours
-from trainer.hard_pairs import HardPairSampler
-from trainer.mining import MiningConfig
+from helip.miner_service.client.single import Neighbours
+from helip.trainer.pairs.hard_pairs import HardPairSampler
+from helip.trainer.pairs.mining import MiningConfig
 
 
 class ScriptedMiner:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.inspector import (
+from helip.trainer.tools.inspector import (
     AnchorPairs,
     FalseNegativeRule,
     HardPair,
@@ -21,7 +21,7 @@ from trainer.inspector import (
     caption_similarity,
     mine_embeddings,
 )
-from trainer.inspector_page import FLAG_COLOUR, GridLayout, render_grid, render_html
+from helip.trainer.tools.inspector_page import FLAG_COLOUR, GridLayout, render_grid, render_html
 
 # ---------------------------------------------------------------------------------------------------------------
 # The false-negative rule
@@ -229,7 +229,7 @@ def tiny_csv(tmp_path) -> Path:
     ],
 )
 def test_cli_flag_errors_exit_2_naming_the_flag(tiny_csv, tmp_path, capsys, flags, named):
-    from trainer.inspector_cli import main
+    from helip.trainer.tools.inspector_cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--data", str(tiny_csv), "--out", str(tmp_path / "out"), *flags])
@@ -238,7 +238,7 @@ def test_cli_flag_errors_exit_2_naming_the_flag(tiny_csv, tmp_path, capsys, flag
 
 
 def test_cli_names_a_missing_data_set(tmp_path, capsys):
-    from trainer.inspector_cli import main
+    from helip.trainer.tools.inspector_cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--data", str(tmp_path / "nowhere.csv")])
@@ -255,7 +255,7 @@ def test_pairs_json_round_trips(tmp_path):
 
 
 def test_anchor_draw_is_seeded_and_distinct():
-    from trainer.inspector_cli import pick_anchors
+    from helip.trainer.tools.inspector_cli import pick_anchors
 
     drawn = pick_anchors(50, 10, seed=3)
     assert drawn == pick_anchors(50, 10, seed=3) != pick_anchors(50, 10, seed=4)
@@ -263,8 +263,8 @@ def test_anchor_draw_is_seeded_and_distinct():
 
 
 def test_an_unreadable_image_shows_as_a_grey_square(tiny_csv):
-    from trainer.data import CsvPairs
-    from trainer.inspector_cli import PLACEHOLDER_GREY, image_of
+    from helip.trainer.pairs.data import CsvPairs
+    from helip.trainer.tools.inspector_cli import PLACEHOLDER_GREY, image_of
 
     (tiny_csv.parent / "2.png").write_bytes(b"not a png")
     load = image_of(CsvPairs(tiny_csv, None, None), thumb_px=12)

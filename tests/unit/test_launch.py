@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.launch import dist_env
+from helip.trainer.app.launch import dist_env
 
 
 def test_torchrun_and_deepspeed_variables():
@@ -55,7 +55,7 @@ def test_inconsistent_variables_are_named(environ, message):
 
 def test_a_local_miner_is_refused_across_hosts():
     pytest.importorskip("deepspeed")
-    from trainer.run_mining import refuse_local_miner_across_hosts
+    from helip.trainer.app.run_mining import refuse_local_miner_across_hosts
 
     refuse_local_miner_across_hosts(["node0", "node0", "node0"], 64)  # one host: fine
     with pytest.raises(RuntimeError, match=r"2 hosts \(node0, node1\).*--miner HOST:50051"):
@@ -68,10 +68,10 @@ def test_the_public_api_imports_without_deepspeed():
 
     code = (
         "import sys; sys.modules['deepspeed'] = None\n"  # any import of deepspeed now fails
-        "import trainer\n"
-        "from trainer import *\n"
+        "import helip\n"
+        "from helip import *\n"
         "assert HardPairSampler and EmbeddingPusher and hard_pair_loader and HelipLoss\n"
-        "print(len(trainer.__all__))"
+        "print(len(helip.__all__))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

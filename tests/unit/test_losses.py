@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from trainer.losses import HelipLoss, LossConfig, hnml
+from helip.trainer.pairs.losses import HelipLoss, LossConfig, hnml
 
 # A hand-checkable batch: B=3 pairs in D=2, every row of unit length.
 #   images x0=(1,0) x1=(0,1) x2=(.6,.8); texts t0=(.8,.6) t1=(0,1) t2=(1,0)

@@ -1,12 +1,11 @@
 import numpy as np
 import pytest
 
-from miner_service.config import SearchConfig
-from miner_service.core_api import MineQuery
-from miner_service.errors import NotFound, ResourceExhausted
-from miner_service.ivf import IvfConfig
-from miner_service.miner import HardPairMiner
-from miner_service.search import Scoring
+from helip.miner_service.core.api import MineQuery
+from helip.miner_service.core.config import IvfConfig, SearchConfig
+from helip.miner_service.core.errors import NotFound, ResourceExhausted
+from helip.miner_service.core.miner import HardPairMiner
+from helip.miner_service.core.search import Scoring
 from tests.reference import random_pairs, reference_mine
 
 DIM = 16
@@ -140,7 +139,7 @@ def test_ivf_path_recall_and_fresh_rows(topk):
 
 
 def test_search_stops_when_the_caller_is_gone():
-    from miner_service.search import SearchCancelled
+    from helip.miner_service.core.search import SearchCancelled
 
     miner = make_miner(block_rows=10)
     fill(miner, np.random.default_rng(8), 100)
@@ -156,8 +155,8 @@ def test_search_stops_when_the_caller_is_gone():
 
 
 def test_both_cores_implement_the_protocol_explicitly():
-    from miner_service.core_api import MinerCore
-    from miner_service.durable import DurableMiner
+    from helip.miner_service.core.api import MinerCore
+    from helip.miner_service.service.durable import DurableMiner
 
     assert isinstance(make_miner(), MinerCore)
     members = ("dim", "size", "device", "upsert", "delete", "check_capacity", "mine", "fetch", "stats")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.model import (
+from helip.trainer.tools.model import (
     ModelConfig,
     build_model,
     check_model,
@@ -274,7 +274,7 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(tiny_config, batch
 
 
 def test_cli_refuses_an_unknown_tag_with_exit_2_before_training(capsys):
-    from trainer import cli
+    from helip.trainer.app import cli
 
     argv = ["--train-data", "absent.csv", "--model", "ViT-B-32", "--pretrained", "no_such_tag"]
     with pytest.raises(SystemExit) as exited:
@@ -284,7 +284,7 @@ def test_cli_refuses_an_unknown_tag_with_exit_2_before_training(capsys):
 
 
 def test_lock_and_checkpointing_flags_are_switches():
-    from trainer.cli import build_parser
+    from helip.trainer.app.cli import build_parser
 
     args = vars(build_parser().parse_args(["--lock-image", "--lock-text", "false", "--grad-checkpointing"]))
     assert args["model.lock_image"] == "true" and args["model.lock_text"] == "false"

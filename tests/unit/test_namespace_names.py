@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from miner_service.errors import InvalidArgument
-from miner_service.namespaces import NamespaceRecord, validate_name
-from trainer.mining import MiningConfig, check_client_namespace
-from trainer.namespace import dataset_fingerprint, run_namespace
+from helip.miner_service.core.errors import InvalidArgument
+from helip.miner_service.service.namespaces import NamespaceRecord
+from helip.miner_service.wire.names import validate_name
+from helip.trainer.pairs.mining import MiningConfig, check_client_namespace
+from helip.trainer.pairs.namespace import dataset_fingerprint, run_namespace
 
 
 @pytest.mark.parametrize("name", ["a", "run-1", "Run.2_b", "9" * 64])

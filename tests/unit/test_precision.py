@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from helip.trainer.app.precision import apply_precision, enabled_precision
 from tests.conftest import ROOT
-from trainer.precision import apply_precision, enabled_precision
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer import probe
+from helip.trainer.tools import probe
 
 
 def _labels(*values: int) -> torch.Tensor:

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from miner_service.config import DurabilityConfig
-from miner_service.security import RedactingFilter, redact_url
+from helip.miner_service.service.config import DurabilityConfig
+from helip.miner_service.wire.security import RedactingFilter, redact_url
 
 
 @pytest.mark.parametrize(

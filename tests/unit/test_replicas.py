@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from miner_service.client import Neighbours
-from miner_service.lag import lag_of
-from miner_service.log import Offset
-from miner_service.replicas import ReplicaRotation
-from miner_service.sharding import _merge, _scatter_rows
-from trainer.mining import MiningConfig, MiningCounters
+from helip.miner_service.client.replicas import ReplicaRotation
+from helip.miner_service.client.sharded import _merge, _scatter_rows
+from helip.miner_service.client.single import Neighbours
+from helip.miner_service.service.lag import lag_of
+from helip.miner_service.service.log import Offset
+from helip.trainer.pairs.mining import MiningConfig, MiningCounters
 
 
 class Clock:
@@ -108,7 +108,7 @@ def test_counters_keep_running_maxima():
 
 
 def test_lag_sampler_keeps_its_last_sample_when_one_fails():
-    from miner_service.lag import LagSampler, ReplicaLag
+    from helip.miner_service.service.lag import LagSampler, ReplicaLag
 
     samples = iter([ReplicaLag(0.5), RuntimeError("redis away"), ReplicaLag(0.0)])
     exported = []

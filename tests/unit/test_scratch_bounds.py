@@ -5,11 +5,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from miner_service.config import SearchConfig
-from miner_service.core_api import MineQuery
-from miner_service.ivf import IvfConfig
-from miner_service.miner import HardPairMiner
-from miner_service.search import SearchCancelled
+from helip.miner_service.core.api import MineQuery
+from helip.miner_service.core.config import IvfConfig, SearchConfig
+from helip.miner_service.core.miner import HardPairMiner
+from helip.miner_service.core.search import SearchCancelled
 from tests.reference import random_pairs
 
 DIM, ROW_BYTES = 16, 2 * 16 * 4  # an fp32 pair: image and text

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from miner_service.budget import ScratchAdmission, bytes_per_score, chunk_rows
-from miner_service.config import SearchConfig
-from miner_service.core_api import MineQuery
-from miner_service.errors import ResourceExhausted
-from miner_service.miner import HardPairMiner
-from miner_service.search import SearchCancelled
+from helip.miner_service.core.api import MineQuery
+from helip.miner_service.core.budget import ScratchAdmission, bytes_per_score, chunk_rows
+from helip.miner_service.core.config import SearchConfig
+from helip.miner_service.core.errors import ResourceExhausted
+from helip.miner_service.core.miner import HardPairMiner
+from helip.miner_service.core.search import SearchCancelled
 from tests.reference import random_pairs, reference_mine
 
 WAIT_S = 30
@@ -155,7 +155,7 @@ def test_a_waiting_mine_whose_caller_left_gives_up_its_place():
 def test_the_ivf_path_reranks_a_group_of_anchors_at_a_time_with_the_same_answer():
     import dataclasses
 
-    from miner_service.ivf import IvfConfig
+    from helip.miner_service.core.config import IvfConfig
 
     dim, n, rng = 16, 3000, np.random.default_rng(9)
     centres = rng.standard_normal((30, dim)).astype(np.float32)

@@ -1,7 +1,7 @@
 import pytest
 
-from miner_service.config import MinerConfig, from_environment, load_file, with_overrides
-from trainer import config as train_config
+from helip.miner_service.service.config import MinerConfig, from_environment, load_file, with_overrides
+from helip.trainer.app import config as train_config
 
 
 def test_miner_config_layers_file_environment_flags(tmp_path):

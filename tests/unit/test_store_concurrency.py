@@ -9,11 +9,10 @@ import threading
 import numpy as np
 import pytest
 
-from miner_service.config import SearchConfig
-from miner_service.core_api import MineQuery
-from miner_service.ivf import IvfConfig
-from miner_service.miner import HardPairMiner
-from miner_service.rwlock import ReadWriteLock
+from helip.miner_service.core.api import MineQuery
+from helip.miner_service.core.config import IvfConfig, SearchConfig
+from helip.miner_service.core.miner import HardPairMiner
+from helip.miner_service.core.rwlock import ReadWriteLock
 from tests.reference import random_pairs, reference_mine
 from tests.unit.test_block_store import DIM, WAIT_S, PausedMine, make_miner, put, run_with_timeout
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from miner_service.store import PairStore
+from helip.miner_service.core.store import PairStore
 from tests.reference import random_pairs
 from tests.unit.test_block_store import DIM
 

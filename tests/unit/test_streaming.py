@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from helip.trainer.pairs.composer import compose_batch
+from helip.trainer.pairs.hard_pairs import HardPairSampler
+from helip.trainer.pairs.mining import MiningConfig
+from helip.trainer.pairs.streaming import CoverageWatch, ramp_share
 from tests.unit.test_hard_pairs import CONFIG, N, ScriptedMiner
-from trainer.composer import compose_batch
-from trainer.hard_pairs import HardPairSampler
-from trainer.mining import MiningConfig
-from trainer.streaming import CoverageWatch, ramp_share
 
 
 class GrowingMiner(ScriptedMiner):

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import synth
-from trainer.synth import BACKGROUND, COLOURS, Obj, Scene, SynthConfig, generate, render
+from helip.trainer.tools import synth
+from helip.trainer.tools.synth import BACKGROUND, COLOURS, Obj, Scene, SynthConfig, generate, render
 
 PHRASE = r"a (small|large) (solid|striped|dotted) (\w+) (\w+)"
 CAPTION = re.compile(rf"^{PHRASE}(?: (left of|right of|above|below) {PHRASE})?$")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from trainer import cli
-from trainer.config import RunConfig, load
-from trainer.eval import suite_from_data
+from helip.trainer.app import cli
+from helip.trainer.app.config import RunConfig, load
+from helip.trainer.tools.eval import suite_from_data
 
 
 @pytest.fixture()
@@ -60,7 +60,7 @@ def test_eval_settings_load_into_a_suite(layout):
 
 def test_the_synth_eval_dir_may_be_generated_by_the_run(tmp_path):
     """data.eval_dir naming data.synth_dir is not checked up front: the run writes it before evaluating."""
-    from trainer.eval import check_data_sources
+    from helip.trainer.tools.eval import check_data_sources
 
     config = load(None, {"data.synth_dir": str(tmp_path / "synth"), "data.eval_dir": str(tmp_path / "synth")})
     check_data_sources(config.data)

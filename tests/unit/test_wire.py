@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from helip.miner.v1 import miner_pb2 as pb
-from miner_service import validation
-from miner_service.client import ClientConfig, MinerClient
-from miner_service.errors import InvalidArgument
+from helip.miner_service.client.single import ClientConfig, MinerClient
+from helip.miner_service.core.errors import InvalidArgument
+from helip.miner_service.service import validation
 
 
 @pytest.mark.parametrize("wire_dtype", [pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16])

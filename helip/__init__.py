@@ -1,0 +1,51 @@
+"""helip: online hard-pair mining for CLIP training. The public API for any PyTorch loop is imported from here:
+
+    from helip import MiningSession, SessionConfig, HardPairSampler, hard_pair_loader, CsvPairs, HelipLoss
+
+Names load on first use, so `import helip` (and every `--help`) stays fast. The layers beneath:
+helip.miner_service (core / wire / service / client) and helip.trainer (pairs: this library; tools; app: helip-train).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    # the hard-pair library (helip.trainer.pairs)
+    "HardPairSampler": "helip.trainer.pairs.hard_pairs",
+    "hard_pair_loader": "helip.trainer.pairs.hard_pairs",
+    "BatchLayout": "helip.trainer.pairs.hard_pairs",
+    "EmbeddingPusher": "helip.trainer.pairs.pusher",
+    "MiningConfig": "helip.trainer.pairs.mining",
+    "MiningCounters": "helip.trainer.pairs.mining",
+    "make_client": "helip.trainer.pairs.mining",
+    "CsvPairs": "helip.trainer.pairs.data",
+    "WebDatasetPairs": "helip.trainer.pairs.data",
+    "open_pairs": "helip.trainer.pairs.data",
+    "PairBatch": "helip.trainer.pairs.data",
+    "collate_pairs": "helip.trainer.pairs.data",
+    "BadSample": "helip.trainer.pairs.data",
+    "BadSampleLedger": "helip.trainer.pairs.ledger",
+    "TooManyBadSamples": "helip.trainer.pairs.ledger",
+    "HelipLoss": "helip.trainer.pairs.losses",
+    "LossConfig": "helip.trainer.pairs.losses",
+    "bootstrap_index": "helip.trainer.pairs.bootstrap",
+    "claim_namespace": "helip.trainer.pairs.namespace",
+    "dataset_fingerprint": "helip.trainer.pairs.namespace",
+    "NamespaceMismatch": "helip.trainer.pairs.namespace",
+    # the miner's client, for code that speaks to a miner directly
+    "MinerClient": "helip.miner_service.client.single",
+    "ClientConfig": "helip.miner_service.client.single",
+    "Neighbours": "helip.miner_service.client.single",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'helip' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

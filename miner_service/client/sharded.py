@@ -1,0 +1,274 @@
+"""Shards: the id space split over S miners, each owning the ids with shard_of(id) == its index.
+
+`ShardedMinerClient` speaks to all of them as if they were one miner: upserts and deletes are routed by id, and a
+Mine is scattered to every shard and merged. Anchors given by id are first fetched from their owners, then mined
+by embedding everywhere (carrying their ids, so each shard still drops the anchor itself), which makes the merged
+answer exactly what one unsharded miner over the same rows gives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+
+from helip.miner.v1 import miner_pb2 as pb
+from helip.miner_service.client.single import ClientConfig, MinerClient, Neighbours, _ids
+from helip.miner_service.wire.shards import shard_of
+
+log = logging.getLogger(__name__)
+
+# A shard that answers these could not serve the Mine; the other shards' answer is still exact over their rows.
+SHARD_DOWN_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+
+
+class ShardedMinerClient:
+    """The MinerClient interface over S shards, listed in shard order: addresses, or clients of the MinerClient
+    interface (a ReplicatedMinerClient per shard spreads each shard's reads over its followers).
+
+    A Mine that some shards cannot answer (UNAVAILABLE, DEADLINE_EXCEEDED, ...) returns the merged answer of the
+    others, exact over their rows, with `Neighbours.missing_shards` naming the rest; anchors given by id whose
+    owner is missing get an all -1 row (their embedding could not be fetched; they are not "unknown"). With
+    `strict` such a Mine raises the shard's error instead. Writes, Fetch and Stats always raise.
+    """
+
+    def __init__(self, shards: Sequence, config: ClientConfig = ClientConfig(), strict: bool = False):
+        if not shards:
+            raise ValueError("ShardedMinerClient needs at least one shard")
+        self.clients = [
+            MinerClient(dataclasses.replace(config, address=s)) if isinstance(s, str) else s for s in shards
+        ]
+        self.strict = strict
+        self._pool = ThreadPoolExecutor(max_workers=len(self.clients), thread_name_prefix="shard")
+
+    @property
+    def shard_count(self) -> int:
+        return len(self.clients)
+
+    @property
+    def namespace(self) -> str:
+        return self.clients[0].namespace
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        self._pool.shutdown(wait=False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        for client in self.clients:
+            client.wait_ready(timeout_s)
+
+    def _each(self, calls):
+        """Run (client, fn) pairs concurrently; re-raise the first error."""
+        futures = [self._pool.submit(fn, client) for client, fn in calls]
+        return [f.result() for f in futures]
+
+    def _answers(self, shards, fn, tolerate: bool = True) -> tuple[dict, dict[int, grpc.RpcError]]:
+        """fn(shard) for each of `shards`, concurrently: (answers by shard, errors by shard of the shards that could
+        not answer). Raises an error that no other shard would have avoided, and any error when strict or not
+        `tolerate`."""
+        futures = {int(s): self._pool.submit(fn, int(s)) for s in shards}
+        answers, errors = {}, {}
+        for shard, future in futures.items():
+            try:
+                answers[shard] = future.result()
+            except grpc.RpcError as error:
+                if self.strict or not tolerate or error.code() not in SHARD_DOWN_CODES:
+                    raise
+                log.warning("shard %d could not answer (%s); answering from the others", shard, error.code().name)
+                errors[shard] = error
+        return answers, errors
+
+    def upsert(self, ids, image, text, step: int = 0, timeout_s: float | None = None):
+        ids = _ids(ids)
+        image, text = np.asarray(_host(image)), np.asarray(_host(text))
+        owner = shard_of(ids, self.shard_count)
+        calls = []
+        for shard in np.unique(owner):
+            mask = owner == shard
+            calls.append((self.clients[shard], lambda c, m=mask: c.upsert(ids[m], image[m], text[m], step, timeout_s)))
+        replies = self._each(calls)
+        return sum(r.accepted for r in replies)
+
+    def delete(self, ids, timeout_s: float | None = None) -> int:
+        ids = _ids(ids)
+        owner = shard_of(ids, self.shard_count)
+        calls = [(self.clients[s], lambda c, m=(owner == s): c.delete(ids[m], timeout_s)) for s in np.unique(owner)]
+        return sum(r.deleted for r in self._each(calls))
+
+    def fetch(self, ids, timeout_s: float | None = None):
+        """(found mask, image [n, dim], text [n, dim]) for ids, each asked of its owner."""
+        found, image, text, _ = self._fetch(ids, timeout_s, tolerate_missing=False)
+        return found, image, text
+
+    def _fetch(self, ids, timeout_s, tolerate_missing: bool):
+        """fetch, plus the errors of the owners that could not answer (their ids count as not found)."""
+        ids = _ids(ids)
+        owner = shard_of(ids, self.shard_count)
+        answers, errors = self._answers(
+            np.unique(owner), lambda s: self.clients[s].fetch(ids[owner == s], timeout_s), tolerate_missing
+        )
+        found = np.zeros(len(ids), dtype=bool)
+        image = text = None
+        for shard, (shard_found, shard_image, shard_text) in answers.items():
+            positions = np.flatnonzero(owner == shard)
+            if image is None:
+                image = np.zeros((len(ids), shard_image.shape[1]), dtype=np.float32)
+                text = np.zeros_like(image)
+            found[positions] = shard_found
+            image[positions[shard_found]] = shard_image
+            text[positions[shard_found]] = shard_text
+        return found, image, text, errors
+
+    def mine(
+        self,
+        k: int,
+        anchor_ids=None,
+        image=None,
+        text=None,
+        exclude_ids=(),
+        max_similarity: float = 0.0,
+        scoring: int = 1,
+        strict_anchors: bool = False,
+        timeout_s: float | None = None,
+    ) -> Neighbours:
+        if anchor_ids is None or image is not None:
+            parts, errors = self._mine_all(k, anchor_ids, image, text, exclude_ids, max_similarity, scoring, timeout_s)
+            return _merge(parts, k, errors)
+        anchor_ids = _ids(anchor_ids)
+        found, image, text, errors = self._fetch(anchor_ids, timeout_s, tolerate_missing=True)
+        if len(errors) == self.shard_count:
+            raise next(iter(errors.values()))
+        unreachable = np.isin(shard_of(anchor_ids, self.shard_count), list(errors))
+        unknown = anchor_ids[~found & ~unreachable]
+        if strict_anchors and len(unknown):
+            from helip.miner_service.core.errors import NotFound
+
+            raise NotFound("anchor_ids", f"{len(unknown)} anchor ids are not stored, e.g. {unknown[:5].tolist()}")
+        parts = {}
+        if found.any():
+            parts, mine_errors = self._mine_all(
+                k,
+                anchor_ids[found],
+                image[found],
+                text[found],
+                exclude_ids,
+                max_similarity,
+                scoring,
+                timeout_s,
+                failed=errors,
+            )
+            errors = {**errors, **mine_errors}
+        return _scatter_rows(_merge(parts, k, errors), found, k, unknown)
+
+    def _mine_all(
+        self, k, anchor_ids, image, text, exclude_ids, max_similarity, scoring, timeout_s, failed=None
+    ) -> tuple[dict[int, Neighbours], dict[int, grpc.RpcError]]:
+        """Every shard's answer but those that just `failed` (shard -> error); raises when none answered."""
+        failed = failed or {}
+
+        def mine(shard: int) -> Neighbours:
+            return self.clients[shard].mine(
+                k,
+                anchor_ids=anchor_ids,
+                image=image,
+                text=text,
+                exclude_ids=exclude_ids,
+                max_similarity=max_similarity,
+                scoring=scoring,
+                timeout_s=timeout_s,
+            )
+
+        parts, errors = self._answers([s for s in range(self.shard_count) if s not in failed], mine)
+        if not parts:
+            raise next(iter({**failed, **errors}.values()))
+        return parts, errors
+
+    def size(self) -> int:
+        return sum(s.size for s in self._each([(c, lambda c: c.stats()) for c in self.clients]))
+
+    def stats(self):
+        return self._each([(c, lambda c: c.stats()) for c in self.clients])
+
+    def ensure_namespace(self, dim: int = 0, fingerprint: str = "", reset: bool = False, timeout_s=None):
+        """EnsureNamespace on every shard, as one reply: rows summed; a shard whose fingerprint differs from
+        `fingerprint` decides the reported one, so that the caller sees any mismatch."""
+        replies = self._each(
+            [(c, lambda c: c.ensure_namespace(dim, fingerprint, reset, timeout_s)) for c in self.clients]
+        )
+        differing = [r for r in replies if r.info.fingerprint != fingerprint]
+        info = pb.NamespaceInfo()
+        info.CopyFrom((differing or replies)[0].info)
+        info.rows = sum(r.info.rows for r in replies)
+        return pb.EnsureNamespaceReply(info=info, created=any(r.created for r in replies))
+
+    def drop_namespace(self, timeout_s=None):
+        replies = self._each([(c, lambda c: c.drop_namespace(timeout_s)) for c in self.clients])
+        return pb.DropNamespaceReply(dropped_rows=sum(r.dropped_rows for r in replies))
+
+
+def _host(array):
+    if hasattr(array, "detach"):
+        return array.detach().float().cpu().numpy()
+    return array
+
+
+def _merge(answers: dict[int, Neighbours], k: int, errors: dict | None = None) -> Neighbours:
+    """Per anchor, the best k of the answering shards' answers (best first, -1 / -inf padding); the shards in
+    `errors` are named missing."""
+    parts = list(answers.values())
+    missing = tuple(sorted(errors or ()))
+    if not parts:  # no anchor could be asked (all unknown, or owned by missing shards)
+        return Neighbours(
+            np.full((0, k), -1, np.int64),
+            np.full((0, k), -np.inf, np.float32),
+            np.zeros((0, k), np.uint64),
+            0,
+            np.zeros(0, np.uint64),
+            missing_shards=missing,
+        )
+    ids = np.concatenate([p.ids for p in parts], axis=1)
+    scores = np.concatenate([p.scores for p in parts], axis=1)
+    steps = np.concatenate([p.steps for p in parts], axis=1)
+    scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    take = lambda a: np.take_along_axis(a, order, axis=1)  # noqa: E731
+    merged_ids, merged_scores, merged_steps = take(ids), take(scores), take(steps)
+    merged_ids[np.isneginf(merged_scores)] = -1
+    return Neighbours(
+        merged_ids,
+        merged_scores,
+        merged_steps,
+        sum(p.size for p in parts),
+        np.concatenate([p.unknown_anchor_ids for p in parts]),
+        served_by_follower=any(p.served_by_follower for p in parts),
+        replica_lag_seconds=max(p.replica_lag_seconds for p in parts),
+        missing_shards=missing,
+    )
+
+
+def _scatter_rows(merged: Neighbours, found: np.ndarray, k: int, unknown: np.ndarray) -> Neighbours:
+    n = len(found)
+    ids = np.full((n, k), -1, np.int64)
+    scores = np.full((n, k), -np.inf, np.float32)
+    steps = np.zeros((n, k), np.uint64)
+    ids[found], scores[found], steps[found] = merged.ids, merged.scores, merged.steps
+    return dataclasses.replace(merged, ids=ids, scores=scores, steps=steps, unknown_anchor_ids=unknown)

@@ -1,0 +1,1 @@
+"""The miner core: pair store, exact and IVF search, scratch budget. Pure numpy/torch/faiss, no gRPC."""

@@ -1,0 +1,255 @@
+"""HardPairMiner: the thread-safe in-memory core (a `MinerCore`) behind every shell.
+
+It owns the pair store (rows in blocks, each with its own lock: core.store), the optional IVF candidate
+path (core.ivf_path) and the admission of Mines to scratch memory (core.budget). Inputs are numpy
+arrays that the caller has validated (service.validation); outputs are numpy arrays. Nothing here knows
+about gRPC.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+import torch
+
+from helip.miner_service.core.api import Cancelled, MineQuery, MineResult, MinerStats
+from helip.miner_service.core.budget import ScratchAdmission, bytes_per_score, chunk_rows
+from helip.miner_service.core.config import SearchConfig
+from helip.miner_service.core.errors import NotFound
+from helip.miner_service.core.ivf_path import IvfPath
+from helip.miner_service.core.search import NEG_INF, SearchQuery, exact_search, make_topk
+from helip.miner_service.core.store import PairStore
+
+log = logging.getLogger(__name__)
+
+
+def resolve_devices(name: str) -> list[torch.device]:
+    """ "auto", "cpu", "cuda", "cuda:N", or a comma-separated list of CUDA devices to spread the blocks over."""
+    if name == "auto":
+        return [torch.device("cuda" if torch.cuda.is_available() else "cpu")]
+    devices = [torch.device(part.strip()) for part in name.split(",")]
+    if len({device.type for device in devices}) > 1:
+        raise ValueError(f"device '{name}' mixes device types; give CPU or CUDA devices")
+    if devices[0].type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{name}' asked for but no CUDA device is visible")
+    return devices
+
+
+def resolve_device(name: str) -> torch.device:
+    return resolve_devices(name)[0]
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # fp16 halves memory and doubles matmul speed on GPUs; CPUs have no fast fp16 GEMM.
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+class HardPairMiner:
+    def __init__(self, dim: int, config: SearchConfig = SearchConfig(), max_rows: int = 0):
+        self.devices = resolve_devices(config.device)
+        self.device = self.devices[0]
+        self.config = config = config.for_device(self.device.type)
+        self.dtype = resolve_dtype(config.storage_dtype, self.device)
+        # The most stored rows scored at once; the scratch budget makes it fewer for Mines with many anchors.
+        self.block_rows = config.block_rows
+        self.admission = ScratchAdmission(config.scratch_budget_bytes, config.mine_queue_limit)
+        self._bytes_per_score = bytes_per_score(self.dtype)
+        # A capped store never needs a block larger than its cap (a small namespace, a test miner).
+        store_block_rows = min(config.store_block_rows, max_rows) if max_rows else config.store_block_rows
+        self.store = PairStore(dim, self.devices, self.dtype, max_rows=max_rows, block_rows=store_block_rows)
+        self._newest_step = 0
+        self._step_lock = threading.Lock()
+        self.ivf = IvfPath(self.store, config, self.device, self._bytes_per_score)
+        log.info(
+            "miner core: dim=%d devices=%s dtype=%s store blocks of %d rows, scored %d rows at a time",
+            dim,
+            ",".join(map(str, self.devices)),
+            self.dtype,
+            self.store.block_rows,
+            self.block_rows,
+        )
+
+    @property
+    def dim(self) -> int:
+        return self.store.dim
+
+    @property
+    def size(self) -> int:
+        return self.store.size
+
+    @property
+    def max_rows(self) -> int:
+        return self.store.max_rows
+
+    # ---- writes -------------------------------------------------------------------------------------------
+    def upsert(self, ids: np.ndarray, image, text, step, enforce_max_rows: bool = True) -> tuple[int, int]:
+        """Insert or overwrite rows; `step` is one step for all rows or one per row (restores from snapshots).
+
+        Returns (accepted, size). Raises ResourceExhausted past max_rows, unless `enforce_max_rows` is off (a log
+        replay: its writes were checked before they were logged)."""
+        self.store.upsert(ids, image, text, step, enforce_max_rows=enforce_max_rows)
+        with self._step_lock:
+            self._newest_step = max(self._newest_step, int(np.max(step)) if len(ids) else 0)
+        self.ivf.note_written(ids)
+        return len(ids), self.store.size
+
+    def check_capacity(self, ids: np.ndarray) -> int:
+        """Rows that upserting `ids` would add (for callers that must refuse before logging a write)."""
+        return self.store.new_row_count(ids)
+
+    def delete(self, ids: np.ndarray) -> tuple[int, int]:
+        deleted = self.store.delete(ids)
+        self.ivf.note_deleted(ids)
+        return deleted, self.store.size
+
+    # ---- search -------------------------------------------------------------------------------------------
+    def mine(self, query: MineQuery, cancelled: Cancelled | None = None) -> MineResult:
+        """Hard neighbours of the query's anchors (see MineQuery).
+
+        cancelled: optional () -> bool; the exact search stops with SearchCancelled once it says True."""
+        k = query.k
+        unknown = np.zeros(0, dtype=np.uint64)
+        known = None
+        if query.anchor_ids is not None:
+            slots = self.store.slots_of(query.anchor_ids)
+            anchors = self.store.gather(slots, expected_ids=query.anchor_ids)
+            known = anchors.found
+            unknown = query.anchor_ids[~known]
+            if query.strict_anchors and len(unknown):
+                raise NotFound("anchor_ids", f"{len(unknown)} anchor ids are not stored, e.g. {unknown[:5].tolist()}")
+            self_ids = query.anchor_ids[known]
+            self_slots = slots[known]
+            on_device = torch.from_numpy(known).to(self.device)
+            q_image, q_text = anchors.image[on_device], anchors.text[on_device]
+        else:
+            self_ids = query.self_ids
+            self_slots = self.store.slots_of(self_ids) if self_ids is not None else np.full(len(query.image), -1)
+            q_image = torch.from_numpy(np.ascontiguousarray(query.image)).to(self.device, self.dtype)
+            q_text = torch.from_numpy(np.ascontiguousarray(query.text)).to(self.device, self.dtype)
+        exclude_slots = self.store.slots_of(query.exclude_ids)
+        search = SearchQuery(
+            q_image,
+            q_text,
+            k,
+            query.scoring,
+            query.max_similarity or self.config.default_max_similarity,
+            torch.from_numpy(self_slots.astype(np.int64)).to(self.device),
+            torch.from_numpy(exclude_slots[exclude_slots >= 0]).to(self.device),
+        )
+        ivf = self.ivf.current()  # one index and its fresh ids for the whole Mine, however rebuilds go meanwhile
+        used_ivf = ivf is not None
+        n_search = q_image.shape[0]
+        rows_at_once = self.chunk_rows(n_search)
+        scores, labels = torch.full((n_search, k), NEG_INF), torch.full((n_search, k), -1, dtype=torch.int64)
+        if n_search and self.store.size:
+            scratch = self.scratch_bytes(n_search, rows_at_once, k if used_ivf else 0)
+            with self.admission.admitted(scratch, cancelled):
+                if used_ivf:
+                    scores, labels = self.ivf.search(search, ivf, rows_at_once, cancelled)
+                else:
+                    topk = make_topk(n_search, k, self.device, self.config.topk, self.config.topk_segment)
+                    exact_search(search, self.store.blocks(), rows_at_once, topk, cancelled)
+                    scores, labels = topk.result()
+        found_ids, scores, found_steps = self._finish(
+            labels.cpu().numpy(), scores.cpu().numpy().astype(np.float32, copy=False), query.exclude_ids, self_ids
+        )
+        if known is not None and not known.all():
+            # Unknown anchors keep a row of padding so the reply stays aligned with the request.
+            n_anchors = len(query.anchor_ids)
+            ids_out = np.full((n_anchors, k), -1, dtype=np.int64)
+            scores_out = np.full((n_anchors, k), NEG_INF, dtype=np.float32)
+            steps_out = np.zeros((n_anchors, k), dtype=np.uint64)
+            ids_out[known], scores_out[known], steps_out[known] = found_ids, scores, found_steps
+            found_ids, scores, found_steps = ids_out, scores_out, steps_out
+        return MineResult(found_ids, scores, found_steps, self.store.size, unknown, used_ivf, self._newest_step)
+
+    def chunk_rows(self, n_anchors: int) -> int:
+        """Stored rows one Mine with n_anchors scores at once, within mine_scratch_bytes."""
+        rows = chunk_rows(n_anchors, self.config.mine_scratch_bytes, self._bytes_per_score, self.block_rows)
+        segment = self.config.topk_segment
+        # Whole segments, so that every full chunk takes the segmented top-k (TorchTopK).
+        return rows - rows % segment if segment and rows > segment else rows
+
+    def scratch_bytes(self, n_anchors: int, rows_at_once: int, ivf_k: int = 0) -> int:
+        """What one Mine is admitted for: its score chunk, or on the IVF path a group of anchors' candidates and a
+        chunk of the fresh rows with their scores."""
+        if not ivf_k:
+            return n_anchors * rows_at_once * self._bytes_per_score
+        group = min(n_anchors, self.ivf.anchors_at_once(ivf_k))
+        return group * self.ivf.candidate_bytes(ivf_k)[1] + self.ivf.fresh_chunk_bytes(group, rows_at_once)
+
+    def _finish(self, ids: np.ndarray, scores: np.ndarray, exclude_ids: np.ndarray, self_ids: np.ndarray | None):
+        """Ids, scores and current steps of the neighbours, with the filters applied once more by id.
+
+        The search masked excluded and own rows by the slots they had when it began; a row deleted, or an excluded
+        id inserted, while it ran is dropped here, and the neighbours after it move up (padding at the end). An id
+        deleted and re-inserted into a slot the search had still to reach was scored twice: its first (best)
+        place is kept."""
+        found = ids >= 0
+        slots = np.full(ids.shape, -1, dtype=np.int64)
+        slots[found] = self.store.slots_of(ids[found].astype(np.uint64))
+        keep = (slots >= 0) & ~_repeated_in_row(ids)
+        if len(exclude_ids):
+            keep &= ~np.isin(ids, exclude_ids.astype(np.int64))
+        if self_ids is not None:
+            keep &= ids != self_ids.astype(np.int64)[:, None]
+        steps = np.zeros(ids.shape, dtype=np.uint64)
+        steps[keep], still_found = self.store.steps_of(slots[keep], expected_ids=ids[keep].astype(np.uint64))
+        keep[keep] = still_found  # deleted since the lookup above
+        if not (keep == found).all():
+            order = np.argsort(~keep, axis=1, kind="stable")
+            ids, scores, steps, keep = (np.take_along_axis(a, order, axis=1) for a in (ids, scores, steps, keep))
+            ids[~keep], scores[~keep], steps[~keep] = -1, NEG_INF, 0
+        return ids, scores, steps
+
+    def fetch(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(found mask [n], image [found, dim] float32, text, steps [found]) of the stored rows of `ids`."""
+        rows = self.store.gather(self.store.slots_of(ids), expected_ids=np.asarray(ids, dtype=np.uint64))
+        found = torch.from_numpy(rows.found).to(self.device)
+        return (
+            rows.found,
+            rows.image[found].float().cpu().numpy(),
+            rows.text[found].float().cpu().numpy(),
+            rows.steps[rows.found],
+        )
+
+    def copy_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, steps, image float32, text) of all stored rows, copied block by block (writers keep going)."""
+        return self.store.copy_all()
+
+    def wait_for_ivf(self, timeout_s: float | None = None) -> bool:
+        """Block until an IVF build in flight finishes (tests, benchmarks). Returns whether an IVF is ready."""
+        return self.ivf.wait(timeout_s)
+
+    # ---- stats --------------------------------------------------------------------------------------------
+    def stats(self) -> MinerStats:
+        min_step, max_step = self.store.step_range()
+        ivf = self.ivf.current()
+        return MinerStats(
+            self.store.size,
+            self.dim,
+            str(self.device),
+            min_step,
+            max_step,
+            self.store.capacity,
+            self.store.max_rows,
+            ivf is not None,
+            ivf.index.rows if ivf else 0,
+            self.config.max_k,
+            ivf_enabled=self.ivf.enabled,
+        )
+
+
+def _repeated_in_row(ids: np.ndarray) -> np.ndarray:
+    """[anchors, k] bool: True where an id (>= 0) already appeared earlier in its row."""
+    order = np.argsort(ids, axis=1, kind="stable")
+    in_order = np.take_along_axis(ids, order, axis=1)
+    repeated_in_order = np.zeros(ids.shape, dtype=bool)
+    repeated_in_order[:, 1:] = (in_order[:, 1:] == in_order[:, :-1]) & (in_order[:, 1:] >= 0)
+    repeated = np.empty_like(repeated_in_order)
+    np.put_along_axis(repeated, order, repeated_in_order, axis=1)
+    return repeated

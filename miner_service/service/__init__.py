@@ -1,0 +1,1 @@
+"""The gRPC service around the core: server, validation, namespaces, durability (Redis log, snapshots), metrics, CLI."""

@@ -1,0 +1,1 @@
+"""What client and server agree on: tensors on the wire, namespace names, the shard rule, transport security."""

@@ -1,0 +1,1 @@
+"""`helip-train`: the DeepSpeed application built on the hard-pair library."""

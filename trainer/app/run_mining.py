@@ -1,0 +1,145 @@
+"""A distributed run's side of online mining: which miner, which namespace, the pusher, and when to bootstrap.
+
+Every rank holds one `RunMining`. Decisions that must agree across ranks (the local miner's address, the namespace
+claim, whether to bootstrap) are taken on global rank 0 and broadcast, so no rank mines against a different miner
+or stops alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+from pathlib import Path
+
+import torch.distributed as dist
+
+from helip.trainer.app.local_miner import LocalMiner
+from helip.trainer.pairs.bootstrap import bootstrap_index, miner_rows
+from helip.trainer.pairs.mining import MiningConfig, MiningCounters, make_client
+from helip.trainer.pairs.namespace import NamespaceMismatch, claim_namespace, dataset_fingerprint, run_namespace
+from helip.trainer.pairs.pusher import EmbeddingPusher
+
+log = logging.getLogger(__name__)
+
+
+def broadcast(value, src: int = 0):
+    """`value` of rank `src`, on every rank."""
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def refuse_local_miner_across_hosts(hosts: list[str], dim: int) -> None:
+    """A local miner listens on 127.0.0.1 of one host: ranks on other hosts could not reach it."""
+    distinct = sorted(set(hosts))
+    if len(distinct) > 1:
+        raise RuntimeError(
+            f"these {len(hosts)} ranks run on {len(distinct)} hosts ({', '.join(distinct)}) and no --miner was "
+            f"given; a local miner would be reachable from one host only. Start one miner for the run "
+            f"(`helip-miner serve --dim {dim} --host 0.0.0.0 --port 50051`, with a token or TLS) and pass "
+            f"--miner HOST:50051 to every rank."
+        )
+
+
+class RunMining:
+    """Connects every rank to the run's miner and namespace; `close` stops what it started (idempotent).
+
+    config.address empty: global rank 0 starts a local miner and every rank is told its address. The namespace is
+    config.namespace or the output dir's name; rank 0 claims it with the data set's fingerprint, and every rank
+    raises NamespaceMismatch when the miner holds another data set there.
+    """
+
+    def __init__(
+        self,
+        config: MiningConfig,
+        output_dir: Path,
+        dataset,
+        embed_dim: int,
+        rank: int,
+        world_size: int,
+        counters: MiningCounters,
+    ):
+        self.rank, self.world_size = rank, world_size
+        self.is_main = rank == 0
+        self.dataset = dataset
+        self.local_miner: LocalMiner | None = None
+        self.client = self.pusher = None  # set below; close() may run before (a refused namespace)
+        self._closed = False
+        self.config = dataclasses.replace(
+            config,
+            address=self._address(config.address, output_dir, embed_dim),
+            namespace=config.namespace or run_namespace(output_dir),
+        )
+        self.client = make_client(self.config)
+        self._claim_namespace(embed_dim)
+        self.pusher = EmbeddingPusher(self.client, self.config, counters)
+
+    def _address(self, configured: str, output_dir: Path, embed_dim: int) -> str:
+        if configured:
+            return configured
+        hosts = [None] * self.world_size
+        dist.all_gather_object(hosts, socket.gethostname())
+        refuse_local_miner_across_hosts(hosts, embed_dim)
+        address = None
+        if self.is_main:
+            self.local_miner = LocalMiner(output_dir, embed_dim)
+            address = self.local_miner.address
+        return broadcast(address)
+
+    def _claim_namespace(self, embed_dim: int) -> None:
+        refusal = None
+        if self.is_main:
+            try:
+                claim_namespace(
+                    self.client,
+                    self.config.namespace,
+                    embed_dim,
+                    dataset_fingerprint(self.dataset),
+                    reset=self.config.reset_namespace,
+                )
+            except NamespaceMismatch as error:
+                refusal = str(error)
+        refusal = broadcast(refusal)
+        if refusal is not None:
+            self.close()
+            raise NamespaceMismatch(refusal)
+
+    def needs_bootstrap(self, start_micro: int) -> bool:
+        """Fresh runs bootstrap when asked to; resumed ones whenever the miner lacks rows (a new local miner)."""
+        if start_micro == 0:
+            return self.config.bootstrap_index
+        rows = None
+        if self.is_main:
+            try:
+                rows = miner_rows(self.client)
+            except Exception as error:  # noqa: BLE001 - an unreachable miner: training goes on without hard pairs
+                log.warning("cannot read the miner's row count (%s): not bootstrapping", error)
+        rows = broadcast(rows)
+        if rows is None or rows >= len(self.dataset):
+            return False
+        log.info(
+            "the miner holds %d rows for %d samples: bootstrapping before the first resumed step",
+            rows,
+            len(self.dataset),
+        )
+        return True
+
+    def bootstrap(self, model, **options) -> None:
+        """Every rank pushes its share of the data set embedded by `model`; returns once all ranks' rows are in.
+
+        options: bootstrap_index's (batch_size, num_workers, device, dtype, step, progress)."""
+        bootstrap_index(model, self.dataset, self.pusher, rank=self.rank, world_size=self.world_size, **options)
+        dist.barrier()  # every rank's rows are in before anyone mines
+
+    def close(self) -> None:
+        """Stop the pusher (waiting a little for queued rows), the client and the local miner."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.pusher is not None:
+            self.pusher.close(timeout_s=10)
+        if self.client is not None:
+            self.client.close()
+        if self.local_miner is not None:
+            self.local_miner.stop()

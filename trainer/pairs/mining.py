@@ -1,0 +1,322 @@
+"""The client side of online mining: its settings, its counters, and Mine calls kept in flight ahead of use.
+
+Nothing here ever makes a caller wait for the miner. `MinePrefetcher.request` starts a Mine call in a small
+thread pool and returns; `MinePrefetcher.take` hands back the answer only if it has already arrived, else None
+(the batch composer then falls back to random samples). Calls go through a circuit breaker, so a hung or dead
+miner costs a few deadlines, not one per batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+
+import grpc
+import numpy as np
+
+from helip.miner.v1 import miner_pb2 as pb
+from helip.miner_service.client.replicas import ReplicatedMinerClient
+from helip.miner_service.client.sharded import ShardedMinerClient
+from helip.miner_service.client.single import ClientConfig, MinerClient, Neighbours
+from helip.miner_service.core.errors import InvalidArgument
+from helip.miner_service.wire.names import validate_name
+from helip.trainer.pairs.breaker import BreakerConfig, CircuitBreaker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MiningConfig:
+    address: str = ""  # host:port of the miner, or of every shard comma-separated; empty: start a local one
+    followers: str = ""  # read replicas: each shard's followers, "|"-separated, shards in address order by ","
+    follower_retry_s: float = 5.0  # a follower that failed is asked again after this long (reads fail over)
+    strict_shards: bool = False  # a Mine that a shard cannot answer fails, instead of answering from the others
+    k: int = 50  # neighbours asked per anchor; the composer draws one of them (the paper's code: top 50)
+    # Batches mined ahead beyond what the DataLoader already holds (its workers x prefetch_factor batches):
+    # the margin that lets an answer arrive before the DataLoader asks for its batch.
+    prefetch: int = 2
+    deadline_s: float = 10.0  # a Mine call slower than this is cancelled and counts as a failure (breaker)
+    rpc_timeout_s: float = 30.0  # for upserts and stats
+    max_in_flight: int = 4  # Mine calls out at once; more requests queue behind them
+    breaker_failures: int = 3  # consecutive failed calls that open the circuit breaker
+    breaker_cooldown_s: float = 2.0  # first pause before a probe call; doubles per failed probe
+    breaker_max_cooldown_s: float = 30.0  # the longest pause between probes
+    scoring: str = "PRODUCT"  # how two pairs are scored: PRODUCT or SUM of image and text similarity, IMAGE, TEXT
+    max_similarity: float = 0.0  # 0: the miner's default near-duplicate cut
+    push_queue: int = 64  # upserts waiting to be sent before new ones are dropped
+    wire_dtype: str = "FLOAT16"  # dtype of the embeddings sent to the miner: FLOAT16, BFLOAT16 or FLOAT32
+    # Before the first step, embed the whole training set once with the starting model and push it, so that
+    # epoch one already has hard pairs (the paper's offline pass, streamed). Off: epoch one mostly falls back.
+    # A resumed run bootstraps whenever the miner holds fewer rows than the data set, whatever this says.
+    bootstrap_index: bool = False
+    # Push each step's embeddings (online HELIP). Off with bootstrap_index on: the index stays as the starting
+    # model saw the data, i.e. the paper's offline mining.
+    update_index: bool = True
+    # Streaming mode (no bootstrap: the index fills from the training pushes). Mining starts at start_step and
+    # once the index holds start_coverage of the data set; hard pairs then ramp in over ramp_steps steps.
+    start_step: int = 0  # no Mine before this global step (a warm-up for a model trained from scratch)
+    start_coverage: float = 0.0  # fraction of the data set the index must hold before mining starts (0: any)
+    ramp_steps: int = 0  # steps over which the mined share of hard slots grows to all of them (0: at once)
+    coverage_poll_s: float = 2.0  # how often the miner's row count is polled until start_coverage is reached
+    # Security towards the miner: TLS (trusting tls_ca_file, else the system roots), a client certificate for
+    # mutual TLS, and a bearer token read from token_file (else $HELIP_AUTH_TOKEN).
+    tls: bool = False
+    tls_ca_file: str = ""  # PEM file of the CA that signed the miner's certificate; empty: the system roots
+    tls_cert_file: str = ""  # PEM client certificate, for mutual TLS
+    tls_key_file: str = ""  # PEM private key of tls_cert_file
+    tls_server_name: str = ""  # the name the miner's certificate must carry, when not its address's host
+    token_file: str = ""  # file holding the bearer token; empty: $HELIP_AUTH_TOKEN, if set
+    namespace: str = ""  # miner namespace of this run's rows; empty: the run's output dir name (helip-train)
+    reset_namespace: bool = False  # drop and recreate the namespace when it holds another data set's rows
+
+    def __post_init__(self):
+        if self.namespace:
+            try:
+                validate_name(self.namespace, "mining.namespace")
+            except InvalidArgument as error:
+                raise ValueError(str(error)) from None
+        for name in ("k", "max_in_flight", "push_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"mining.{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefetch < 0:
+            raise ValueError(f"mining.prefetch must be >= 0, got {self.prefetch}")
+        for name in ("deadline_s", "rpc_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"mining.{name} must be > 0, got {getattr(self, name)}")
+        if self.scoring not in pb.Scoring.keys():
+            raise ValueError(f"mining.scoring must be one of {list(pb.Scoring.keys())}, got {self.scoring!r}")
+        if self.wire_dtype not in pb.DType.keys():
+            raise ValueError(f"mining.wire_dtype must be one of {list(pb.DType.keys())}, got {self.wire_dtype!r}")
+        if self.start_step < 0 or self.ramp_steps < 0:
+            raise ValueError(
+                f"mining.start_step and mining.ramp_steps must be >= 0, got {self.start_step}, {self.ramp_steps}"
+            )
+        if not 0.0 <= self.start_coverage <= 1.0:
+            raise ValueError(f"mining.start_coverage must be in [0, 1], got {self.start_coverage}")
+        if self.coverage_poll_s <= 0:
+            raise ValueError(f"mining.coverage_poll_s must be > 0, got {self.coverage_poll_s}")
+        if self.follower_retry_s < 0:
+            raise ValueError(f"mining.follower_retry_s must be >= 0, got {self.follower_retry_s}")
+        if self.followers:
+            shards, groups = len(self.shard_addresses), len(self.followers.split(","))
+            if not shards:
+                raise ValueError("mining.followers needs mining.address (the leaders): followers take no writes")
+            if groups != shards:
+                raise ValueError(
+                    f"mining.followers lists followers of {groups} shard(s) but mining.address has {shards}; "
+                    "separate one shard's followers with '|' and shards with ','"
+                )
+        if self.breaker_failures < 1:
+            raise ValueError(f"mining.breaker_failures must be >= 1, got {self.breaker_failures}")
+        if not 0 < self.breaker_cooldown_s <= self.breaker_max_cooldown_s:
+            raise ValueError(
+                f"mining.breaker_cooldown_s must be in (0, mining.breaker_max_cooldown_s="
+                f"{self.breaker_max_cooldown_s}], got {self.breaker_cooldown_s}"
+            )
+
+    @property
+    def shard_addresses(self) -> list[str]:
+        """Each shard's leader, in shard order."""
+        return [a.strip() for a in self.address.split(",") if a.strip()]
+
+    @property
+    def shard_followers(self) -> list[list[str]]:
+        """Each shard's follower addresses (empty lists without followers), in shard order."""
+        if not self.followers:
+            return [[] for _ in self.shard_addresses]
+        return [[a.strip() for a in group.split("|") if a.strip()] for group in self.followers.split(",")]
+
+    @property
+    def breaker(self) -> BreakerConfig:
+        return BreakerConfig(self.breaker_failures, self.breaker_cooldown_s, self.breaker_max_cooldown_s)
+
+
+@dataclass
+class MiningCounters:
+    """Running totals of what mining did for one rank; thread-safe, read by loggers and metrics."""
+
+    mine_calls: int = 0  # Mine calls sent
+    mine_failures: int = 0  # ...that failed (error or past deadline_s)
+    mine_late: int = 0  # answers not there when their batch was composed (the batch fell back)
+    mine_skipped: int = 0  # batches not asked for because the circuit breaker was open
+    mine_not_started: int = 0  # batches composed before mining started (start_step, start_coverage)
+    foreign_ids: int = 0  # neighbour ids the data set does not hold (a miner with other rows), dropped
+    breaker_opened: int = 0
+    pushed_rows: int = 0
+    push_failures: int = 0
+    dropped_pushes: int = 0  # push batches dropped: queue full, or breaker open
+    mine_by_follower: int = 0  # Mine answers that came from a read-only follower (sharded: from any shard's)
+    mine_degraded: int = 0  # sharded Mine answers that lacked some shards (mining.strict_shards off)
+    max_replica_lag_ms: int = 0  # the most a follower that answered was behind its leader, in milliseconds
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **deltas) -> None:
+        with self.lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+    def raise_to(self, **values) -> None:
+        """Set each named counter to the given value where that is higher (running maxima)."""
+        with self.lock:
+            for name, value in values.items():
+                setattr(self, name, max(getattr(self, name), value))
+
+    def snapshot(self) -> dict[str, int]:
+        with self.lock:
+            return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "lock"}
+
+
+def make_client(config: MiningConfig):
+    """A client of the MinerClient interface for `address` and `followers`: per shard a MinerClient, or a
+    ReplicatedMinerClient when the shard has followers (reads go to them, writes to the leader); several shards
+    ("host:a,host:b,...") behind a ShardedMinerClient (degraded or strict, per strict_shards)."""
+    # Retries are off: a failed Mine falls back at once, and a failed push is counted; the channel reconnects
+    # by itself (its backoff is capped low so that a restarted miner is used again within a second or two).
+    client_config = ClientConfig.with_token_from(
+        config.token_file,
+        address=config.address,
+        timeout_s=config.rpc_timeout_s,
+        retries=0,
+        wire_dtype=pb.DType.Value(config.wire_dtype),
+        tls=config.tls,
+        tls_ca_file=config.tls_ca_file,
+        tls_cert_file=config.tls_cert_file,
+        tls_key_file=config.tls_key_file,
+        tls_server_name=config.tls_server_name,
+        namespace=config.namespace,
+    )
+    shards = [
+        ReplicatedMinerClient(leader, followers, client_config, config.follower_retry_s)
+        if followers
+        else MinerClient(dataclasses.replace(client_config, address=leader))
+        for leader, followers in zip(config.shard_addresses, config.shard_followers)
+    ]
+    if len(shards) > 1:
+        return ShardedMinerClient(shards, client_config, strict=config.strict_shards)
+    return shards[0] if shards else MinerClient(client_config)
+
+
+def check_client_namespace(client, config: MiningConfig) -> None:
+    """A pusher or prefetcher sends every call to its client's namespace: refuse a client bound to another
+    namespace than `config.namespace` (when that is set), rather than write one run's rows into another's."""
+    bound = getattr(client, "namespace", "")
+    if config.namespace and bound != config.namespace:
+        raise ValueError(
+            f"mining.namespace is {config.namespace!r} but the client calls namespace {bound or 'default'!r}: "
+            f"build the client with make_client(config)"
+        )
+
+
+class RateLimitedLog:
+    """A warning at most every `every_s` seconds: a down miner would otherwise log once per batch."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 10.0):
+        self._logger = logger
+        self._every_s = every_s
+        self._last = -float("inf")
+
+    def warning(self, message: str, *args) -> None:
+        now = time.monotonic()
+        if now - self._last >= self._every_s:
+            self._last = now
+            self._logger.warning(message, *args)
+
+
+class MinePrefetcher:
+    """Mine calls for batches ahead, at most `max_in_flight` running at once, behind a circuit breaker."""
+
+    def __init__(self, client, config: MiningConfig, counters: MiningCounters | None = None):
+        check_client_namespace(client, config)
+        self.client = client
+        self.config = config
+        self.counters = counters or MiningCounters()
+        self.breaker = CircuitBreaker(config.breaker, on_open=lambda: self.counters.add(breaker_opened=1))
+        self._pool = ThreadPoolExecutor(max_workers=config.max_in_flight, thread_name_prefix="mine")
+        self._pending: dict[int, Future] = {}
+        self._lock = threading.Lock()
+        self._scoring = pb.Scoring.Value(config.scoring)
+        self._warn = RateLimitedLog(log)
+
+    def request(self, step: int, anchor_ids: np.ndarray) -> bool:
+        """Start mining for the batch of `step` (idempotent); False when it was skipped. Never blocks."""
+        with self._lock:
+            if step in self._pending:
+                return True
+            if not self.breaker.allow():
+                self.counters.add(mine_skipped=1)
+                return False
+            # At most max_in_flight calls run; the rest queue, and a queued call whose batch is composed
+            # before it started is cancelled (take), so a hung miner never holds more than max_in_flight threads.
+            self._pending[step] = self._pool.submit(self._mine, np.asarray(anchor_ids, dtype=np.int64))
+        return True
+
+    def _mine(self, anchor_ids: np.ndarray) -> np.ndarray | None:
+        try:
+            self.counters.add(mine_calls=1)
+            neighbours = self.client.mine(
+                self.config.k,
+                anchor_ids=anchor_ids,
+                exclude_ids=anchor_ids,
+                max_similarity=self.config.max_similarity,
+                scoring=self._scoring,
+                timeout_s=self.config.deadline_s,
+            )
+            self.breaker.success()
+            self._count(neighbours)
+            return neighbours.ids
+        except grpc.RpcError as error:
+            self.breaker.failure()
+            self.counters.add(mine_failures=1)
+            self._warn.warning(
+                "Mine failed (%s %s); batches fall back to random samples; breaker %s",
+                error.code().name,
+                error.details(),
+                self.breaker.state,
+            )
+            return None
+
+    def _count(self, neighbours: Neighbours) -> None:
+        if neighbours.served_by_follower:
+            self.counters.add(mine_by_follower=1)
+            self.counters.raise_to(max_replica_lag_ms=round(neighbours.replica_lag_seconds * 1000))
+        if neighbours.missing_shards:
+            self.counters.add(mine_degraded=1)
+            self._warn.warning(
+                "Mine answered without shards %s (their rows are not among the hard pairs)",
+                list(neighbours.missing_shards),
+            )
+
+    def take(self, step: int) -> np.ndarray | None:
+        """Neighbour ids [anchors, k] for `step` if the answer is already in, else None. Never blocks."""
+        with self._lock:
+            future = self._pending.pop(step, None)
+            for old in [s for s in self._pending if s < step]:  # answers for batches that were skipped over
+                self._pending.pop(old).cancel()
+        if future is None:
+            return None
+        if not future.done():
+            future.cancel()  # a call not started yet never starts; a running one finishes and is dropped
+            self.counters.add(mine_late=1)
+            return None
+        return future.result()
+
+    def wait(self, step: int, timeout_s: float) -> None:
+        """Block up to `timeout_s` for the answer of `step`: only for use before training starts."""
+        with self._lock:
+            future = self._pending.get(step)
+        if future is not None:
+            try:
+                future.exception(timeout=timeout_s)
+            except (TimeoutError, CancelledError):
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            for future in self._pending.values():
+                future.cancel()
+            self._pending.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
