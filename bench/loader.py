@@ -3,7 +3,7 @@
 Both loaders read the same 224x224 JPEGs (the synthetic set, upscaled; cached under .bench/loader-data-N) through
 the same CsvPairs dataset with ViT-B/32's eval preprocess and tokenizer (no weights), with the same worker count,
 batch size, prefetch_factor 2 and forkserver workers: only the batch sampler differs. The hard-pair loop calls
-`sampler.layout(batch.ids)` per batch, as a training loop does; its miner is a `helip-miner serve` process holding
+`batch.layout` per batch, as a training loop does; its miner is a `helip-miner serve` process holding
 random unit embeddings (dim 512) for every id. Nothing consumes the batches (no model): the loader runs flat out.
 After `--warmup` batches (worker start-up), `--batches` batches are timed; per worker count the runs go baseline,
 hard, hard, baseline (--repeats 2), so drift hits both alike. Reported per worker count: samples/s of each and
@@ -40,8 +40,8 @@ from bench.common import ROOT, MinerSubprocess, report, unit_pairs
 from helip.miner.v1 import miner_pb2 as pb
 from helip.miner_service.client.single import ClientConfig, MinerClient
 from helip.trainer.pairs.data import CsvPairs, collate_pairs, read_pairs
-from helip.trainer.pairs.hard_pairs import WORKER_START_METHOD, HardPairSampler, hard_pair_loader
-from helip.trainer.pairs.mining import MiningConfig
+from helip.trainer.pairs.hard_pairs import WORKER_START_METHOD
+from helip.trainer.pairs.session import MiningSession
 from helip.trainer.tools.synth import SynthConfig, generate
 
 log = logging.getLogger("bench.loader")
@@ -123,7 +123,7 @@ class Run:
 def run_loader(kind: str, dataset: CsvPairs, workers: int, args: argparse.Namespace, miner: MinerSubprocess) -> Run:
     total = args.warmup + args.batches
     size = args.batch_size
-    sampler = None
+    session = sampler = None
     if kind == "baseline":
         # shuffle=True's RandomSampler, drawn over several passes in one iterator: the hard-pair sampler crosses
         # epochs without restarting its iterator too, so neither pays an epoch-start pipeline bubble.
@@ -140,18 +140,11 @@ def run_loader(kind: str, dataset: CsvPairs, workers: int, args: argparse.Namesp
             drop_last=True,
         )
     else:
-        config = MiningConfig(address=miner.address, k=50)
-        sampler = HardPairSampler(
-            len(dataset),
-            size,
-            miner.address,
-            config,
-            hard_ratio=0.5,
-            num_workers=workers,
-            prefetch_factor=2,
-            steps=total,
+        session = MiningSession(address=miner.address, k=50)
+        loader = session.loader(
+            dataset, size, hard_ratio=0.5, num_workers=workers, prefetch_factor=2, steps=total, pin_memory=False
         )
-        loader = hard_pair_loader(dataset, sampler, pin_memory=False)
+        sampler = loader.batch_sampler
     run = Run(kind, workers)
     iterator = iter(loader)
     try:
@@ -160,7 +153,7 @@ def run_loader(kind: str, dataset: CsvPairs, workers: int, args: argparse.Namesp
                 started, before = time.perf_counter(), cpu_seconds(miner.process.pid)
             batch = next(iterator)
             if sampler is not None:
-                layout = sampler.layout(batch.ids)
+                layout = batch.layout
                 if index >= args.warmup:
                     run.n_hard += layout.n_hard
                     run.hard_slots += layout.n_hard + layout.n_fallback
@@ -174,10 +167,10 @@ def run_loader(kind: str, dataset: CsvPairs, workers: int, args: argparse.Namesp
         run.cpu_miner_s = after[1] - before[1]
         run.cpu_other_s = after[2] - before[2] - run.cpu_main_s - run.cpu_workers_s - run.cpu_miner_s
         if sampler is not None:
-            run.counters = sampler.counters.snapshot()
+            run.counters = session.counters.snapshot()
     finally:
-        if sampler is not None:
-            sampler.close()
+        if session is not None:
+            session.close()
         # Persistent workers live as long as the loader's iterator; dropping both shuts them down.
         del iterator, loader
         gc.collect()

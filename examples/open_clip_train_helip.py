@@ -40,14 +40,16 @@ except ImportError as error:  # open_clip_train's data module needs pandas: open
         f"open_clip_train cannot be imported ({error}): pip install 'open_clip_torch[training]'"
     ) from error
 
-from helip.miner_service.core.errors import InvalidArgument
-from helip.miner_service.wire.names import validate_name
-from helip.trainer.pairs.data import CsvPairs
-from helip.trainer.pairs.hard_pairs import HardPairSampler, hard_pair_loader
-from helip.trainer.pairs.losses import HelipLoss, LossConfig
-from helip.trainer.pairs.mining import MiningConfig, MiningCounters, make_client
-from helip.trainer.pairs.namespace import NamespaceMismatch, claim_namespace, dataset_fingerprint, run_namespace
-from helip.trainer.pairs.pusher import EmbeddingPusher
+from helip import (
+    CsvPairs,
+    HardPairSampler,
+    HelipLoss,
+    LossConfig,
+    MiningConfig,
+    MiningSession,
+    NamespaceMismatch,
+    run_namespace,
+)
 
 log = logging.getLogger("helip")
 MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"  # helip-tiny.json lives here
@@ -79,7 +81,7 @@ class HardPairBatches:
     def __iter__(self):
         hard = slots = n = 0
         for i, batch in enumerate(self.loader):
-            layout = self.sampler.layout(batch.ids)
+            layout = batch.layout
             self.current = (batch.ids, layout)
             hard, slots, n = hard + layout.n_hard, slots + layout.n_slots, n + 1
             if i % self.log_every == 0 or i + 1 == self.num_batches:
@@ -105,16 +107,16 @@ class HelipOpenClipLoss(torch.nn.Module):
     """Called by train_one_epoch as `loss(image_features=, text_features=, logit_scale=, output_dict=True)`;
     returns named terms that open_clip sums into the loss it backpropagates (and logs each of)."""
 
-    def __init__(self, batches: HardPairBatches, pusher: EmbeddingPusher, config: LossConfig, rank, world_size):
+    def __init__(self, batches: HardPairBatches, session: MiningSession, config: LossConfig, rank, world_size):
         super().__init__()
-        self.batches, self.pusher, self.config = batches, pusher, config
+        self.batches, self.session, self.config = batches, session, config
         self.helip = HelipLoss(config, rank=rank, world_size=world_size)
 
     def forward(self, image_features, text_features, logit_scale, output_dict=False, **unused):
         ids, layout = self.batches.current
         losses = self.helip(image_features, text_features, logit_scale, layout.couples)
         # The embeddings open_clip computed anyway go to the miner (a background thread sends them).
-        self.pusher.push(ids, image_features, text_features, layout.step)
+        self.session.push(ids, image_features, text_features, layout.step)
         terms = {"contrastive_loss": losses["contrastive"], "hnml_loss": self.config.hnml_weight * losses["hnml"]}
         return terms if output_dict else sum(terms.values())
 
@@ -122,10 +124,8 @@ class HelipOpenClipLoss(torch.nn.Module):
 class HelipPlugin:
     def __init__(self, miner: str, namespace: str, reset: bool, hard_ratio: float, loss_config: LossConfig):
         self.mining = MiningConfig(address=miner, namespace=namespace, reset_namespace=reset)
-        self.counters = MiningCounters()
         self.hard_ratio, self.loss_config = hard_ratio, loss_config
-        self.pusher = EmbeddingPusher(make_client(self.mining), self.mining, self.counters)
-        self.sampler = self.batches = None
+        self.session = self.sampler = self.batches = None
 
     def install(self) -> None:
         original_csv_dataset = open_clip_train.data.get_csv_dataset
@@ -149,7 +149,7 @@ class HelipPlugin:
                     "helip example: needs --accum-freq 1 and the CLIP loss (no SigLIP, CoCa, "
                     "distillation): the couples and ids belong to one batch"
                 )
-            return HelipOpenClipLoss(self.batches, self.pusher, self.loss_config, args.rank, args.world_size)
+            return HelipOpenClipLoss(self.batches, self.session, self.loss_config, args.rank, args.world_size)
 
         open_clip_train.data.get_csv_dataset = get_csv_dataset
         open_clip_train.main.create_loss = create_loss
@@ -165,21 +165,19 @@ class HelipPlugin:
             caption_key=args.csv_caption_key,
             sep=args.csv_separator,
         )
-        self.claim_namespace(args, dataset)
-        self.sampler = HardPairSampler(
-            len(dataset),
+        self.session = self.start_session(args, dataset)
+        loader = self.session.loader(
+            dataset,
             args.batch_size,
-            self.pusher.client,
-            self.mining,
             hard_ratio=self.hard_ratio,
             rank=args.rank,
             world_size=args.world_size,
             seed=args.seed,
             num_workers=args.workers,
-            counters=self.counters,
         )
+        self.sampler = loader.batch_sampler
         self.sampler.set_epoch(epoch)
-        self.batches = HardPairBatches(hard_pair_loader(dataset, self.sampler), self.sampler, args.log_every_n_steps)
+        self.batches = HardPairBatches(loader, self.sampler, args.log_every_n_steps)
         log.info(
             "helip: %d training pairs from %s; batches of %d rows, %.0f%% hard pairs",
             len(dataset),
@@ -189,29 +187,28 @@ class HelipPlugin:
         )
         return HardPairDataInfo(self.batches, self.sampler)
 
-    def claim_namespace(self, args, dataset) -> None:
+    def start_session(self, args, dataset) -> MiningSession:
         # The run's rows go to their own namespace, tagged with the data set's fingerprint: a namespace holding
         # another data set's rows is refused (ids would name other samples), as helip-train does. Rank 0 creates
         # or resets it; the others wait for that, then check it.
         dim = (open_clip.get_model_config(args.model) or {}).get("embed_dim", 0)
-        fingerprint = dataset_fingerprint(dataset)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        session = MiningSession(self.mining, reset_namespace=self.mining.reset_namespace and args.rank == 0)
         try:
             if args.rank == 0:
-                claim_namespace(
-                    self.pusher.client, self.mining.namespace, dim, fingerprint, self.mining.reset_namespace
-                )
+                session.start(dim, dataset)
             if distributed:
                 torch.distributed.barrier()
             if args.rank != 0:
-                claim_namespace(self.pusher.client, self.mining.namespace, dim, fingerprint)
+                session.start(dim, dataset)
         except NamespaceMismatch as error:
+            session.close()
             raise SystemExit(f"helip example: {error} (flags: --helip-reset-namespace, --helip-namespace)") from None
+        return session
 
     def close(self) -> None:
-        self.pusher.close()  # waits for the last pushes
-        if self.sampler is not None:
-            self.sampler.close()
+        if self.session is not None:
+            self.session.close()  # stops mining, waits for the last pushes
 
 
 def default_namespace(open_clip_args: list[str]) -> str:
@@ -262,9 +259,9 @@ def main(argv=None) -> int:
     helip_args, open_clip_args = parser.parse_known_args(argv)
     namespace = helip_args.helip_namespace or default_namespace(open_clip_args)
     try:
-        validate_name(namespace, "--helip-namespace")
-    except InvalidArgument as error:
-        parser.error(str(error))
+        MiningConfig(namespace=namespace)  # checks the name
+    except ValueError as error:
+        parser.error(f"--helip-namespace: {error}")
 
     open_clip.add_model_config(helip_args.helip_model_config)
     plugin = HelipPlugin(

@@ -1,8 +1,8 @@
-"""CLIP training in plain PyTorch + open_clip, with HELIP's online hard pairs added in a handful of lines.
+"""CLIP training in plain PyTorch + open_clip, with HELIP's online hard pairs added in five lines.
 
-Everything here is an ordinary CLIP loop; the lines marked `# helip` are all that hard pairs need:
-a batch sampler that puts each anchor's mined hard pair in the same batch, a loss that adds the margin
-loss on those (anchor, hard pair) couples, and a push of each step's embeddings to the miner.
+Everything here is an ordinary CLIP loop; the lines marked `# helip` are all that hard pairs need: a mining
+session (one per run, bound to its namespace on the miner), a DataLoader whose batches put each anchor's mined hard
+pair in the same batch, a push of each step's embeddings to the miner, and closing the session.
 
     helip-miner serve --dim 64 --port 50051 &          # dim: the model's embed_dim (helip-tiny: 64)
     python examples/plain_loop.py --train-data data/train.csv --miner 127.0.0.1:50051 --steps 200
@@ -16,14 +16,8 @@ from pathlib import Path
 import open_clip
 import torch
 
-from helip.trainer.pairs.data import (
-    CsvPairs,  # map-style: dataset[i] -> (i, image, tokens); the id is what the miner stores
-)
-from helip.trainer.pairs.hard_pairs import HardPairSampler, hard_pair_loader  # helip
-from helip.trainer.pairs.losses import HelipLoss, LossConfig  # helip
-from helip.trainer.pairs.mining import MiningConfig, MiningCounters, make_client  # helip
-from helip.trainer.pairs.namespace import claim_namespace, dataset_fingerprint  # helip: one miner, many runs
-from helip.trainer.pairs.pusher import EmbeddingPusher  # helip
+import helip  # helip: the only import hard pairs need
+from helip import CsvPairs  # map-style: dataset[i] -> (i, image, tokens); the id is what the miner stores
 
 log = logging.getLogger("plain_loop")
 
@@ -54,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             "--port 50051` (--dim = the model's embed_dim), then pass --miner 127.0.0.1:50051"
         )
     try:
-        MiningConfig(namespace=args.namespace)  # checks the name
+        helip.MiningConfig(namespace=args.namespace)  # checks the name
     except ValueError as error:
         parser.error(f"--namespace: {error}")
     if args.pretrained and not Path(args.pretrained).is_file():
@@ -78,56 +72,42 @@ def main(argv=None) -> None:
     tokenizer = open_clip.get_tokenizer(name)
     dataset = CsvPairs(args.train_data, preprocess, tokenizer)
 
-    mining, counters = MiningConfig(address=args.miner, namespace=args.namespace), MiningCounters()  # helip
     with torch.no_grad():
         embed_dim = model.encode_text(tokenizer(["probe"]).to(args.device)).shape[-1]
-    client = make_client(mining)  # helip: every call it makes names mining.namespace
-    claim_namespace(client, args.namespace, embed_dim, dataset_fingerprint(dataset), reset=args.reset_namespace)
-    sampler = HardPairSampler(
-        len(dataset),
-        args.batch_size,
-        args.miner,
-        mining,
-        hard_ratio=args.hard_ratio,  # helip
-        num_workers=args.workers,
-        steps=args.steps,
-        counters=counters,
-    )  # helip
-    loader = hard_pair_loader(dataset, sampler)  # helip: a DataLoader of PairBatch(ids, images, tokens)
-    pusher = EmbeddingPusher(client, mining, counters)  # helip: sends embeddings in the background
-    # helip: the CLIP loss (+ the margin loss on the couples when hnml_weight > 0; off by default, see the README).
-    criterion = HelipLoss(LossConfig())
+    # helip: one session per run, bound to its namespace on the miner; start() claims it and checks the miner.
+    session = helip.MiningSession(address=args.miner, namespace=args.namespace, reset_namespace=args.reset_namespace)
+    session.start(embed_dim, dataset)  # helip
+    # helip: a DataLoader whose batches hold anchors and their mined hard pairs (workers load the images).
+    loader = session.loader(
+        dataset, args.batch_size, hard_ratio=args.hard_ratio, num_workers=args.workers, steps=args.steps
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
+    clip_loss = open_clip.ClipLoss()
 
     model.train()
-    for step, batch in enumerate(loader):
-        layout = sampler.layout(batch.ids)  # helip: which rows are (anchor, hard pair) couples
+    for step, batch in enumerate(loader):  # PairBatch(ids, images, tokens, layout)
         images = batch.images.to(args.device, non_blocking=True)
         tokens = batch.tokens.to(args.device, non_blocking=True)
         out = model(images, tokens)
-        losses = criterion(
-            out["image_features"], out["text_features"], out["logit_scale"], layout.couples
-        )  # helip: the couples; without them this is open_clip's ClipLoss
+        loss = clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
         optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()
+        loss.backward()
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))  # as open_clip does
-        pusher.push(batch.ids, out["image_features"], out["text_features"], step)  # helip: index this batch
+        session.push(batch.ids, out["image_features"], out["text_features"], step)  # helip: index in the background
+        layout = batch.layout  # which rows are (anchor, hard pair) couples, and how many slots were mined
         log.info(
-            "step %d loss %.4f (contrastive %.4f, margin %.4f) hard fraction %.3f (%d hard, %d fallback)",
+            "step %d loss %.4f hard fraction %.3f (%d hard, %d fallback)",
             step,
-            losses["total"].item(),
-            losses["contrastive"].item(),
-            losses["hnml"].item(),
+            loss.item(),
             layout.hard_fraction,
             layout.n_hard,
             layout.n_fallback,
         )
 
-    pusher.close()  # helip: waits for the last pushes
-    sampler.close()  # helip
-    log.info("done: %d steps; mining %s", args.steps, counters.snapshot())
+    session.close()  # helip: stops mining, sends the last pushes
+    log.info("done: %d steps; mining %s", args.steps, session.counters.snapshot())
     if args.output:
         torch.save(model.state_dict(), args.output)
         log.info("saved the state dict to %s", args.output)

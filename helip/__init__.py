@@ -1,6 +1,10 @@
 """helip: online hard-pair mining for CLIP training. The public API for any PyTorch loop is imported from here:
 
-    from helip import MiningSession, SessionConfig, HardPairSampler, hard_pair_loader, CsvPairs, HelipLoss
+    from helip import CsvPairs, HelipLoss, LossConfig, MiningConfig, MiningSession
+
+    session = MiningSession(MiningConfig(address="miner:50051", namespace="my-run")).start(dim=512, dataset=dataset)
+    loader = session.loader(dataset, batch_size=256, num_workers=8, steps=total_steps)  # PairBatch + its layout
+    pusher = session.pusher()                     # pusher.push(batch.ids, image_emb, text_emb, step) after a step
 
 Names load on first use, so `import helip` (and every `--help`) stays fast. The layers beneath:
 helip.miner_service (core / wire / service / client) and helip.trainer (pairs: this library; tools; app: helip-train).
@@ -12,6 +16,10 @@ import importlib
 
 _EXPORTS = {
     # the hard-pair library (helip.trainer.pairs)
+    "MiningSession": "helip.trainer.pairs.session",
+    "MinerRefused": "helip.trainer.pairs.refusals",
+    "SampleIndex": "helip.trainer.pairs.hard_pairs",
+    "MinePrefetcher": "helip.trainer.pairs.mining",
     "HardPairSampler": "helip.trainer.pairs.hard_pairs",
     "hard_pair_loader": "helip.trainer.pairs.hard_pairs",
     "BatchLayout": "helip.trainer.pairs.hard_pairs",
@@ -32,11 +40,16 @@ _EXPORTS = {
     "bootstrap_index": "helip.trainer.pairs.bootstrap",
     "claim_namespace": "helip.trainer.pairs.namespace",
     "dataset_fingerprint": "helip.trainer.pairs.namespace",
+    "run_namespace": "helip.trainer.pairs.namespace",
     "NamespaceMismatch": "helip.trainer.pairs.namespace",
     # the miner's client, for code that speaks to a miner directly
     "MinerClient": "helip.miner_service.client.single",
     "ClientConfig": "helip.miner_service.client.single",
     "Neighbours": "helip.miner_service.client.single",
+    "ReplicatedMinerClient": "helip.miner_service.client.replicas",
+    "ShardedMinerClient": "helip.miner_service.client.sharded",
+    "MinerApi": "helip.miner_service.client.protocol",
+    "MineQuery": "helip.miner_service.client.protocol",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -23,7 +23,9 @@ from typing import TypeVar
 
 import grpc
 
-from helip.miner_service.client.single import ClientConfig, MinerClient, Neighbours
+from helip.miner_service.client.protocol import MineCalls, MineQuery
+from helip.miner_service.client.single import ClientConfig, FetchedRows, MinerClient, Neighbours
+from helip.miner_service.wire.names import SERVICE_NAME
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +34,8 @@ T = TypeVar("T")
 # NOT_FOUND under strict_anchors, an auth failure) would be answered alike by every replica and are raised.
 FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 DEFAULT_RETRY_AFTER_S = 5.0
-MINER_SERVICE = "helip.miner.v1.Miner"
 FOLLOWER_SERVICE_CONFIG = json.dumps(
-    {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": MINER_SERVICE}}
+    {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": SERVICE_NAME}}
 )
 
 
@@ -84,7 +85,7 @@ class ReplicaRotation:
             return [f for f in range(self.n_followers) if self._resting_until[f] > now]
 
 
-class ReplicatedMinerClient:
+class ReplicatedMinerClient(MineCalls):
     """The MinerClient interface over one leader address and its follower addresses (gRPC targets).
 
     `config` is the leader's; followers get the same settings with retries off (failing over is their retry)
@@ -112,12 +113,6 @@ class ReplicatedMinerClient:
     def close(self) -> None:
         for replica in self._replicas:
             replica.close()
-
-    def __enter__(self) -> ReplicatedMinerClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         """Wait for the leader; followers get a second each (one that is down is failed over until it is back)."""
@@ -161,12 +156,12 @@ class ReplicatedMinerClient:
         assert last_error is not None  # the first attempt always runs: its deadline is still ahead
         raise last_error
 
-    def mine(self, k: int, *args, timeout_s: float | None = None, **kwargs) -> Neighbours:
-        """MinerClient.mine, answered by a follower when one can (Neighbours.served_by_follower says so)."""
-        return self._read(lambda replica, t: replica.mine(k, *args, timeout_s=t, **kwargs), timeout_s)
+    def mine_query(self, query: MineQuery, timeout_s: float | None = None) -> Neighbours:
+        """A Mine answered by a follower when one can (Neighbours.served_by_follower says so)."""
+        return self._read(lambda replica, t: replica.mine_query(query, t), timeout_s)
 
-    def fetch(self, ids, timeout_s: float | None = None):
-        return self._read(lambda replica, t: replica.fetch(ids, timeout_s=t), timeout_s)
+    def fetch_rows(self, ids, timeout_s: float | None = None) -> FetchedRows:
+        return self._read(lambda replica, t: replica.fetch_rows(ids, timeout_s=t), timeout_s)
 
     # ---- writes and Stats: the leader ---------------------------------------------------------------------------
     def upsert_request(self, ids, image, text, step: int = 0):

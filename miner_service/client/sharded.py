@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
 
 from helip.miner.v1 import miner_pb2 as pb
-from helip.miner_service.client.single import ClientConfig, MinerClient, Neighbours, _ids
+from helip.miner_service.client.protocol import MineCalls, MineQuery, as_ids
+from helip.miner_service.client.single import ClientConfig, FetchedRows, MinerClient, Neighbours
+from helip.miner_service.core.errors import NotFound
 from helip.miner_service.wire.shards import shard_of
+from helip.miner_service.wire.tensors import decode
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +37,7 @@ SHARD_DOWN_CODES = frozenset(
 )
 
 
-class ShardedMinerClient:
+class ShardedMinerClient(MineCalls):
     """The MinerClient interface over S shards, listed in shard order: addresses, or clients of the MinerClient
     interface (a ReplicatedMinerClient per shard spreads each shard's reads over its followers).
 
@@ -66,12 +69,6 @@ class ShardedMinerClient:
             client.close()
         self._pool.shutdown(wait=False)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         for client in self.clients:
             client.wait_ready(timeout_s)
@@ -97,8 +94,12 @@ class ShardedMinerClient:
                 errors[shard] = error
         return answers, errors
 
-    def upsert(self, ids, image, text, step: int = 0, timeout_s: float | None = None):
-        ids = _ids(ids)
+    def upsert_request(self, ids, image, text, step: int = 0) -> pb.UpsertRequest:
+        return self.clients[0].upsert_request(ids, image, text, step)
+
+    def upsert(self, ids, image, text, step: int = 0, timeout_s: float | None = None) -> pb.UpsertReply:
+        """Each id's row to its owner; one reply: rows accepted by all shards, rows stored over all shards."""
+        ids = as_ids(ids)
         image, text = np.asarray(_host(image)), np.asarray(_host(text))
         owner = shard_of(ids, self.shard_count)
         calls = []
@@ -106,107 +107,109 @@ class ShardedMinerClient:
             mask = owner == shard
             calls.append((self.clients[shard], lambda c, m=mask: c.upsert(ids[m], image[m], text[m], step, timeout_s)))
         replies = self._each(calls)
-        return sum(r.accepted for r in replies)
+        return pb.UpsertReply(accepted=sum(r.accepted for r in replies), size=self._size_after(replies, owner))
 
-    def delete(self, ids, timeout_s: float | None = None) -> int:
-        ids = _ids(ids)
+    def upsert_stream(self, requests: Iterable[pb.UpsertRequest], timeout_s: float | None = None) -> pb.UpsertReply:
+        """Each request split by owner, one stream per shard; one reply as for `upsert`."""
+        per_shard: dict[int, list[pb.UpsertRequest]] = {}
+        for request in requests:
+            ids = np.asarray(request.ids, dtype=np.uint64)
+            image, text = decode(request.image, "image"), decode(request.text, "text")
+            owner = shard_of(ids, self.shard_count)
+            for shard in np.unique(owner):
+                mask = owner == shard
+                part = self.clients[shard].upsert_request(ids[mask], image[mask], text[mask], request.step)
+                per_shard.setdefault(int(shard), []).append(part)
+        owners = np.array(sorted(per_shard), dtype=np.int64)
+        replies = self._each(
+            [(self.clients[s], lambda c, s=s: c.upsert_stream(per_shard[s], timeout_s)) for s in owners]
+        )
+        return pb.UpsertReply(accepted=sum(r.accepted for r in replies), size=self._size_after(replies, owners))
+
+    def _size_after(self, replies, written_shards: np.ndarray) -> int:
+        """Rows stored over all shards after a write: the written shards' replies plus the others' stats."""
+        written = {int(s) for s in np.unique(written_shards)}
+        others = [c for s, c in enumerate(self.clients) if s not in written]
+        return sum(r.size for r in replies) + sum(self._each([(c, lambda c: c.stats().size) for c in others]))
+
+    def delete(self, ids, timeout_s: float | None = None) -> pb.DeleteReply:
+        ids = as_ids(ids)
         owner = shard_of(ids, self.shard_count)
         calls = [(self.clients[s], lambda c, m=(owner == s): c.delete(ids[m], timeout_s)) for s in np.unique(owner)]
-        return sum(r.deleted for r in self._each(calls))
+        replies = self._each(calls)
+        return pb.DeleteReply(deleted=sum(r.deleted for r in replies), size=self._size_after(replies, owner))
 
-    def fetch(self, ids, timeout_s: float | None = None):
-        """(found mask, image [n, dim], text [n, dim]) for ids, each asked of its owner."""
-        found, image, text, _ = self._fetch(ids, timeout_s, tolerate_missing=False)
-        return found, image, text
+    def fetch_rows(self, ids, timeout_s: float | None = None) -> FetchedRows:
+        """The stored rows of `ids`, each asked of its owner, in request order."""
+        rows, _ = self._fetch(ids, timeout_s, tolerate_missing=False)
+        return rows
 
-    def _fetch(self, ids, timeout_s, tolerate_missing: bool):
-        """fetch, plus the errors of the owners that could not answer (their ids count as not found)."""
-        ids = _ids(ids)
+    def _fetch(self, ids, timeout_s, tolerate_missing: bool) -> tuple[FetchedRows, dict[int, grpc.RpcError]]:
+        """fetch_rows, plus the errors of the owners that could not answer (their ids count as not found)."""
+        ids = as_ids(ids)
         owner = shard_of(ids, self.shard_count)
         answers, errors = self._answers(
-            np.unique(owner), lambda s: self.clients[s].fetch(ids[owner == s], timeout_s), tolerate_missing
+            np.unique(owner), lambda s: self.clients[s].fetch_rows(ids[owner == s], timeout_s), tolerate_missing
         )
         found = np.zeros(len(ids), dtype=bool)
         image = text = None
-        for shard, (shard_found, shard_image, shard_text) in answers.items():
+        steps = np.zeros(len(ids), dtype=np.uint64)
+        for shard, part in answers.items():
             positions = np.flatnonzero(owner == shard)
             if image is None:
-                image = np.zeros((len(ids), shard_image.shape[1]), dtype=np.float32)
+                image = np.zeros((len(ids), part.image.shape[1]), dtype=np.float32)
                 text = np.zeros_like(image)
-            found[positions] = shard_found
-            image[positions[shard_found]] = shard_image
-            text[positions[shard_found]] = shard_text
-        return found, image, text, errors
+            found[positions] = part.found
+            image[positions[part.found]] = part.image
+            text[positions[part.found]] = part.text
+            steps[positions[part.found]] = part.steps
+        if image is None:
+            image = text = np.zeros((0, 0), dtype=np.float32)
+        else:
+            image, text = image[found], text[found]
+        return FetchedRows(found, ids[found], image, text, steps[found]), errors
 
-    def mine(
-        self,
-        k: int,
-        anchor_ids=None,
-        image=None,
-        text=None,
-        exclude_ids=(),
-        max_similarity: float = 0.0,
-        scoring: int = 1,
-        strict_anchors: bool = False,
-        timeout_s: float | None = None,
-    ) -> Neighbours:
-        if anchor_ids is None or image is not None:
-            parts, errors = self._mine_all(k, anchor_ids, image, text, exclude_ids, max_similarity, scoring, timeout_s)
+    def mine_query(self, query: MineQuery, timeout_s: float | None = None) -> Neighbours:
+        """The Mine scattered to every shard and merged: exactly one miner's answer over all shards' rows
+        (Neighbours.missing_shards names shards that could not answer, when not strict)."""
+        k = query.k
+        if query.anchor_ids is None or query.image is not None:
+            parts, errors = self._mine_all(query, timeout_s)
             return _merge(parts, k, errors)
-        anchor_ids = _ids(anchor_ids)
-        found, image, text, errors = self._fetch(anchor_ids, timeout_s, tolerate_missing=True)
+        anchor_ids = query.anchor_ids
+        rows, errors = self._fetch(anchor_ids, timeout_s, tolerate_missing=True)
         if len(errors) == self.shard_count:
             raise next(iter(errors.values()))
+        found = rows.found
         unreachable = np.isin(shard_of(anchor_ids, self.shard_count), list(errors))
         unknown = anchor_ids[~found & ~unreachable]
-        if strict_anchors and len(unknown):
-            from helip.miner_service.core.errors import NotFound
-
+        if query.strict_anchors and len(unknown):
             raise NotFound("anchor_ids", f"{len(unknown)} anchor ids are not stored, e.g. {unknown[:5].tolist()}")
         parts = {}
         if found.any():
-            parts, mine_errors = self._mine_all(
-                k,
-                anchor_ids[found],
-                image[found],
-                text[found],
-                exclude_ids,
-                max_similarity,
-                scoring,
-                timeout_s,
-                failed=errors,
-            )
+            by_embedding = dataclasses.replace(query, anchor_ids=anchor_ids[found], image=rows.image, text=rows.text)
+            parts, mine_errors = self._mine_all(by_embedding, timeout_s, failed=errors)
             errors = {**errors, **mine_errors}
         return _scatter_rows(_merge(parts, k, errors), found, k, unknown)
 
     def _mine_all(
-        self, k, anchor_ids, image, text, exclude_ids, max_similarity, scoring, timeout_s, failed=None
+        self, query: MineQuery, timeout_s, failed=None
     ) -> tuple[dict[int, Neighbours], dict[int, grpc.RpcError]]:
         """Every shard's answer but those that just `failed` (shard -> error); raises when none answered."""
         failed = failed or {}
-
-        def mine(shard: int) -> Neighbours:
-            return self.clients[shard].mine(
-                k,
-                anchor_ids=anchor_ids,
-                image=image,
-                text=text,
-                exclude_ids=exclude_ids,
-                max_similarity=max_similarity,
-                scoring=scoring,
-                timeout_s=timeout_s,
-            )
-
-        parts, errors = self._answers([s for s in range(self.shard_count) if s not in failed], mine)
+        shards = [s for s in range(self.shard_count) if s not in failed]
+        parts, errors = self._answers(shards, lambda shard: self.clients[shard].mine_query(query, timeout_s))
         if not parts:
             raise next(iter({**failed, **errors}.values()))
         return parts, errors
 
-    def size(self) -> int:
-        return sum(s.size for s in self._each([(c, lambda c: c.stats()) for c in self.clients]))
+    def shard_stats(self, timeout_s: float | None = None) -> list[pb.StatsReply]:
+        """Each shard's own Stats, in shard order."""
+        return self._each([(c, lambda c: c.stats(timeout_s)) for c in self.clients])
 
-    def stats(self):
-        return self._each([(c, lambda c: c.stats()) for c in self.clients])
+    def stats(self, timeout_s: float | None = None) -> pb.StatsReply:
+        """Stats as one miner holding every shard's rows would answer them (per-shard detail: `shard_stats`)."""
+        return merge_stats(self.shard_stats(timeout_s))
 
     def ensure_namespace(self, dim: int = 0, fingerprint: str = "", reset: bool = False, timeout_s=None):
         """EnsureNamespace on every shard, as one reply: rows summed; a shard whose fingerprint differs from
@@ -220,9 +223,45 @@ class ShardedMinerClient:
         info.rows = sum(r.info.rows for r in replies)
         return pb.EnsureNamespaceReply(info=info, created=any(r.created for r in replies))
 
-    def drop_namespace(self, timeout_s=None):
+    def drop_namespace(self, timeout_s=None) -> pb.DropNamespaceReply:
         replies = self._each([(c, lambda c: c.drop_namespace(timeout_s)) for c in self.clients])
         return pb.DropNamespaceReply(dropped_rows=sum(r.dropped_rows for r in replies))
+
+
+def merge_stats(replies: Sequence[pb.StatsReply]) -> pb.StatsReply:
+    """Shards' Stats as one miner's: counts summed, limits and the search device as the shards agree (the
+    tightest limit when they differ), steps spanning all, the largest lag; shard_index 0 of shard_count 1."""
+    first = replies[0]
+    merged = pb.StatsReply(
+        size=sum(r.size for r in replies),
+        dim=first.dim,
+        device=first.device if all(r.device == first.device for r in replies) else "mixed",
+        capacity=sum(r.capacity for r in replies),
+        max_rows=sum(r.max_rows for r in replies) if all(r.max_rows for r in replies) else 0,
+        ivf_ready=all(r.ivf_ready for r in replies),
+        ivf_rows=sum(r.ivf_rows for r in replies),
+        max_k=min(r.max_k for r in replies),
+        role=first.role if all(r.role == first.role for r in replies) else "mixed",
+        shard_index=0,
+        shard_count=1,
+        replica_lag_seconds=max(r.replica_lag_seconds for r in replies),
+        namespace=first.namespace,
+        total_rows=sum(r.total_rows for r in replies),
+        max_total_rows=sum(r.max_total_rows for r in replies) if all(r.max_total_rows for r in replies) else 0,
+    )
+    stored = [r for r in replies if r.size]
+    if stored:
+        merged.min_step = min(r.min_step for r in stored)
+        merged.max_step = max(r.max_step for r in stored)
+    namespaces: dict[str, pb.NamespaceInfo] = {}
+    for reply in replies:
+        for info in reply.namespaces:
+            seen = namespaces.setdefault(info.name, pb.NamespaceInfo(name=info.name, dim=info.dim))
+            seen.rows += info.rows
+            if info.fingerprint and not seen.fingerprint:
+                seen.fingerprint = info.fingerprint
+    merged.namespaces.extend(namespaces.values())
+    return merged
 
 
 def _host(array):

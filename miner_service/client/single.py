@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import grpc
@@ -18,6 +18,7 @@ import numpy as np
 
 from helip.miner.v1 import miner_pb2 as pb
 from helip.miner.v1 import miner_pb2_grpc as pb_grpc
+from helip.miner_service.client.protocol import MineCalls, MineQuery, as_ids
 from helip.miner_service.wire.security import channel_credentials, load_token
 from helip.miner_service.wire.tensors import decode, encode, encode_field
 
@@ -79,13 +80,14 @@ class Neighbours:
     missing_shards: tuple[int, ...] = ()
 
 
-def _ids(values) -> np.ndarray:
-    if hasattr(values, "detach"):
-        values = values.detach().cpu().numpy()
-    return np.asarray(values, dtype=np.uint64).ravel()
+class MinerClient(MineCalls):
+    """One miner, bound to `config.namespace`: the `MinerApi` over one gRPC channel.
 
+    Calls raise grpc.RpcError with the server's status code; reads and idempotent writes retry UNAVAILABLE
+    `config.retries` times. The channel reconnects by itself after a miner restart (backoff capped at
+    `config.max_reconnect_backoff_ms`). Thread-safe: a channel serves concurrent calls.
+    """
 
-class MinerClient:
     def __init__(self, config: ClientConfig | str = ClientConfig()):
         if isinstance(config, str):
             config = ClientConfig(address=config)
@@ -122,12 +124,6 @@ class MinerClient:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> MinerClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
 
@@ -145,7 +141,7 @@ class MinerClient:
     def upsert_request(self, ids, image, text, step: int = 0) -> pb.UpsertRequest:
         dtype = self.config.wire_dtype
         return pb.UpsertRequest(
-            ids=_ids(ids).tolist(),
+            ids=as_ids(ids).tolist(),
             image=encode(image, dtype),
             text=encode(text, dtype),
             step=int(step),
@@ -157,7 +153,7 @@ class MinerClient:
         dtype = self.config.wire_dtype
         return b"".join(
             [
-                pb.UpsertRequest(ids=_ids(ids).tolist()).SerializeToString(),
+                pb.UpsertRequest(ids=as_ids(ids).tolist()).SerializeToString(),
                 *encode_field(_UPSERT_IMAGE_FIELD, image, dtype),
                 *encode_field(_UPSERT_TEXT_FIELD, text, dtype),
                 pb.UpsertRequest(step=int(step), namespace=self.config.namespace).SerializeToString(),
@@ -171,51 +167,21 @@ class MinerClient:
     def upsert_stream(self, requests: Iterable[pb.UpsertRequest], timeout_s: float | None = None) -> pb.UpsertReply:
         return self._invoke(self.stub.UpsertStream, iter(requests), timeout_s, retry=False)
 
-    def mine(
-        self,
-        k: int,
-        anchor_ids=None,
-        image=None,
-        text=None,
-        exclude_ids: Sequence[int] = (),
-        max_similarity: float = 0.0,
-        scoring: int = pb.PRODUCT,
-        strict_anchors: bool = False,
-        timeout_s: float | None = None,
-    ) -> Neighbours:
-        request = pb.MineRequest(
-            k=k,
-            exclude_ids=_ids(exclude_ids).tolist(),
-            max_similarity=max_similarity,
-            scoring=scoring,
-            strict_anchors=strict_anchors,
-            namespace=self.config.namespace,
-        )
-        if anchor_ids is not None:
-            request.anchor_ids.extend(_ids(anchor_ids).tolist())
-        if image is not None:
-            request.image.CopyFrom(encode(image, self.config.wire_dtype))
-        if text is not None:
-            request.text.CopyFrom(encode(text, self.config.wire_dtype))
-        reply = self._invoke(self.stub.Mine, request, timeout_s, retry=True)
-        return decode_neighbours(reply)
+    def mine_query(self, query: MineQuery, timeout_s: float | None = None) -> Neighbours:
+        request = query.request(self.config.namespace, lambda rows: encode(rows, self.config.wire_dtype))
+        return decode_neighbours(self._invoke(self.stub.Mine, request, timeout_s, retry=True))
 
     def delete(self, ids, timeout_s: float | None = None) -> pb.DeleteReply:
         return self._invoke(
             self.stub.Delete,
-            pb.DeleteRequest(ids=_ids(ids).tolist(), namespace=self.config.namespace),
+            pb.DeleteRequest(ids=as_ids(ids).tolist(), namespace=self.config.namespace),
             timeout_s,
             retry=True,
         )
 
-    def fetch(self, ids, timeout_s: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(found mask, image [found, dim], text [found, dim]) of the stored rows of `ids` (see `fetch_rows`)."""
-        rows = self.fetch_rows(ids, timeout_s)
-        return rows.found, rows.image, rows.text
-
     def fetch_rows(self, ids, timeout_s: float | None = None) -> FetchedRows:
         """The stored rows of `ids`, with the step that wrote each."""
-        ids = _ids(ids)
+        ids = as_ids(ids)
         reply = self._invoke(
             self.stub.Fetch, pb.FetchRequest(ids=ids.tolist(), namespace=self.config.namespace), timeout_s, retry=True
         )

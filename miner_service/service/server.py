@@ -31,14 +31,14 @@ from helip.miner_service.service.config import MinerConfig
 from helip.miner_service.service.lag import LagSampler, ReplicaLag
 from helip.miner_service.service.metrics import MinerMetrics
 from helip.miner_service.service.namespaces import DEFAULT, Namespace, NamespaceRegistry
-from helip.miner_service.wire.names import validate_fingerprint, validate_name
+from helip.miner_service.wire.names import SERVICE_NAME, validate_fingerprint, validate_name
 from helip.miner_service.wire.security import TokenInterceptor, load_token, server_credentials
 from helip.miner_service.wire.shards import shard_of
+from helip.miner_service.wire.status import refusal_status
 from helip.miner_service.wire.tensors import encode
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "helip.miner.v1.Miner"
 _STATUS_OF_ERROR = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
@@ -88,7 +88,8 @@ class MinerServicer(pb_grpc.MinerServicer):
             code = _STATUS_OF_ERROR[type(error)]
             log.info("%s refused (%s): %s", method, code.name, error)
             self.metrics.requests.labels(method, code.name).inc()
-            context.abort(code, str(error))
+            # The field travels as a google.rpc.BadRequest violation too, so clients need not parse the message.
+            context.abort_with_status(refusal_status(code, str(error), error.field))
         except SearchCancelled:
             # The caller's deadline passed or it cancelled: nobody waits for an answer, so give none.
             log.info("%s abandoned by the client; search stopped", method)

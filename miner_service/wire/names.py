@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import re
 
+from helip.miner.v1 import miner_pb2 as pb
 from helip.miner_service.core.errors import InvalidArgument
 
+# The gRPC service's full name, as health checks and service configs name it (from the contract, not retyped).
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Miner"].full_name
 DEFAULT_NAMESPACE = "default"
 MAX_NAME_CHARS = 64
 MAX_FINGERPRINT_CHARS = 1024

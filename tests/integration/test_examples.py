@@ -70,7 +70,7 @@ def test_plain_loop_trains_with_hard_pairs_and_fills_the_miner(synth, tmp_path, 
         final,
     )
 
-    fractions = [float(f) for f in re.findall(r"step \d+ loss [0-9.]+ .* hard fraction ([0-9.]+)", output)]
+    fractions = [float(f) for f in re.findall(r"step \d+ loss [0-9.]+ .*?hard fraction ([0-9.]+)", output)]
     assert len(fractions) == 30, output[-4000:]
     # The miner starts empty (step 0 has no hard pair); once the first steps' embeddings are in, anchors get them.
     assert fractions[0] == 0.0

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from helip import MinePrefetcher, MiningConfig, MiningSession
 from helip.miner.v1 import miner_pb2 as pb
 from helip.miner_service.client.replicas import ReplicatedMinerClient
 from helip.miner_service.client.sharded import ShardedMinerClient
 from helip.miner_service.client.single import ClientConfig, MinerClient
 from helip.miner_service.wire.shards import shard_of
-from helip.trainer.pairs.mining import MinePrefetcher, MiningConfig, MiningCounters, make_client
 from tests.conftest import free_port
 from tests.reference import random_pairs, reference_mine
 
@@ -125,7 +125,8 @@ def test_a_follower_that_reports_not_serving_is_skipped_by_its_channel():
     from grpc_health.v1 import health_pb2
 
     from helip.miner_service.service.config import MinerConfig
-    from helip.miner_service.service.server import SERVICE_NAME, MinerServer
+    from helip.miner_service.service.server import MinerServer
+    from helip.miner_service.wire.names import SERVICE_NAME
 
     leader, follower = (MinerServer(MinerConfig(dim=DIM, port=0, metrics_port=-1)).start() for _ in range(2))
     try:
@@ -196,11 +197,10 @@ def test_a_killed_shard_leaves_exact_answers_from_the_others_flagged_and_strict_
     # The trainer's side: a degraded answer is used and counted; with strict_shards it is a failed Mine.
     expected = degraded.mine(10, anchor_ids=anchors, exclude_ids=anchors).ids
     for strict_shards in (False, True):
-        counters = MiningCounters()
-        mining = MiningConfig(
+        session = MiningSession(
             address=",".join(addresses), k=10, deadline_s=10, wire_dtype="FLOAT32", strict_shards=strict_shards
         )
-        prefetcher = MinePrefetcher(make_client(mining), mining, counters)
+        prefetcher, counters = MinePrefetcher(session), session.counters
         prefetcher.request(0, anchors.astype(np.int64))
         prefetcher.wait(0, 30)
         hard = prefetcher.take(0)
@@ -210,7 +210,7 @@ def test_a_killed_shard_leaves_exact_answers_from_the_others_flagged_and_strict_
             np.testing.assert_array_equal(hard, expected)
             assert counters.mine_degraded == 1 and counters.mine_failures == 0
         prefetcher.close()
-        prefetcher.client.close()
+        session.close()
     degraded.close()
 
 
@@ -225,9 +225,8 @@ def test_a_follower_behind_reports_its_lag_in_replies_stats_and_metrics(miner_fa
     time.sleep(1.2)  # a lag sample after catching up
     assert reader.stats().replica_lag_seconds == 0 and writer.stats().replica_lag_seconds == 0
     assert sample_value(follower, "helip_miner_replica_lag_seconds") == 0
-    mining = MiningConfig(address=leader.address, followers=follower.address, k=5, deadline_s=10)
-    counters = MiningCounters()
-    prefetcher = MinePrefetcher(make_client(mining), mining, counters)
+    session = MiningSession(MiningConfig(address=leader.address, followers=follower.address, k=5, deadline_s=10))
+    prefetcher, counters = MinePrefetcher(session), session.counters
 
     # A burst of writes while the follower is paused: once it runs again it has ~1500 log entries to apply.
     follower.process.send_signal(signal.SIGSTOP)
@@ -257,7 +256,7 @@ def test_a_follower_behind_reports_its_lag_in_replies_stats_and_metrics(miner_fa
     time.sleep(1.2)  # caught up: the next sample says so
     assert reader.stats().replica_lag_seconds == 0
     prefetcher.close()
-    prefetcher.client.close()
+    session.close()
 
 
 def test_lag_is_measured_from_the_oldest_unapplied_entry_by_redis_clock(redis_url, key_prefix):

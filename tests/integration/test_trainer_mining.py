@@ -8,11 +8,8 @@ import time
 import numpy as np
 import torch
 
-from helip.miner_service.client.single import MinerClient
+from helip import HardPairSampler, MinerClient, MiningConfig, MiningSession
 from helip.trainer.pairs.data import Sample
-from helip.trainer.pairs.hard_pairs import HardPairSampler, hard_pair_loader
-from helip.trainer.pairs.mining import MiningConfig, MiningCounters, make_client
-from helip.trainer.pairs.pusher import EmbeddingPusher
 from tests.conftest import free_port
 
 DIM = 16
@@ -37,10 +34,9 @@ class TensorPairs(torch.utils.data.Dataset):
 
 
 def push_all(config, image, text, as_torch=False):
-    counters = MiningCounters()
-    client = make_client(config)
-    client.wait_ready(30)  # a restarted miner: let the channel reconnect before counting on it
-    pusher = EmbeddingPusher(client, config, counters)
+    session = MiningSession(config)
+    session.client.wait_ready(30)  # a restarted miner: let the channel reconnect before counting on it
+    pusher, counters = session.pusher(), session.counters
     for first in range(0, N, 100):
         ids = np.arange(first, first + 100)
         rows_i, rows_t = image[first : first + 100], text[first : first + 100]
@@ -48,7 +44,7 @@ def push_all(config, image, text, as_torch=False):
             ids, rows_i, rows_t = torch.from_numpy(ids), torch.from_numpy(rows_i), torch.from_numpy(rows_t)
         assert pusher.push(ids, rows_i, rows_t, 1)
     assert pusher.flush(30)
-    pusher.close()
+    session.close()
     assert counters.pushed_rows == N and counters.push_failures == 0
 
 
@@ -57,14 +53,13 @@ def test_dataloader_workers_get_hard_pairs_from_the_miner(miner_factory):
     config = MiningConfig(address=miner.address, k=10, prefetch=2, deadline_s=5.0)
     image, text = clustered(np.random.default_rng(0), N, DIM)
     push_all(config, image, text, as_torch=True)
-    sampler = HardPairSampler(
-        N, 16, miner.address, config, hard_ratio=0.5, seed=2, num_workers=2, prefetch_factor=2, steps=12
-    )
+    session = MiningSession(config)
+    loader = session.loader(TensorPairs(), 16, hard_ratio=0.5, seed=2, num_workers=2, prefetch_factor=2, steps=12)
+    sampler = loader.batch_sampler
     assert sampler.lookahead == 2 * 2 + 2 + 1
-    loader = hard_pair_loader(TensorPairs(), sampler)
     steps, same_cluster = [], 0
     for batch in loader:
-        layout = sampler.layout(batch.ids)
+        layout = batch.layout
         steps.append(layout.step)
         # Every image carries its id: the workers loaded exactly the ids the sampler composed.
         assert batch.images[:, 0, 0, 0].long().tolist() == batch.ids.tolist()
@@ -77,8 +72,8 @@ def test_dataloader_workers_get_hard_pairs_from_the_miner(miner_factory):
     # Clustered data: hard pairs mostly come from the anchor's own cluster (the miner's near-duplicate cut
     # removes the closest members of small clusters, so not always).
     assert same_cluster >= 0.75 * 12 * 8
-    assert sampler.counters.mine_failures == 0 and sampler.counters.mine_late == 0
-    sampler.close()
+    assert session.counters.mine_failures == 0 and session.counters.mine_late == 0
+    session.close()
 
 
 def test_miner_down_falls_back_opens_the_breaker_and_recovers(miner_factory):
@@ -95,8 +90,8 @@ def test_miner_down_falls_back_opens_the_breaker_and_recovers(miner_factory):
     )
     image, text = clustered(np.random.default_rng(0), N, DIM)
     push_all(config, image, text)
-    counters = MiningCounters()
-    sampler = HardPairSampler(N, 16, config.address, config, seed=1, steps=10_000, counters=counters)
+    session = MiningSession(config)
+    sampler, counters = session.sampler(N, 16, seed=1, steps=10_000), session.counters
     steps = iter(sampler)
 
     def next_layout():
@@ -122,7 +117,7 @@ def test_miner_down_falls_back_opens_the_breaker_and_recovers(miner_factory):
     while next_layout().n_hard < 8:
         assert time.monotonic() < deadline, counters.snapshot()
     assert counters.mine_calls > calls_while_down
-    sampler.close()
+    session.close()
 
 
 def test_foreign_ids_from_a_shared_miner_are_dropped_and_counted(miner_factory):
@@ -132,9 +127,9 @@ def test_foreign_ids_from_a_shared_miner_are_dropped_and_counted(miner_factory):
         client.upsert(np.arange(N, 2 * N, dtype=np.uint64), image[N:], text[N:], 1)
     config = MiningConfig(address=miner.address, k=10, deadline_s=5.0)
     push_all(config, image[:N], text[:N])
-    sampler = HardPairSampler(N, 16, miner.address, config, seed=3, steps=6)
-    for ids in sampler:
-        assert max(ids) < N
-        sampler.layout(ids)
-    assert sampler.counters.foreign_ids > 0  # the clusters of both sets overlap, so foreign rows were offered
-    sampler.close()
+    with MiningSession(config) as session:
+        sampler = HardPairSampler(N, 16, session, seed=3, steps=6)
+        for ids in sampler:
+            assert max(ids) < N
+            sampler.layout(ids)
+        assert session.counters.foreign_ids > 0  # the clusters of both sets overlap, so foreign rows were offered

@@ -14,10 +14,13 @@ import torch
 from helip.miner_service.client.single import Neighbours
 from helip.trainer.pairs.hard_pairs import HardPairSampler
 from helip.trainer.pairs.mining import MiningConfig
+from helip.trainer.pairs.session import MiningSession
 
 
 class ScriptedMiner:
     """Answers Mine with id (anchor + N/2) mod N (a fixed 'hard pair' per anchor), optionally held back or failing."""
+
+    namespace = ""
 
     def __init__(self):
         self.release = threading.Event()
@@ -34,6 +37,9 @@ class ScriptedMiner:
         ids = ((np.asarray(anchor_ids, dtype=np.int64) + N // 2) % N)[:, None]
         return Neighbours(ids, np.ones(ids.shape, np.float32), np.zeros(ids.shape, np.uint64), 0, np.zeros(0))
 
+    def size(self):
+        return N
+
 
 class _Deadline(grpc.RpcError):
     def code(self):
@@ -49,6 +55,10 @@ CONFIG = MiningConfig(
 )
 
 
+def _session(miner) -> MiningSession:
+    return MiningSession(CONFIG, client=miner)
+
+
 def _drain(sampler, pause_s=0.02):
     layouts = []
     for ids in sampler:
@@ -59,11 +69,11 @@ def _drain(sampler, pause_s=0.02):
 
 def test_lookahead_covers_the_loader_and_every_batch_gets_its_hard_pairs():
     miner = ScriptedMiner()
-    sampler = HardPairSampler(N, 8, miner, CONFIG, num_workers=3, prefetch_factor=2, steps=10)
+    sampler = HardPairSampler(N, 8, _session(miner), num_workers=3, prefetch_factor=2, steps=10)
     assert sampler.lookahead == 3 * 2 + 2 + 1
     iterator = iter(sampler)
     first = next(iterator)
-    assert len(miner.calls) == sampler.lookahead  # asked ahead before the first batch was handed out
+    assert len(miner.calls) >= sampler.lookahead  # asked ahead before the first batch was handed out
     layout = sampler.layout(first)
     assert layout.n_hard == 4 and all(first[h] == (first[a] + N // 2) % N for a, h in layout.couples.tolist())
     layouts = [layout] + [sampler.layout(ids) for ids in iterator if time.sleep(0.02) is None]
@@ -73,7 +83,7 @@ def test_lookahead_covers_the_loader_and_every_batch_gets_its_hard_pairs():
 
 def test_a_hung_miner_never_holds_up_a_batch_and_the_breaker_stops_calls():
     miner = ScriptedMiner()
-    sampler = HardPairSampler(N, 8, miner, CONFIG, steps=40)
+    sampler = HardPairSampler(N, 8, _session(miner), steps=40)
     miner.release.clear()  # the miner hangs (SIGSTOP): every call runs into its deadline
     started = time.monotonic()
     layouts = _drain(sampler, pause_s=0.05)
@@ -85,30 +95,31 @@ def test_a_hung_miner_never_holds_up_a_batch_and_the_breaker_stops_calls():
     sampler.close()
 
 
-def test_layout_follows_substitutes_and_skips_undelivered_batches():
-    sampler = HardPairSampler(N, 8, ScriptedMiner(), CONFIG, steps=5)
+def test_the_layout_travels_with_each_batch_and_follows_substitutes():
+    sampler = HardPairSampler(N, 8, _session(ScriptedMiner()), steps=5)
     iterator = iter(sampler)
     batches = [next(iterator) for _ in range(4)]
-    time.sleep(0.1)
-    # Batch 0 was never delivered (an abandoned iterator); batch 1 arrives with a bad sample's substitute.
-    delivered = list(batches[1])
-    delivered[1] = N - 1  # the hard pair of the first anchor was replaced
-    layout = sampler.layout(torch.tensor(delivered))
+    # Batches arrive in any order, some never (an abandoned iterator): each carries its own layout.
+    assert [sampler.layout(b).step for b in (batches[2], batches[0], batches[3])] == [2, 0, 3]
+    assert all(index.layout is batches[1][0].layout for index in batches[1])
+    # Batch 1 arrives with a bad sample's substitute in the first anchor's hard-pair row.
+    delivered = torch.tensor([int(i) for i in batches[1]])
+    delivered[1] = N - 1
+    layout = sampler.layout(batches[1]).delivered(delivered)
     assert layout.step == 1 and layout.n_hard == 3 and layout.n_fallback == 1
     assert [0, 1] not in layout.couples.tolist() and [2, 3] in layout.couples.tolist()
-    assert sampler.layout(batches[2]).step == 2
-    with pytest.raises(KeyError, match="no batch composed"):
+    with pytest.raises(ValueError, match="carries no layout"):
         sampler.layout([7777, 7778, 7779, 7780])
 
 
 def test_epochs_and_resume_offsets():
-    sampler = HardPairSampler(100, 10, None, CONFIG, hard_ratio=0.5, rank=1, world_size=2)
+    sampler = HardPairSampler(100, 10, None, hard_ratio=0.5, rank=1, world_size=2)
     assert sampler.anchors.steps_per_epoch == 10 and len(sampler) == 10
     epoch0 = [ids[0] for ids in sampler]
     sampler.set_epoch(1)
     epoch1 = list(sampler)
     assert len(epoch1) == 10 and [ids[0] for ids in epoch1] != epoch0
     assert all(len(ids) == 10 and len(set(ids)) == 10 for ids in epoch1)
-    resumed = HardPairSampler(100, 10, None, CONFIG, rank=1, world_size=2, start_step=13)
+    resumed = HardPairSampler(100, 10, None, rank=1, world_size=2, start_step=13)
     resumed.set_epoch(1)
     assert len(resumed) == 7 and list(resumed) == epoch1[3:]  # fallbacks are seeded per step: the same batches

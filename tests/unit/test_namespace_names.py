@@ -7,8 +7,9 @@ import pytest
 from helip.miner_service.core.errors import InvalidArgument
 from helip.miner_service.service.namespaces import NamespaceRecord
 from helip.miner_service.wire.names import validate_name
-from helip.trainer.pairs.mining import MiningConfig, check_client_namespace
+from helip.trainer.pairs.mining import MiningConfig
 from helip.trainer.pairs.namespace import dataset_fingerprint, run_namespace
+from helip.trainer.pairs.session import MiningSession
 
 
 @pytest.mark.parametrize("name", ["a", "run-1", "Run.2_b", "9" * 64])
@@ -66,11 +67,19 @@ def test_mining_namespace_is_validated():
         MiningConfig(namespace="not/ok")
 
 
-def test_a_client_bound_to_another_namespace_is_refused():
+def test_a_session_takes_its_client_namespace_and_refuses_another():
     class Client:
         namespace = "a"
 
-    check_client_namespace(Client(), MiningConfig())  # unset: the client decides
-    check_client_namespace(Client(), MiningConfig(namespace="a"))
+        def close(self):
+            pass
+
+    assert MiningSession(MiningConfig(), Client()).namespace == "a"  # unset: the client decides
+    assert MiningSession(MiningConfig(namespace="a"), Client()).namespace == "a"
     with pytest.raises(ValueError, match="'b'"):
-        check_client_namespace(Client(), MiningConfig(namespace="b"))
+        MiningSession(MiningConfig(namespace="b"), Client())
+
+
+def test_a_session_without_an_address_or_client_says_so():
+    with pytest.raises(ValueError, match="mining.address"):
+        MiningSession(MiningConfig(address=""))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import pytest
 from helip.trainer.pairs.composer import compose_batch
 from helip.trainer.pairs.hard_pairs import HardPairSampler
 from helip.trainer.pairs.mining import MiningConfig
+from helip.trainer.pairs.session import MiningSession
 from helip.trainer.pairs.streaming import CoverageWatch, ramp_share
 from tests.unit.test_hard_pairs import CONFIG, N, ScriptedMiner
 
@@ -23,8 +23,8 @@ class GrowingMiner(ScriptedMiner):
         super().__init__()
         self.rows = rows
 
-    def stats(self, timeout_s=None):
-        return SimpleNamespace(size=self.rows)
+    def size(self, timeout_s=None):
+        return self.rows
 
 
 def test_ramp_share_grows_linearly_from_the_first_mined_step():
@@ -50,7 +50,7 @@ def test_compose_batch_leaves_slots_past_max_mined_plain_not_fallback():
 def test_no_mine_before_start_step_then_hard_pairs_ramp_in():
     miner = GrowingMiner(rows=N)
     config = dataclasses.replace(CONFIG, start_step=6, ramp_steps=4)
-    sampler = HardPairSampler(N, 16, miner, config, steps=14, seed=1)
+    sampler = HardPairSampler(N, 16, MiningSession(config, client=miner), steps=14, seed=1)
     layouts = []
     for ids in sampler:
         time.sleep(0.02)  # the training step: lets the answers in
@@ -67,7 +67,7 @@ def test_no_mine_before_start_step_then_hard_pairs_ramp_in():
 def test_mining_waits_for_the_index_to_cover_the_data_set():
     miner = GrowingMiner(rows=0)
     config = dataclasses.replace(CONFIG, start_coverage=0.5, coverage_poll_s=0.01)
-    sampler = HardPairSampler(N, 16, miner, config, steps=400, seed=1)
+    sampler = HardPairSampler(N, 16, MiningSession(config, client=miner), steps=400, seed=1)
     hard = []
     for step, ids in enumerate(sampler):
         if step == 20:

@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     from helip.trainer.app.engine import Trainer, setup_distributed
     from helip.trainer.pairs.ledger import TooManyBadSamples
     from helip.trainer.pairs.namespace import NamespaceMismatch
+    from helip.trainer.pairs.refusals import MinerRefused
 
     # SIGTERM (an orchestrator stopping the pod) unwinds like Ctrl-C, so the local miner is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -183,12 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     prepare_synth_data(config.data, local_rank)
     try:
         trainer = Trainer(config)
-    except NamespaceMismatch as error:  # the miner holds another data set there: the user decides, no traceback
+    except (NamespaceMismatch, MinerRefused) as error:  # a setting the user must change: no traceback
         logging.getLogger("helip-train").error("%s", error)
         return 1
     try:
         result = trainer.train()
-    except TooManyBadSamples as error:  # the data's fault, not the program's: no traceback
+    except (TooManyBadSamples, MinerRefused) as error:  # the data's or a setting's fault: no traceback
         logging.getLogger("helip-train").error("%s", error)
         return 1
     finally:

@@ -109,19 +109,13 @@ class Trainer:
         )
         self.loss = HelipLoss(config.loss, rank=self.rank, world_size=self.world_size)
 
-        self.counters = MiningCounters()
-        # Online mining (None for plain CLIP batches): the miner, the run's namespace, the pusher.
+        # Online mining (None for plain CLIP batches): the miner, the run's namespace and its session.
         self.mining: RunMining | None = None
         if config.optim.hard_ratio > 0:
             self.mining = RunMining(
-                config.mining,
-                self.output_dir,
-                self.dataset,
-                self.embed_dim,
-                self.rank,
-                self.world_size,
-                self.counters,
+                config.mining, self.output_dir, self.dataset, self.embed_dim, self.rank, self.world_size
             )
+        self.counters = self.mining.session.counters if self.mining is not None else MiningCounters()
         self.metrics = TrainerMetrics.create(self.rank)
         if config.run.metrics_port:
             port = self.metrics.serve(config.run.metrics_port + self.local_rank, config.run.metrics_host)
@@ -178,8 +172,7 @@ class Trainer:
         self.sampler = HardPairSampler(
             len(self.dataset),
             config.optim.batch_size,
-            self.mining.client if self.mining else None,
-            self.mining.config if self.mining else config.mining,
+            self.mining.session if self.mining else None,
             hard_ratio=config.optim.hard_ratio,
             rank=self.rank,
             world_size=self.world_size,
@@ -188,7 +181,6 @@ class Trainer:
             prefetch_factor=config.data.prefetch_factor,
             steps=total_micro,
             start_step=start_micro,
-            counters=self.counters,
         )
         loader = hard_pair_loader(self.dataset, self.sampler, pin_memory=self.device.type == "cuda")
         ledger = BadSampleLedger(config.data.max_bad_fraction, config.data.bad_min_samples)
@@ -226,7 +218,7 @@ class Trainer:
             waited = time.perf_counter()
             batch = next(batches)
             waited = time.perf_counter() - waited
-            layout = self.sampler.layout(batch.ids)
+            layout = batch.layout
             ledger.record(batch)
             started = time.perf_counter()
             losses = self._step(batch, layout.couples)

@@ -15,10 +15,11 @@ from pathlib import Path
 import torch.distributed as dist
 
 from helip.trainer.app.local_miner import LocalMiner
-from helip.trainer.pairs.bootstrap import bootstrap_index, miner_rows
-from helip.trainer.pairs.mining import MiningConfig, MiningCounters, make_client
-from helip.trainer.pairs.namespace import NamespaceMismatch, claim_namespace, dataset_fingerprint, run_namespace
-from helip.trainer.pairs.pusher import EmbeddingPusher
+from helip.trainer.pairs.bootstrap import bootstrap_index
+from helip.trainer.pairs.mining import MiningConfig
+from helip.trainer.pairs.namespace import NamespaceMismatch, dataset_fingerprint, run_namespace
+from helip.trainer.pairs.refusals import MinerRefused
+from helip.trainer.pairs.session import MiningSession
 
 log = logging.getLogger(__name__)
 
@@ -43,37 +44,34 @@ def refuse_local_miner_across_hosts(hosts: list[str], dim: int) -> None:
 
 
 class RunMining:
-    """Connects every rank to the run's miner and namespace; `close` stops what it started (idempotent).
+    """The distributed wrapper of a MiningSession: every rank holds one, connected to the run's miner and namespace;
+    `close` stops what it started (idempotent).
 
     config.address empty: global rank 0 starts a local miner and every rank is told its address. The namespace is
-    config.namespace or the output dir's name; rank 0 claims it with the data set's fingerprint, and every rank
-    raises NamespaceMismatch when the miner holds another data set there.
+    config.namespace or the output dir's name; rank 0 starts the session (claims the namespace with the data set's
+    fingerprint, checks dim and k against the miner) and every rank raises what it refused: NamespaceMismatch or
+    MinerRefused.
     """
 
-    def __init__(
-        self,
-        config: MiningConfig,
-        output_dir: Path,
-        dataset,
-        embed_dim: int,
-        rank: int,
-        world_size: int,
-        counters: MiningCounters,
-    ):
+    def __init__(self, config: MiningConfig, output_dir: Path, dataset, embed_dim: int, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
         self.dataset = dataset
         self.local_miner: LocalMiner | None = None
-        self.client = self.pusher = None  # set below; close() may run before (a refused namespace)
+        self.session: MiningSession | None = None  # set below; close() may run before (a refused namespace)
         self._closed = False
         self.config = dataclasses.replace(
             config,
             address=self._address(config.address, output_dir, embed_dim),
             namespace=config.namespace or run_namespace(output_dir),
         )
-        self.client = make_client(self.config)
-        self._claim_namespace(embed_dim)
-        self.pusher = EmbeddingPusher(self.client, self.config, counters)
+        self.session = MiningSession(self.config)
+        self._start(embed_dim)
+        self.pusher = self.session.pusher()
+
+    @property
+    def client(self):
+        return self.session.client
 
     def _address(self, configured: str, output_dir: Path, embed_dim: int) -> str:
         if configured:
@@ -87,23 +85,19 @@ class RunMining:
             address = self.local_miner.address
         return broadcast(address)
 
-    def _claim_namespace(self, embed_dim: int) -> None:
-        refusal = None
+    def _start(self, embed_dim: int) -> None:
+        """Rank 0 starts the session; every rank raises what the miner refused, as the same error type."""
+        refused = None
         if self.is_main:
             try:
-                claim_namespace(
-                    self.client,
-                    self.config.namespace,
-                    embed_dim,
-                    dataset_fingerprint(self.dataset),
-                    reset=self.config.reset_namespace,
-                )
-            except NamespaceMismatch as error:
-                refusal = str(error)
-        refusal = broadcast(refusal)
-        if refusal is not None:
+                self.session.start(embed_dim, fingerprint=dataset_fingerprint(self.dataset))
+            except (NamespaceMismatch, MinerRefused) as error:
+                refused = (type(error).__name__, str(error))
+        refused = broadcast(refused)
+        if refused is not None:
             self.close()
-            raise NamespaceMismatch(refusal)
+            kind, message = refused
+            raise (NamespaceMismatch if kind == "NamespaceMismatch" else MinerRefused)(message)
 
     def needs_bootstrap(self, start_micro: int) -> bool:
         """Fresh runs bootstrap when asked to; resumed ones whenever the miner lacks rows (a new local miner)."""
@@ -112,7 +106,7 @@ class RunMining:
         rows = None
         if self.is_main:
             try:
-                rows = miner_rows(self.client)
+                rows = self.client.size()
             except Exception as error:  # noqa: BLE001 - an unreachable miner: training goes on without hard pairs
                 log.warning("cannot read the miner's row count (%s): not bootstrapping", error)
         rows = broadcast(rows)
@@ -133,13 +127,12 @@ class RunMining:
         dist.barrier()  # every rank's rows are in before anyone mines
 
     def close(self) -> None:
-        """Stop the pusher (waiting a little for queued rows), the client and the local miner."""
+        """Stop the session (its sampler, its pusher after a little wait for queued rows, its client) and the
+        local miner."""
         if self._closed:
             return
         self._closed = True
-        if self.pusher is not None:
-            self.pusher.close(timeout_s=10)
-        if self.client is not None:
-            self.client.close()
+        if self.session is not None:
+            self.session.close()
         if self.local_miner is not None:
             self.local_miner.stop()

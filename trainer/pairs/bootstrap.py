@@ -21,11 +21,6 @@ from helip.trainer.pairs.pusher import EmbeddingPusher
 log = logging.getLogger(__name__)
 
 
-def miner_rows(client) -> int:
-    """Rows the miner holds (summed over shards)."""
-    return int(client.size()) if hasattr(client, "size") else int(client.stats().size)
-
-
 def encode_pairs(model, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(image_features, text_features) of an open_clip-style model (dict or tuple output)."""
     out = model(images, tokens)

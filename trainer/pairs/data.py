@@ -29,6 +29,7 @@ import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -312,6 +313,8 @@ class PairBatch:
     images: torch.Tensor  # [B, 3, H, W]
     tokens: torch.Tensor  # [B, L] int64
     skipped: list[BadSample] = field(default_factory=list)
+    # How the batch was composed (a BatchLayout) when it came from hard_pair_loader; None otherwise.
+    layout: Any = None
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -1,11 +1,10 @@
 """Hard-pair batches for any PyTorch loop: a batch sampler for `torch.utils.data.DataLoader`.
 
-    sampler = HardPairSampler(len(dataset), batch_size=256, miner="miner:50051", num_workers=8)
+    sampler = HardPairSampler(len(dataset), batch_size=256, session=session, num_workers=8)  # or session.sampler
     loader = hard_pair_loader(dataset, sampler)          # DataLoader(batch_sampler=sampler, workers, pinning)
-    for batch in loader:                                 # helip.trainer.pairs.data.PairBatch
-        layout = sampler.layout(batch.ids)               # which rows are (anchor, hard pair) couples
+    for batch in loader:                                 # PairBatch, its layout with it
         out = model(batch.images, batch.tokens)
-        loss = helip_loss(out["image_features"], out["text_features"], out["logit_scale"], layout.couples)
+        loss = helip_loss(out["image_features"], out["text_features"], out["logit_scale"], batch.layout.couples)
         ...
         pusher.push(batch.ids, out["image_features"], out["text_features"], step)
 
@@ -17,6 +16,11 @@ in flight, plus `MiningConfig.prefetch`. When the DataLoader asks, the batch is 
 has arrived; a missing answer (late, failed, breaker open) makes its hard slots random samples, counted.
 Nothing waits for the miner, except once when an iterator starts: before the first batch is handed out, the
 answers for the batches the DataLoader takes at once are awaited for at most `MiningConfig.deadline_s`.
+
+The layout travels with the batch: each yielded index is a `SampleIndex` (an int, so any dataset can use it) that
+also carries its batch's `BatchLayout`; `hard_pair_loader` hands the dataset plain ints and puts the layout on the
+collated `PairBatch`. So a layout is exact for every batch, whatever the workers, substitutes of bad samples,
+resumed or concurrent iterators.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,17 +36,17 @@ from torch.utils.data import DataLoader, Sampler
 
 from helip.trainer.pairs.breaker import CLOSED
 from helip.trainer.pairs.composer import ComposedBatch, compose_batch
-from helip.trainer.pairs.data import collate_pairs
-from helip.trainer.pairs.mining import MinePrefetcher, MiningConfig, MiningCounters, make_client
+from helip.trainer.pairs.data import PairBatch, collate_pairs
+from helip.trainer.pairs.mining import MinePrefetcher, MiningConfig, MiningCounters
 from helip.trainer.pairs.sampler import AnchorSampler, SamplerConfig
-from helip.trainer.pairs.streaming import CoverageWatch, index_rows, ramp_share
+from helip.trainer.pairs.streaming import CoverageWatch, ramp_share
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class BatchLayout:
-    """How one delivered batch was composed, in the positions of the delivered batch."""
+    """How one batch was composed, in the positions of its rows."""
 
     step: int
     couples: torch.Tensor  # [m, 2] int64 (anchor row, hard-pair row), for the margin loss
@@ -51,10 +54,49 @@ class BatchLayout:
     n_fallback: int  # hard slots filled at random (no answer in time, or no usable neighbour)
     n_slots: int  # rows in the batch
     n_plain: int = 0  # hard slots left random on purpose: mining not started yet, or ramping up (streaming)
+    ids: torch.Tensor | None = None  # [n_slots] int64: the sample ids as composed (before any substitute)
 
     @property
     def hard_fraction(self) -> float:
         return self.n_hard / self.n_slots if self.n_slots else 0.0
+
+    @classmethod
+    def of(cls, step: int, composed: ComposedBatch) -> BatchLayout:
+        return cls(
+            step=step,
+            couples=torch.from_numpy(np.ascontiguousarray(composed.couples, dtype=np.int64)).reshape(-1, 2),
+            n_hard=composed.n_hard,
+            n_fallback=composed.n_fallback,
+            n_slots=len(composed.ids),
+            n_plain=composed.n_plain,
+            ids=torch.from_numpy(np.ascontiguousarray(composed.ids, dtype=np.int64)),
+        )
+
+    def delivered(self, delivered_ids: torch.Tensor) -> BatchLayout:
+        """This layout for the rows as delivered: a row whose bad sample was replaced by a substitute no longer
+        holds the composed pair, so couples touching it are dropped (their hard slot counts as a fallback)."""
+        if self.ids is None or torch.equal(self.ids, delivered_ids):
+            return self
+        replaced = self.ids != delivered_ids
+        keep = ~(replaced[self.couples[:, 0]] | replaced[self.couples[:, 1]])
+        lost = int((~keep).sum())
+        return dataclasses.replace(
+            self, couples=self.couples[keep], n_hard=self.n_hard - lost, n_fallback=self.n_fallback + lost
+        )
+
+
+class SampleIndex(int):
+    """A sample id (an int to any dataset) that carries the layout of the batch it was composed into."""
+
+    layout: BatchLayout | None
+
+    def __new__(cls, sample_id: int, layout: BatchLayout | None = None):
+        index = super().__new__(cls, sample_id)
+        index.layout = layout
+        return index
+
+    def __reduce__(self):  # DataLoader workers receive indices pickled: keep the layout
+        return SampleIndex, (int(self), self.layout)
 
 
 def _world() -> tuple[int, int]:
@@ -64,12 +106,14 @@ def _world() -> tuple[int, int]:
 
 
 class HardPairSampler(Sampler[list[int]]):
+    """A batch sampler of hard-pair batches for one rank (see the module docstring). Usually made by
+    `MiningSession.sampler` or `MiningSession.loader`."""
+
     def __init__(
         self,
         n_samples: int,
         batch_size: int,
-        miner=None,
-        config: MiningConfig = MiningConfig(),
+        session=None,
         *,
         hard_ratio: float = 0.5,
         rank: int | None = None,
@@ -79,15 +123,16 @@ class HardPairSampler(Sampler[list[int]]):
         prefetch_factor: int = 2,
         steps: int | None = None,
         start_step: int = 0,
-        counters: MiningCounters | None = None,
     ):
         """n_samples: ids are 0..n_samples-1. batch_size: per rank, anchors + hard pairs.
-        miner: a miner address ("host:port", comma-separated shards), a client, or None (no mining: hard slots
-            are random samples). rank, world_size: default to torch.distributed's, else 0 and 1.
+        session: the MiningSession to mine through (a bare client gets default settings), or None (no mining:
+            hard slots are random samples). rank, world_size: default to torch.distributed's, else 0 and 1.
         num_workers, prefetch_factor: those of the DataLoader this sampler feeds (they set the lookahead).
         steps: None yields one epoch per iterator (call set_epoch, as with DistributedSampler); a number yields
             global steps start_step..steps-1 in one iterator, across epochs. start_step: resume here.
         """
+        from helip.trainer.pairs.session import MiningSession  # the session module builds samplers: no cycle
+
         if rank is None or world_size is None:
             rank, world_size = _world()
         self.anchors = AnchorSampler(
@@ -104,9 +149,11 @@ class HardPairSampler(Sampler[list[int]]):
             raise ValueError(f"num_workers must be >= 0 and prefetch_factor >= 1, got {num_workers}, {prefetch_factor}")
         if steps is not None and not 0 <= start_step <= steps:
             raise ValueError(f"start_step {start_step} outside [0, steps={steps}]")
+        self.session = MiningSession.of(session) if session is not None else None
+        self.config = self.session.config if self.session is not None else MiningConfig()
+        self.counters = self.session.counters if self.session is not None else MiningCounters()
         self.n_samples = n_samples
         self.batch_size = batch_size
-        self.config = config
         self.seed = seed
         self.rank = rank
         self.num_workers = num_workers
@@ -116,22 +163,17 @@ class HardPairSampler(Sampler[list[int]]):
         self.epoch = 0
         # Batches the DataLoader holds beyond the one training; with no workers it asks just in time.
         self.in_loader = num_workers * prefetch_factor
-        self.lookahead = self.in_loader + config.prefetch + 1
-        self.counters = counters or MiningCounters()
-        self._owns_client = isinstance(miner, str)
-        if isinstance(miner, str):
-            miner = make_client(dataclasses.replace(config, address=miner))
-        self.client = miner
-        mining = miner is not None and self.anchors.config.hard_per_batch > 0
-        self.prefetcher = MinePrefetcher(miner, config, self.counters) if mining else None
+        self.lookahead = self.in_loader + self.config.prefetch + 1
+        mining = self.session is not None and self.anchors.config.hard_per_batch > 0
+        self.prefetcher = MinePrefetcher(self.session) if mining else None
         # Streaming mode: mining waits for start_step and the index's coverage, then ramps in.
+        client = self.session.client if self.session is not None else None
         self.coverage = CoverageWatch(
-            lambda: index_rows(miner), int(np.ceil(config.start_coverage * n_samples)), config.coverage_poll_s
+            lambda: client.size(), int(np.ceil(self.config.start_coverage * n_samples)), self.config.coverage_poll_s
         )
         if self.prefetcher is not None:
             self.coverage.start()
         self.first_mined_step: int | None = None
-        self._records: deque[tuple[int, ComposedBatch]] = deque(maxlen=4 * self.lookahead + 64)
         self._warned_foreign = False
 
     # ---- what a DataLoader calls ------------------------------------------------------------------------------
@@ -156,7 +198,9 @@ class HardPairSampler(Sampler[list[int]]):
         self._await_first(steps)
         for step in steps:
             self._request(step + self.lookahead, min(steps.stop, step + self.lookahead + 1))
-            yield self.compose(step).ids.tolist()
+            composed = self.compose(step)
+            layout = BatchLayout.of(step, composed)
+            yield [SampleIndex(sample_id, layout) for sample_id in composed.ids.tolist()]
 
     # ---- composition -----------------------------------------------------------------------------------------
     def _request(self, first: int, stop: int) -> None:
@@ -179,7 +223,10 @@ class HardPairSampler(Sampler[list[int]]):
             self.prefetcher.wait(step, max(0.0, deadline - time.monotonic()))
 
     def compose(self, step: int) -> ComposedBatch:
-        """The batch of `step` from whatever mining answer is in now (used by __iter__; public for tests)."""
+        """The batch of `step` from whatever mining answer is in now (used by __iter__; public for tests).
+        Raises MinerRefused once the miner refused this session's calls."""
+        if self.session is not None:
+            self.session.check()
         neighbours = self.prefetcher.take(step) if self.prefetcher is not None else None
         max_mined = None
         if self.prefetcher is not None:
@@ -210,48 +257,24 @@ class HardPairSampler(Sampler[list[int]]):
                     step,
                     self.n_samples - 1,
                 )
-        self._records.append((step, composed))
         return composed
 
-    def layout(self, batch_ids) -> BatchLayout:
-        """The layout of a batch the DataLoader delivered, found by its ids (batches arrive in the order they
-        were composed; a bad sample's substitute changes a row's id, so the best-matching recent batch wins)."""
-        delivered = batch_ids.tolist() if isinstance(batch_ids, torch.Tensor) else np.asarray(batch_ids).tolist()
-        wanted = set(delivered)
-        best, best_overlap = None, 0
-        for index, (_step, composed) in enumerate(self._records):
-            overlap = len(wanted.intersection(composed.ids.tolist()))
-            if overlap > best_overlap:
-                best, best_overlap = index, overlap
-            if overlap == len(wanted):
-                break
-        if best is None or best_overlap * 2 < len(wanted):
-            raise KeyError(f"no batch composed by this sampler matches the ids {delivered[:8]}...")
-        for _ in range(best):  # batches composed before this one were never delivered (an abandoned iterator)
-            self._records.popleft()
-        step, composed = self._records.popleft()
-        position = {sample: row for row, sample in enumerate(delivered)}
-        ids = composed.ids.tolist()
-        couples = [
-            (position[ids[a]], position[ids[h]])
-            for a, h in composed.couples.tolist()
-            if ids[a] in position and ids[h] in position
-        ]
-        return BatchLayout(
-            step=step,
-            couples=torch.tensor(couples, dtype=torch.long).reshape(-1, 2),
-            n_hard=len(couples),
-            n_fallback=composed.n_fallback + composed.n_hard - len(couples),
-            n_slots=len(delivered),
-            n_plain=composed.n_plain,
-        )
+    def layout(self, batch) -> BatchLayout:
+        """The layout of a batch this sampler composed: a PairBatch from `hard_pair_loader` (its `layout`), or a
+        list of indices this sampler yielded."""
+        layout = getattr(batch, "layout", None)
+        if layout is None and isinstance(batch, list) and batch:
+            layout = getattr(batch[0], "layout", None)
+        if layout is None:
+            raise ValueError(
+                "this batch carries no layout: build its DataLoader with hard_pair_loader (or session.loader)"
+            )
+        return layout
 
     def close(self) -> None:
         self.coverage.close()
         if self.prefetcher is not None:
             self.prefetcher.close()
-        if self._owns_client and self.client is not None:
-            self.client.close()
 
 
 # gRPC's threads do not survive fork(): a worker forked while a Mine call is in flight can crash. Workers start
@@ -271,14 +294,34 @@ def worker_options(num_workers: int, prefetch_factor: int = 2) -> dict:
     }
 
 
+class LayoutCarrier(torch.utils.data.Dataset):
+    """`dataset` as the DataLoader sees it behind a HardPairSampler: the dataset gets plain int ids; each sample
+    comes back with the layout its index carried, and `collate` puts that layout on the PairBatch."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return self.dataset[int(index)], getattr(index, "layout", None)
+
+    @staticmethod
+    def collate(samples) -> PairBatch:
+        batch = collate_pairs([sample for sample, _ in samples])
+        layout = samples[0][1]
+        return dataclasses.replace(batch, layout=layout.delivered(batch.ids) if layout is not None else None)
+
+
 def hard_pair_loader(dataset, sampler: HardPairSampler, pin_memory: bool | None = None, **kwargs) -> DataLoader:
     """A DataLoader over `dataset` fed by `sampler`, with the worker count and prefetch the sampler plans for.
-    Batches are helip.trainer.pairs.data.PairBatch; other DataLoader arguments pass through."""
+    Batches are PairBatch with their `layout`; other DataLoader arguments pass through."""
     options = {**worker_options(sampler.num_workers, sampler.prefetch_factor), **kwargs}
     return DataLoader(
-        dataset,
+        LayoutCarrier(dataset),
         batch_sampler=sampler,
-        collate_fn=collate_pairs,
+        collate_fn=LayoutCarrier.collate,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         **options,
     )

@@ -180,7 +180,8 @@ class HelipLoss(torch.nn.Module):
     them (as open_clip does), HNML stays local.
     """
 
-    def __init__(self, config: LossConfig, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, config: LossConfig | None = None, rank: int = 0, world_size: int = 1) -> None:
+        config = config if config is not None else LossConfig()
         super().__init__()
         self.config = config
         self.clip_loss = ClipLoss(

@@ -25,6 +25,7 @@ from helip.miner_service.client.single import ClientConfig, MinerClient, Neighbo
 from helip.miner_service.core.errors import InvalidArgument
 from helip.miner_service.wire.names import validate_name
 from helip.trainer.pairs.breaker import BreakerConfig, CircuitBreaker
+from helip.trainer.pairs.refusals import is_refusal, refusal
 
 log = logging.getLogger(__name__)
 
@@ -200,17 +201,6 @@ def make_client(config: MiningConfig):
     return shards[0] if shards else MinerClient(client_config)
 
 
-def check_client_namespace(client, config: MiningConfig) -> None:
-    """A pusher or prefetcher sends every call to its client's namespace: refuse a client bound to another
-    namespace than `config.namespace` (when that is set), rather than write one run's rows into another's."""
-    bound = getattr(client, "namespace", "")
-    if config.namespace and bound != config.namespace:
-        raise ValueError(
-            f"mining.namespace is {config.namespace!r} but the client calls namespace {bound or 'default'!r}: "
-            f"build the client with make_client(config)"
-        )
-
-
 class RateLimitedLog:
     """A warning at most every `every_s` seconds: a down miner would otherwise log once per batch."""
 
@@ -227,13 +217,18 @@ class RateLimitedLog:
 
 
 class MinePrefetcher:
-    """Mine calls for batches ahead, at most `max_in_flight` running at once, behind a circuit breaker."""
+    """Mine calls for batches ahead, at most `max_in_flight` running at once, behind a circuit breaker.
 
-    def __init__(self, client, config: MiningConfig, counters: MiningCounters | None = None):
-        check_client_namespace(client, config)
-        self.client = client
-        self.config = config
-        self.counters = counters or MiningCounters()
+    `session` (a MiningSession, or a client for default settings) gives the client, the settings, the counters
+    and the refusal latch: a refusal stops all further asking (see refusals.py), an outage opens the breaker."""
+
+    def __init__(self, session):
+        from helip.trainer.pairs.session import MiningSession  # the session module builds prefetchers: no cycle
+
+        self.session = MiningSession.of(session)
+        self.client = self.session.client
+        self.config = config = self.session.config
+        self.counters = self.session.counters
         self.breaker = CircuitBreaker(config.breaker, on_open=lambda: self.counters.add(breaker_opened=1))
         self._pool = ThreadPoolExecutor(max_workers=config.max_in_flight, thread_name_prefix="mine")
         self._pending: dict[int, Future] = {}
@@ -246,6 +241,8 @@ class MinePrefetcher:
         with self._lock:
             if step in self._pending:
                 return True
+            if self.session.refusals.refused:
+                return False
             if not self.breaker.allow():
                 self.counters.add(mine_skipped=1)
                 return False
@@ -269,8 +266,11 @@ class MinePrefetcher:
             self._count(neighbours)
             return neighbours.ids
         except grpc.RpcError as error:
-            self.breaker.failure()
             self.counters.add(mine_failures=1)
+            if is_refusal(error):  # a mistake, not an outage: stop asking, and stop the run at its next batch
+                self.session.refusals.record(refusal(error, "Mine"))
+                return None
+            self.breaker.failure()
             self._warn.warning(
                 "Mine failed (%s %s); batches fall back to random samples; breaker %s",
                 error.code().name,

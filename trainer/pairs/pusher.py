@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from helip.trainer.pairs.breaker import CircuitBreaker
-from helip.trainer.pairs.mining import MiningConfig, MiningCounters, RateLimitedLog, check_client_namespace
+from helip.trainer.pairs.mining import RateLimitedLog
+from helip.trainer.pairs.refusals import is_refusal, refusal
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,18 @@ def _ids(ids) -> np.ndarray:
 
 
 class EmbeddingPusher:
-    """Sends (ids, image_emb, text_emb, step) batches to the miner in the background."""
+    """Sends (ids, image_emb, text_emb, step) batches to the miner in the background.
 
-    def __init__(self, client, config: MiningConfig = MiningConfig(), counters: MiningCounters | None = None):
-        check_client_namespace(client, config)
-        self.client = client
-        self.counters = counters or MiningCounters()
+    `session` (a MiningSession, or a client for default settings) gives the client, the queue size, the counters
+    and the refusal latch: a refusal stops the sending and is raised by the next `push`."""
+
+    def __init__(self, session):
+        from helip.trainer.pairs.session import MiningSession  # the session module builds pushers: no cycle
+
+        self.session = MiningSession.of(session)
+        self.client = self.session.client
+        self.counters = self.session.counters
+        config = self.session.config
         self.breaker = CircuitBreaker(config.breaker, on_open=lambda: self.counters.add(breaker_opened=1))
         self._queue: queue.Queue = queue.Queue(maxsize=config.push_queue)
         self._thread = threading.Thread(target=self._run, name="push", daemon=True)
@@ -73,8 +80,10 @@ class EmbeddingPusher:
     def push(self, ids, image_emb, text_emb, step: int, block: bool = False, timeout_s: float | None = None) -> bool:
         """Queue one batch of L2-normalised embeddings ([n, dim] each, row i of sample ids[i]).
 
-        Returns False when the batch was dropped (queue full; with `block`, full for `timeout_s`).
+        Returns False when the batch was dropped (queue full; with `block`, full for `timeout_s`). Raises
+        MinerRefused once the miner refused a push or a Mine (no retry would help).
         """
+        self.session.check()
         item = (_ids(ids), _to_host(image_emb), _to_host(text_emb), int(step))
         try:
             self._queue.put(item, block=block, timeout=timeout_s)
@@ -94,7 +103,7 @@ class EmbeddingPusher:
                 self._queue.task_done()
 
     def _send(self, ids: np.ndarray, image: _HostCopy, text: _HostCopy, step: int) -> None:
-        if not self.breaker.allow():
+        if self.session.refusals.refused or not self.breaker.allow():
             self.counters.add(dropped_pushes=1)
             return
         try:
@@ -102,8 +111,11 @@ class EmbeddingPusher:
             self.breaker.success()
             self.counters.add(pushed_rows=len(ids))
         except grpc.RpcError as error:
-            self.breaker.failure()
             self.counters.add(push_failures=1)
+            if is_refusal(error):
+                self.session.refusals.record(refusal(error, f"a push of {len(ids)} rows"))
+                return
+            self.breaker.failure()
             self._warn.warning("push of %d rows failed: %s %s", len(ids), error.code().name, error.details())
 
     def flush(self, timeout_s: float = 30.0) -> bool:

@@ -32,14 +32,6 @@ def ramp_share(step: int, first_mined_step: int | None, ramp_steps: int) -> floa
     return min(1.0, (step - first_mined_step + 1) / ramp_steps)
 
 
-def index_rows(client) -> int:
-    """Rows the miner holds for this client (a MinerClient's Stats, or the sum over a sharded client's)."""
-    stats = client.stats()
-    if isinstance(stats, list):
-        return sum(int(s.size) for s in stats)
-    return int(stats.size)
-
-
 class CoverageWatch:
     """Polls how many rows the miner holds until they reach `needed`; `reached` is then set for good.
 
