@@ -125,7 +125,7 @@ def test_constant_model_scores_zero(synth_set):
 
 
 def test_random_open_clip_model_scores_in_unit_interval(synth_set):
-    model, transform, tokenizer = helip_eval.build_model(TINY_CONFIG, None)
+    model, transform, tokenizer = helip_eval.load_model(TINY_CONFIG, None)
     model.train()
     metrics = helip_eval.evaluate(model, tokenizer, transform, synth_set.root, batch_size=32, device="cpu")
     assert sorted(metrics) == sorted(
@@ -138,20 +138,20 @@ def test_random_open_clip_model_scores_in_unit_interval(synth_set):
     assert model.training  # evaluation mid-training must not leave the model in eval mode
 
 
-def test_build_model_loads_wrapped_checkpoint(tmp_path):
-    source, _, _ = helip_eval.build_model(TINY_CONFIG, None)
+def test_load_model_loads_wrapped_checkpoint(tmp_path):
+    source, _, _ = helip_eval.load_model(TINY_CONFIG, None)
     path = tmp_path / "ckpt.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)
-    loaded, _, tokenizer = helip_eval.build_model(TINY_CONFIG, str(path))
+    loaded, _, tokenizer = helip_eval.load_model(TINY_CONFIG, str(path))
     for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
     assert tokenizer(["a red circle"]).shape == (1, 32)  # the config's context length
     with pytest.raises(FileNotFoundError, match="nope.json"):
-        helip_eval.build_model(str(tmp_path / "nope.json"), None)
+        helip_eval.load_model(str(tmp_path / "nope.json"), None)
 
 
 def test_cli_prints_and_writes_json(synth_set, tmp_path, capsys):
-    model, _, _ = helip_eval.build_model(TINY_CONFIG, None)
+    model, _, _ = helip_eval.load_model(TINY_CONFIG, None)
     checkpoint = tmp_path / "plain.pt"
     torch.save(model.state_dict(), checkpoint)
     out = tmp_path / "metrics" / "eval.json"
@@ -249,7 +249,7 @@ def folder_layout(synth_set, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    model, transform, tokenizer = helip_eval.build_model(TINY_CONFIG, None)
+    model, transform, tokenizer = helip_eval.load_model(TINY_CONFIG, None)
     return model, transform, tokenizer
 
 

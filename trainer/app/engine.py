@@ -64,6 +64,16 @@ def setup_distributed() -> tuple[int, int, int]:
 
 
 class Trainer:
+    """One rank of a `helip-train` run: the open_clip model under DeepSpeed, the hard-pair DataLoader of the
+    run's MiningSession (through RunMining, its distributed wrapper), the loss, checkpoints, evaluation and the
+    reporters, all from one TrainConfig.
+
+        result = Trainer(config).train()   # each rank; the launcher (torchrun, deepspeed) sets the ranks
+
+    Building it joins the process group, builds the model and engine and, when optim.hard_ratio > 0, starts
+    mining (a local miner when mining.address is empty). Raises NamespaceMismatch or MinerRefused when the
+    miner cannot serve this run (another data set or dim in the namespace, k above max_k, a refused token)."""
+
     def __init__(self, config: TrainConfig):
         self.config = config
         self.rank, self.world_size, self.local_rank = setup_distributed()
@@ -154,6 +164,9 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
+        """Train optim.steps steps (resuming from run.resume when set), checkpointing and evaluating on the run's
+        cadence; returns where the results went. Mining never blocks a step: a batch whose Mine answer is not in
+        gets random samples in its hard slots. Raises MinerRefused when the miner refuses the run mid-way."""
         from tqdm import tqdm
 
         config = self.config

@@ -17,6 +17,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from helip.miner_service.wire.status import refused_field
+
 log = logging.getLogger(__name__)
 
 FINGERPRINT_CAPTIONS = 64  # captions hashed, evenly spaced from the first to the last sample
@@ -60,9 +62,10 @@ def claim_namespace(client, namespace: str, dim: int, fingerprint: str, reset: b
     except grpc.RpcError as error:
         if error.code() != grpc.StatusCode.FAILED_PRECONDITION:
             raise
+        ours = f" (this run's embeddings have dim {dim})" if refused_field(error) == "dim" else ""
         raise NamespaceMismatch(
-            f"the miner refused namespace {namespace!r}: {error.details()}. Set mining.reset_namespace=true to "
-            f"drop its rows and start it anew, or give this run another mining.namespace."
+            f"the miner refused namespace {namespace!r}: {error.details()}{ours}. Set mining.reset_namespace=true "
+            f"to drop its rows and start it anew, or give this run another mining.namespace."
         ) from None
     stored = reply.info.fingerprint
     if stored != fingerprint:

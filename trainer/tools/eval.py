@@ -115,13 +115,11 @@ def check_data_sources(data) -> None:
     suite_from_data(data)
 
 
-def build_model(model: str, checkpoint: str | Path | None, device: str | torch.device = "cpu"):
-    """(model, eval transform, tokenizer): helip.trainer.tools.model's model, loaded from `checkpoint` when given."""
+def load_model(model: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu"):
+    """(model, eval transform, tokenizer) of the model name or config file, with `checkpoint`'s weights if given."""
     from helip.trainer.tools import model as models  # heavy import (open_clip), only for the CLI path
 
-    clip, _, preprocess, tokenizer = models.build_model(models.ModelConfig(name=model, device=str(device)))
-    if checkpoint is not None:
-        models.load_checkpoint(clip, checkpoint)
+    clip, _, preprocess, tokenizer = models.build_model(models.ModelConfig(name=model, device=str(device)), checkpoint)
     return clip, preprocess, tokenizer
 
 
@@ -210,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1:
         parser.error(f"argument --batch-size: must be >= 1, got {args.batch_size}")
     suite = _suite_from_args(args, parser)
-    model, transform, tokenizer = build_model(args.model, args.checkpoint, args.device)
+    model, transform, tokenizer = load_model(args.model, args.checkpoint, args.device)
     metrics = evaluate_suite(model, tokenizer, transform, suite, args.batch_size, args.device)
     text = json.dumps(metrics, indent=2, sort_keys=True)
     if args.out is not None:

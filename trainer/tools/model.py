@@ -138,9 +138,10 @@ def check_model(config: ModelConfig) -> None:
 
 
 def build_model(
-    config: ModelConfig,
+    config: ModelConfig, checkpoint: str | os.PathLike[str] | None = None
 ) -> tuple[torch.nn.Module, Callable[..., Any], Callable[..., Any], Callable[..., torch.Tensor]]:
-    """Build (model, preprocess_train, preprocess_val, tokenizer), locked and checkpointed as `config` says.
+    """Build (model, preprocess_train, preprocess_val, tokenizer), locked and checkpointed as `config` says;
+    with `checkpoint`, its weights are loaded (load_checkpoint: ours, or a plain open_clip state dict).
 
     model: open_clip CLIP whose forward(images [B,3,H,W], texts [B,L] int64) returns a dict with
         "image_features" [B,E] and "text_features" [B,E] (L2-normalised) and "logit_scale" (exp'd scalar).
@@ -179,6 +180,8 @@ def build_model(
         config.precision,
         config.device,
     )
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
     return model, preprocess_train, preprocess_val, tokenizer
 
 
