@@ -58,12 +58,12 @@ def test_help_does_not_import_torch():
     assert result.stdout.strip() == "False"
 
 
-def test_meanings_come_from_trailing_comments_blocks_above_and_docstrings(tmp_path):
-    (tmp_path / "config.py").write_text(
+def test_meanings_come_from_trailing_comments_blocks_above_and_docstrings(tmp_path, monkeypatch):
+    (tmp_path / "docs_probe_config.py").write_text(
         textwrap.dedent(
             '''
             from dataclasses import dataclass, field
-            from .other import OtherConfig
+            from docs_probe_other import OtherConfig
 
             @dataclass
             class ExtraConfig:
@@ -90,12 +90,15 @@ def test_meanings_come_from_trailing_comments_blocks_above_and_docstrings(tmp_pa
             '''
         )
     )
-    (tmp_path / "other.py").write_text("class OtherConfig:\n    new_field: str = ''  # added later\n")
-    found = {
-        s.key: s.help
-        for section in config_docs.read_section(config_docs.ModuleSource(tmp_path / "config.py"), "TrainConfig", "")
-        for s in section.settings
-    }
+    (tmp_path / "docs_probe_other.py").write_text(
+        "from dataclasses import dataclass\n\n\n@dataclass\n"
+        "class OtherConfig:\n    new_field: str = ''  # added later\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import docs_probe_config
+
+    sections = config_docs.read_section(docs_probe_config.TrainConfig, "")
+    found = {s.key: s.help for section in sections for s in section.settings}
     assert found == {
         "extra.trailing": "from the trailing comment",
         "extra.above": "From the block above, over two lines",
@@ -105,6 +108,9 @@ def test_meanings_come_from_trailing_comments_blocks_above_and_docstrings(tmp_pa
         "extra.bare": "",
         "other.new_field": "added later",
     }
+    defaults = {s.key: (s.default, s.kind) for section in sections for s in section.settings}
+    assert defaults["extra.above"] == ("0.5", "float") and defaults["other.new_field"] == ("''", "str")
+    assert [section.help for section in sections] == ["Extra things", ""]
 
 
 # ---- aliases: parse -> config values --------------------------------------------------------------------------

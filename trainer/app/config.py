@@ -9,9 +9,9 @@ from pathlib import Path
 import yaml
 
 from helip.miner_service.core.settings import nest, overlay
-from helip.trainer.pairs.losses import LossConfig
-from helip.trainer.pairs.mining import MiningConfig
-from helip.trainer.tools.model import ModelConfig
+from helip.trainer.pairs.loss_config import LossConfig
+from helip.trainer.pairs.mining_config import MiningConfig
+from helip.trainer.tools.model_config import ModelConfig
 
 
 @dataclass

@@ -1,31 +1,29 @@
-"""Every `helip-train` setting with its default and one-line meaning, read from the config classes' source text.
+"""Every `helip-train` setting with its default and one-line meaning, from the config classes themselves.
 
-Why the source text and not the imported classes: TrainConfig's sections live beside torch, gRPC and open_clip
-code, and `helip-train --help` must answer before any of that is imported (several seconds on a small machine).
-Why comments: a field's meaning is already written where the field is declared, and one place is easier to keep
-true than two. A field's meaning is, in this order:
+The sections of TrainConfig live in import-light modules (helip.trainer.app.config, pairs.mining_config,
+pairs.loss_config, tools.model_config: no torch, gRPC or open_clip), so `helip-train --help` imports them and reads
+their fields, types and defaults with `dataclasses.fields`. A field's meaning is written once, where the field is
+declared, as a comment; the class's own source (`inspect.getsource`) gives it, in this order:
 
 1. its trailing comment: `workers: int = 2  # DataLoader worker processes per rank`;
 2. the comment block right above it (for a field that needs a paragraph);
 3. its `name: meaning` entry in the class docstring (`a, b: meaning` covers both).
 
-Only the first sentence is kept. tests/unit/test_cli_help.py imports the real classes and fails when a field has
-no meaning here, so a new field without one is caught where it is added.
+Only the first sentence is kept. tests/unit/test_cli_help.py fails when a field has no meaning, so a new field
+without one is caught where it is added.
 """
 
 from __future__ import annotations
 
 import ast
-import importlib.util
+import dataclasses
+import inspect
 import io
 import re
+import textwrap
 import tokenize
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
-
-PACKAGE_DIR = Path(__file__).resolve().parent
-ROOT = (PACKAGE_DIR / "config.py", "TrainConfig")
 
 # Comments that talk to tools, not to readers.
 PRAGMA = re.compile(r"^(noqa|type:|pragma|fmt:|ruff:)", re.IGNORECASE)
@@ -37,7 +35,7 @@ DOC_ENTRY = re.compile(r"^(\s*)([A-Za-z_]\w*(?:\s*,\s*[A-Za-z_]\w*)*)\s*:\s+(\S.
 @dataclass(frozen=True)
 class Setting:
     key: str  # dotted, as in YAML and --set: "optim.lr"
-    default: str  # the default as the source writes it: "5e-4", '"\t"', "None"
+    default: str  # the default's repr: "0.0005", "'\\t'", "None"
     kind: str  # the annotation as the source writes it: "int", "str | None"
     help: str  # one line; "" when the source says nothing about the field
 
@@ -55,13 +53,12 @@ def first_sentence(text: str) -> str:
     return SENTENCE_END.split(text, maxsplit=1)[0].strip().removesuffix(".")
 
 
-class ModuleSource:
-    """One module's syntax tree and comments, for reading its dataclasses without importing it."""
+class ClassSource:
+    """One class's syntax tree and comments (from its source file), for the meanings of its fields."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.text = path.read_text()
-        self.tree = ast.parse(self.text, filename=str(path))
+    def __init__(self, cls: type):
+        self.text = textwrap.dedent(inspect.getsource(cls))
+        self.node = next(n for n in ast.parse(self.text).body if isinstance(n, ast.ClassDef))
         self.lines = self.text.splitlines()
         self.trailing: dict[int, str] = {}  # line -> comment after code on that line
         self.own_line: dict[int, str] = {}  # line -> comment alone on its line
@@ -73,25 +70,15 @@ class ModuleSource:
             if PRAGMA.match(comment):
                 continue
             (self.own_line if not self.lines[row - 1][:col].strip() else self.trailing)[row] = comment
+        self.docstring = ast.get_docstring(self.node) or ""
+        self.fields = {
+            n.target.id: n for n in self.node.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
+        }
 
-    def find_class(self, name: str) -> ast.ClassDef | None:
-        return next((n for n in self.tree.body if isinstance(n, ast.ClassDef) and n.name == name), None)
-
-    def imported_from(self, name: str) -> Path | None:
-        """The file of the helip module this one imports `name` from (`from helip.trainer.pairs.x import Name`),
-        found without importing it (find_spec imports only the light parent packages)."""
-        for node in self.tree.body:
-            if isinstance(node, ast.ImportFrom) and any(a.name == name and a.asname is None for a in node.names):
-                module = node.module or ""
-                if node.level == 0 and module.startswith("helip."):
-                    spec = importlib.util.find_spec(module)
-                    return Path(spec.origin) if spec and spec.origin else None
-                if node.level != 1:
-                    return None
-                return self.path.parent.joinpath(*module.split(".")).with_suffix(".py")
-        return None
-
-    def comment_of(self, node: ast.AnnAssign) -> str:
+    def comment_of(self, name: str) -> str:
+        node = self.fields.get(name)
+        if node is None:
+            return ""
         trailing = [
             self.trailing[r] for r in range(node.lineno, (node.end_lineno or node.lineno) + 1) if r in self.trailing
         ]
@@ -124,51 +111,38 @@ def docstring_entries(doc: str) -> dict[str, str]:
     return entries
 
 
-def default_factory_of(value: ast.expr | None) -> str | None:
-    """ "X" for `field(default_factory=X)`, else None."""
-    if isinstance(value, ast.Call) and getattr(value.func, "id", None) == "field":
-        for keyword in value.keywords:
-            if keyword.arg == "default_factory" and isinstance(keyword.value, ast.Name):
-                return keyword.value.id
-    return None
-
-
-def read_section(source: ModuleSource, class_name: str, prefix: str) -> list[Section]:
-    """The section of class `class_name` (and of any dataclass field nested in it), keys under `prefix`."""
-    node = source.find_class(class_name)
-    if node is None:
-        path = source.imported_from(class_name)
-        if path is None or not path.exists():
-            raise LookupError(f"{source.path}: cannot find the source of {class_name}")
-        return read_section(ModuleSource(path), class_name, prefix)
-    doc = ast.get_docstring(node) or ""
-    documented = docstring_entries(doc)
+def read_section(cls: type, prefix: str) -> list[Section]:
+    """The section of dataclass `cls` (and of any dataclass field nested in it), keys under `prefix`."""
+    source = ClassSource(cls)
+    documented = docstring_entries(source.docstring)
     settings: list[Setting] = []
     nested: list[Section] = []
-    for statement in node.body:
-        if not (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)):
+    for field in dataclasses.fields(cls):
+        key = f"{prefix}.{field.name}" if prefix else field.name
+        factory = field.default_factory
+        if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):
+            nested.extend(read_section(factory, key))
             continue
-        name = statement.target.id
-        kind = ast.get_source_segment(source.text, statement.annotation) or ""
-        if name.startswith("_") or kind.startswith(("ClassVar", "typing.ClassVar")):
-            continue
-        key = f"{prefix}.{name}" if prefix else name
-        factory = default_factory_of(statement.value)
-        if factory and (source.find_class(factory) or source.imported_from(factory)):
-            nested.extend(read_section(source, factory, key))
-            continue
-        default = ast.get_source_segment(source.text, statement.value) if statement.value else "required"
-        meaning = source.comment_of(statement) or documented.get(name, "")
-        settings.append(Setting(key, default or "", kind, first_sentence(meaning)))
-    own = [Section(prefix, class_name, first_sentence(doc.split("\n\n")[0]), tuple(settings))] if settings else []
+        if field.default is not dataclasses.MISSING:
+            default = repr(field.default)
+        elif factory is not dataclasses.MISSING:
+            default = repr(factory())
+        else:
+            default = "required"
+        kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+        meaning = source.comment_of(field.name) or documented.get(field.name, "")
+        settings.append(Setting(key, default, kind, first_sentence(meaning)))
+    summary = first_sentence(source.docstring.split("\n\n")[0])
+    own = [Section(prefix, cls.__name__, summary, tuple(settings))] if settings else []
     return own + nested
 
 
 @lru_cache(maxsize=1)
 def sections() -> tuple[Section, ...]:
     """TrainConfig's sections in declaration order (data, model, loss, mining, optim, run)."""
-    path, class_name = ROOT
-    return tuple(read_section(ModuleSource(path), class_name, ""))
+    from helip.trainer.app.config import TrainConfig
+
+    return tuple(read_section(TrainConfig, ""))
 
 
 def settings() -> dict[str, Setting]:

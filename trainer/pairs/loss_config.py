@@ -1,0 +1,41 @@
+"""The loss settings (`loss.*` of helip-train): HelipLoss's config.
+
+Import-light on purpose (no torch or open_clip): `helip-train --help` reads these fields by importing this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+HnmlForm = Literal["pair", "paper"]
+HNML_FORMS: tuple[str, ...] = ("pair", "paper")
+
+
+@dataclass
+class LossConfig:
+    """Loss hyper-parameters.
+
+    margin: hinge margin m on cosine similarities. Not given by the paper for the "pair" form (0.2 is the
+        usual choice for cosine hinge losses, e.g. VSE++); the paper's Eq. 6 ("paper" form) uses 0.
+    hnml_weight: λ, the weight of HNML in the total; 0 (the default) turns HELIP's loss off (bit-exact CLIP loss;
+        HNML is still computed and logged). A sweep of λ in {0, 1, 2}, margins 0.1 / 0.2 / 0.4 and both forms found
+        no setting that beats λ = 0 (docs/BENCHMARKS.md, "The margin loss on evidence"): the gain of HELIP there
+        came from the hard-pair batches alone.
+    hnml_form: "pair" or "paper", see the module docstring.
+    local_loss, gather_with_grad: passed to open_clip's ClipLoss (how features are gathered across ranks).
+    """
+
+    margin: float = 0.2
+    hnml_weight: float = 0.0
+    hnml_form: HnmlForm = "pair"
+    local_loss: bool = False
+    gather_with_grad: bool = True
+
+    def __post_init__(self) -> None:
+        if self.margin < 0:
+            raise ValueError(f"LossConfig.margin must be >= 0, got {self.margin}")
+        if self.hnml_weight < 0:
+            raise ValueError(f"LossConfig.hnml_weight must be >= 0, got {self.hnml_weight}")
+        if self.hnml_form not in HNML_FORMS:
+            raise ValueError(f"LossConfig.hnml_form must be one of {HNML_FORMS}, got {self.hnml_form!r}")
