@@ -172,3 +172,19 @@ def test_the_latch_keeps_the_first_refusal():
     latch.record(MinerRefused("second"))
     with pytest.raises(MinerRefused, match="first"):
         latch.check()
+
+
+def test_a_sample_twice_in_a_batch_is_pushed_once():
+    sent = []
+
+    class Recording(FailingMiner):
+        def upsert(self, ids, image, text, step):
+            sent.append((ids.tolist(), image[:, 0].tolist()))
+            return pb.UpsertReply(size=len(ids))
+
+    session = MiningSession(CONFIG, client=Recording())
+    rows = np.arange(4, dtype=np.float32)[:, None].repeat(8, axis=1)
+    session.push(np.array([7, 3, 7, 5]), rows, rows, 0)  # row 2: a substitute already in the batch (id 7)
+    assert session.pusher().flush(5)
+    assert sent == [([3, 5, 7], [1.0, 3.0, 0.0])] and session.counters.pushed_rows == 3
+    session.close()

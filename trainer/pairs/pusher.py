@@ -106,8 +106,14 @@ class EmbeddingPusher:
         if self.session.refusals.refused or not self.breaker.allow():
             self.counters.add(dropped_pushes=1)
             return
+        image_rows, text_rows = image.numpy(), text.numpy()
+        unique, first = np.unique(ids, return_index=True)
+        if len(unique) < len(ids):
+            # A batch can hold a sample twice (a bad sample's substitute already in the batch); the miner refuses
+            # duplicate ids in one request, and both copies are the same sample: send it once.
+            ids, image_rows, text_rows = unique, image_rows[first], text_rows[first]
         try:
-            self.client.upsert(ids, image.numpy(), text.numpy(), step)
+            self.client.upsert(ids, image_rows, text_rows, step)
             self.breaker.success()
             self.counters.add(pushed_rows=len(ids))
         except grpc.RpcError as error:
