@@ -49,15 +49,13 @@ def miner_rows(address: str, namespace: str = "") -> int:
         return client.stats().size
 
 
-def test_plain_loop_trains_with_hard_pairs_and_fills_the_miner(synth, tmp_path, miner_factory):
-    miner = miner_factory("--dim", str(EMBED_DIM))
-    final = tmp_path / "final.pt"
-    output = run_example(
-        "plain_loop.py",
+def plain_loop_args(train_csv: Path, address: str, final: Path) -> list:
+    """examples/plain_loop.py's flags for 30 steps of 16 rows on CPU against the miner at `address`."""
+    return [
         "--train-data",
-        synth / "train.csv",
+        train_csv,
         "--miner",
-        miner.address,
+        address,
         "--steps",
         30,
         "--batch-size",
@@ -68,8 +66,12 @@ def test_plain_loop_trains_with_hard_pairs_and_fills_the_miner(synth, tmp_path, 
         "cpu",
         "--output",
         final,
-    )
+    ]
 
+
+def check_plain_loop(output: str, address: str, final: Path) -> None:
+    """What a plain_loop.py run with `plain_loop_args` over TRAIN_SIZE samples must have done (also after a wheel
+    install, tests/integration/test_wheel.py)."""
     fractions = [float(f) for f in re.findall(r"step \d+ loss [0-9.]+ .*?hard fraction ([0-9.]+)", output)]
     assert len(fractions) == 30, output[-4000:]
     # The miner starts empty (step 0 has no hard pair); once the first steps' embeddings are in, anchors get them.
@@ -77,10 +79,17 @@ def test_plain_loop_trains_with_hard_pairs_and_fills_the_miner(synth, tmp_path, 
     assert sum(fractions[15:]) > 0, fractions
     assert max(fractions) <= 0.5  # --hard-ratio 0.5: at most half the rows are hard pairs
     # 25 steps of 8 anchors cover every sample once: each was pushed under its own id.
-    assert miner_rows(miner.address, "plain-loop") == TRAIN_SIZE  # the example's namespace
-    assert miner_rows(miner.address) == 0
+    assert miner_rows(address, "plain-loop") == TRAIN_SIZE  # the example's namespace
+    assert miner_rows(address) == 0
     state = torch.load(final, map_location="cpu", weights_only=True)
     assert "logit_scale" in state and all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_plain_loop_trains_with_hard_pairs_and_fills_the_miner(synth, tmp_path, miner_factory):
+    miner = miner_factory("--dim", str(EMBED_DIM))
+    final = tmp_path / "final.pt"
+    output = run_example("plain_loop.py", *plain_loop_args(synth / "train.csv", miner.address, final))
+    check_plain_loop(output, miner.address, final)
 
 
 def test_plain_loop_without_a_miner_says_how_to_start_one(synth):

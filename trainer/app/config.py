@@ -11,6 +11,7 @@ import yaml
 from helip.miner_service.core.settings import nest, overlay
 from helip.trainer.pairs.loss_config import LossConfig
 from helip.trainer.pairs.mining_config import MiningConfig
+from helip.trainer.pairs.sampler_config import SamplerConfig
 from helip.trainer.tools.model_config import ModelConfig
 
 
@@ -81,8 +82,6 @@ class OptimConfig:
         optimizer step)."""
         if self.epochs == 0:
             return self.steps
-        from helip.trainer.pairs.sampler import SamplerConfig
-
         micro_per_epoch = SamplerConfig(n_samples, self.batch_size, self.hard_ratio, world_size).steps_per_epoch
         return max(1, self.epochs * micro_per_epoch // accumulation)
 
