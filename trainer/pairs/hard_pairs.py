@@ -178,6 +178,8 @@ class HardPairSampler(Sampler[list[int]]):
 
     # ---- what a DataLoader calls ------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
+        """Make the next iterator yield `epoch`'s batches (with steps=None; call it before each epoch, as with
+        DistributedSampler). An iterator already running keeps its epoch."""
         self.epoch = epoch
 
     def _step_range(self) -> range:
@@ -188,46 +190,57 @@ class HardPairSampler(Sampler[list[int]]):
         return range(max(first, self.start_step), first + per_epoch)
 
     def __len__(self) -> int:
+        """Batches the next iterator yields: the rest of this epoch (steps=None), else start_step..steps-1."""
         return len(self._step_range())
 
     def __iter__(self):
+        """Each batch as a list of SampleIndex (ids carrying the batch's layout). Iterators are independent:
+        each mines for its own batches, so two live at once neither take nor cancel each other's answers."""
         steps = self._step_range()
         if not steps:
             return
-        self._request(steps.start, min(steps.stop, steps.start + self.lookahead))
-        self._await_first(steps)
-        for step in steps:
-            self._request(step + self.lookahead, min(steps.stop, step + self.lookahead + 1))
-            composed = self.compose(step)
-            layout = BatchLayout.of(step, composed)
-            yield [SampleIndex(sample_id, layout) for sample_id in composed.ids.tolist()]
+        owner = object()  # this iterator's key to its answers in the shared prefetcher
+        try:
+            self._request(steps.start, min(steps.stop, steps.start + self.lookahead), owner)
+            self._await_first(steps, owner)
+            for step in steps:
+                self._request(step + self.lookahead, min(steps.stop, step + self.lookahead + 1), owner)
+                composed = self.compose(step, owner)
+                layout = BatchLayout.of(step, composed)
+                yield [SampleIndex(sample_id, layout) for sample_id in composed.ids.tolist()]
+        finally:  # ended or abandoned (closed, collected): its answers in flight are not needed
+            if self.prefetcher is not None:
+                self.prefetcher.drop(owner)
 
     # ---- composition -----------------------------------------------------------------------------------------
-    def _request(self, first: int, stop: int) -> None:
+    def _request(self, first: int, stop: int, owner: object) -> None:
         if self.prefetcher is None:
             return
         for step in range(first, stop):
             if step < self.config.start_step or not self.coverage.reached.is_set():
                 continue
             if self.first_mined_step is None:
-                self.first_mined_step = step
-                log.info("mining starts with the batch of step %d", step)
-            self.prefetcher.request(step, self.anchors.anchors(step))
+                # With no coverage to wait for, mining starts at mining.start_step wherever this iterator
+                # starts, so a resumed run ramps in as the uninterrupted one did; a wait for coverage starts
+                # it at the first step asked once the coverage is seen (a resumed run ramps in again).
+                self.first_mined_step = self.config.start_step if self.coverage.needed <= 0 else step
+                log.info("mining starts with the batch of step %d", self.first_mined_step)
+            self.prefetcher.request(step, self.anchors.anchors(step), owner)
 
-    def _await_first(self, steps: range) -> None:
+    def _await_first(self, steps: range, owner: object) -> None:
         """Before training starts: the DataLoader takes `in_loader` + 1 batches at once; let their answers in."""
         if self.prefetcher is None or self.prefetcher.breaker.state != CLOSED:
             return
         deadline = time.monotonic() + self.config.deadline_s
         for step in steps[: self.in_loader + 1]:
-            self.prefetcher.wait(step, max(0.0, deadline - time.monotonic()))
+            self.prefetcher.wait(step, max(0.0, deadline - time.monotonic()), owner)
 
-    def compose(self, step: int) -> ComposedBatch:
-        """The batch of `step` from whatever mining answer is in now (used by __iter__; public for tests).
-        Raises MinerRefused once the miner refused this session's calls."""
+    def compose(self, step: int, owner: object = None) -> ComposedBatch:
+        """The batch of `step` from whatever mining answer `owner` (the iterator that asked) has in now (used by
+        __iter__; public for tests). Raises MinerRefused once the miner refused this session's calls."""
         if self.session is not None:
             self.session.check()
-        neighbours = self.prefetcher.take(step) if self.prefetcher is not None else None
+        neighbours = self.prefetcher.take(step, owner) if self.prefetcher is not None else None
         max_mined = None
         if self.prefetcher is not None:
             share = ramp_share(step, self.first_mined_step, self.config.ramp_steps)
@@ -272,6 +285,8 @@ class HardPairSampler(Sampler[list[int]]):
         return layout
 
     def close(self) -> None:
+        """Stop this sampler's mining for good (answers in flight cancelled, threads ended): iterate no more after
+        it. The session and its client stay open (MiningSession.close closes them, and calls this)."""
         self.coverage.close()
         if self.prefetcher is not None:
             self.prefetcher.close()

@@ -129,10 +129,13 @@ class MinePrefetcher:
         self._scoring = pb.Scoring.Value(config.scoring)
         self._warn = RateLimitedLog(log)
 
-    def request(self, step: int, anchor_ids: np.ndarray) -> bool:
-        """Start mining for the batch of `step` (idempotent); False when it was skipped. Never blocks."""
+    def request(self, step: int, anchor_ids: np.ndarray, owner: object = None) -> bool:
+        """Start mining for the batch of `step` (idempotent); False when it was skipped. Never blocks.
+        owner: whose answer it is (any hashable, e.g. one per iterator): `take` and `drop` touch only the answers
+        of the owner they are given, so two iterators over one sampler never take or cancel each other's."""
+        key = (owner, step)
         with self._lock:
-            if step in self._pending:
+            if key in self._pending:
                 return True
             if self.session.refusals.refused:
                 return False
@@ -141,7 +144,7 @@ class MinePrefetcher:
                 return False
             # At most max_in_flight calls run; the rest queue, and a queued call whose batch is composed
             # before it started is cancelled (take), so a hung miner never holds more than max_in_flight threads.
-            self._pending[step] = self._pool.submit(self._mine, np.asarray(anchor_ids, dtype=np.int64))
+            self._pending[key] = self._pool.submit(self._mine, np.asarray(anchor_ids, dtype=np.int64))
         return True
 
     def _mine(self, anchor_ids: np.ndarray) -> np.ndarray | None:
@@ -183,11 +186,13 @@ class MinePrefetcher:
                 list(neighbours.missing_shards),
             )
 
-    def take(self, step: int) -> np.ndarray | None:
-        """Neighbour ids [anchors, k] for `step` if the answer is already in, else None. Never blocks."""
+    def take(self, step: int, owner: object = None) -> np.ndarray | None:
+        """Neighbour ids [anchors, k] for `step` (asked by `owner`) if the answer is already in, else None.
+        Never blocks."""
         with self._lock:
-            future = self._pending.pop(step, None)
-            for old in [s for s in self._pending if s < step]:  # answers for batches that were skipped over
+            future = self._pending.pop((owner, step), None)
+            # The owner's answers for batches it skipped over; another owner may still be behind this step.
+            for old in [key for key in self._pending if key[0] == owner and key[1] < step]:
                 self._pending.pop(old).cancel()
         if future is None:
             return None
@@ -197,15 +202,21 @@ class MinePrefetcher:
             return None
         return future.result()
 
-    def wait(self, step: int, timeout_s: float) -> None:
-        """Block up to `timeout_s` for the answer of `step`: only for use before training starts."""
+    def wait(self, step: int, timeout_s: float, owner: object = None) -> None:
+        """Block up to `timeout_s` for `owner`'s answer of `step`: only for use before training starts."""
         with self._lock:
-            future = self._pending.get(step)
+            future = self._pending.get((owner, step))
         if future is not None:
             try:
                 future.exception(timeout=timeout_s)
             except (TimeoutError, CancelledError):
                 pass
+
+    def drop(self, owner: object) -> None:
+        """Cancel and forget `owner`'s answers not taken (an iterator that ended or was abandoned)."""
+        with self._lock:
+            for key in [key for key in self._pending if key[0] == owner]:
+                self._pending.pop(key).cancel()
 
     def close(self) -> None:
         with self._lock:
