@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+
+from helip.miner_service.service.process import MinerProcess, spawn_miner
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,49 +50,10 @@ def unit_pairs(rng: np.random.Generator, n: int, dim: int, chunk: int = 65536) -
     return image, text
 
 
-class MinerSubprocess:
-    """`helip-miner serve` in its own process on a free port (torn down on exit)."""
-
-    def __init__(self, *args: str):
-        self.dir = tempfile.TemporaryDirectory()
-        port_file = Path(self.dir.name) / "ports.json"
-        self.log = open(Path(self.dir.name) / "miner.log", "w")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "helip.miner_service.service.cli",
-                "serve",
-                "--port",
-                "0",
-                "--metrics-port",
-                "-1",
-                "--port-file",
-                str(port_file),
-                *args,
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-        deadline = time.monotonic() + 120
-        while not port_file.exists() or not port_file.read_text():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"miner did not start: {(Path(self.dir.name) / 'miner.log').read_text()}")
-            time.sleep(0.05)
-        self.address = f"127.0.0.1:{json.loads(port_file.read_text())['port']}"
-
-    def __enter__(self) -> MinerSubprocess:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self.log.close()
-        self.dir.cleanup()
+def bench_miner(*args: str) -> MinerProcess:
+    """`helip-miner serve *args` in its own process on a free port, no /metrics (stop it, or use it in `with`)."""
+    workdir = Path(tempfile.mkdtemp(prefix="helip-bench-miner-"))
+    return spawn_miner(workdir, "--metrics-port", "-1", *args, cwd=ROOT, timeout_s=120)
 
 
 def report(name: str, results: dict, rows: list[tuple[str, str]], json_out: str | None) -> None:

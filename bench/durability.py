@@ -22,12 +22,13 @@ import numpy as np
 import redis
 from tqdm import tqdm
 
-from bench.common import MinerSubprocess, report, summarize, unit_pairs
+from bench.common import bench_miner, report, summarize, unit_pairs
 from helip.miner.v1 import miner_pb2 as pb
 from helip.miner_service.client.single import ClientConfig, MinerClient
+from helip.miner_service.service.process import MinerProcess
 
 
-def connect(server: MinerSubprocess) -> MinerClient:
+def connect(server: MinerProcess) -> MinerClient:
     client = MinerClient(ClientConfig(address=server.address, wire_dtype=pb.FLOAT16, timeout_s=600))
     client.wait_ready(120)
     return client
@@ -40,9 +41,9 @@ def upsert_rate(client: MinerClient, ids, image, text, batch: int, label: str) -
     return len(ids) / (time.perf_counter() - started)
 
 
-def timed_start(*args: str) -> tuple[MinerSubprocess, float]:
+def timed_start(*args: str) -> tuple[MinerProcess, float]:
     started = time.perf_counter()
-    server = MinerSubprocess(*args)
+    server = bench_miner(*args)
     connect(server).stats()
     return server, time.perf_counter() - started
 
@@ -70,7 +71,7 @@ def main() -> None:
         # Throughput: interleave halves so that drift hits both alike.
         half = args.rows // 2
         throughput_snapshots = ("--snapshot-dir", str(workdir / "throughput"), "--snapshot-interval-s", "0")
-        with MinerSubprocess(*base) as plain, MinerSubprocess(*durable, *throughput_snapshots) as logged:
+        with bench_miner(*base) as plain, bench_miner(*durable, *throughput_snapshots) as logged:
             plain_client, logged_client = connect(plain), connect(logged)
             rates = {"memory": [], "redis_log": []}
             for part in (slice(0, half), slice(half, args.rows)):
@@ -92,12 +93,12 @@ def main() -> None:
         server.process.send_signal(signal.SIGTERM)
         server.process.wait(600)
         snapshot_write_s = time.perf_counter() - started
-        server.__exit__()
+        server.stop()
         server, snapshot_restart_s = timed_start(*durable, *snapshots)
         leader_client = connect(server)
         assert leader_client.stats().size == args.rows
         # Follower lag on small writes (one trainer step's worth: 256 rows).
-        with MinerSubprocess(*durable, "--follow") as follower:
+        with bench_miner(*durable, "--follow") as follower:
             follower_client = connect(follower)
             lags = []
             rng = np.random.default_rng(1)
@@ -109,7 +110,7 @@ def main() -> None:
                 while follower_client.stats().log_offset != want:
                     time.sleep(0.0005)
                 lags.append(time.perf_counter() - acked)
-        server.__exit__()
+        server.stop()
     finally:
         client = redis.Redis.from_url(args.redis_url)
         for key in client.scan_iter(f"{prefix}:*"):

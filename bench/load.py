@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from bench.common import MinerSubprocess, report, unit_pairs
+from bench.common import bench_miner, report, unit_pairs
 
 DELIBERATE = "Mine(k=0)"
 
@@ -342,7 +342,7 @@ def main() -> None:
             key_prefix = f"helip-bench-load-{uuid.uuid4().hex[:8]}"
             snapshot_dir = tempfile.mkdtemp(prefix="helip-bench-load-")  # a leader with a log needs one
             extra = ("--redis-url", args.redis_url, "--key-prefix", key_prefix, "--snapshot-dir", snapshot_dir)
-        server = MinerSubprocess("--dim", str(args.dim), "--device", args.device, "--log-level", "WARNING", *extra)
+        server = bench_miner("--dim", str(args.dim), "--device", args.device, "--log-level", "WARNING", *extra)
         address, pid = server.address, server.process.pid
     try:
         preload_rate = preload(address, args.rows, args.dim)
@@ -368,7 +368,7 @@ def main() -> None:
         alive = server is None or server.process.poll() is None
     finally:
         if server is not None:
-            server.__exit__(None, None, None)
+            server.stop()
         if key_prefix:
             import redis
 

@@ -36,9 +36,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
-from bench.common import ROOT, MinerSubprocess, report, unit_pairs
+from bench.common import ROOT, bench_miner, report, unit_pairs
 from helip.miner.v1 import miner_pb2 as pb
 from helip.miner_service.client.single import ClientConfig, MinerClient
+from helip.miner_service.service.process import MinerProcess
 from helip.trainer.pairs.data import CsvPairs, collate_pairs, read_pairs
 from helip.trainer.pairs.hard_pairs import WORKER_START_METHOD
 from helip.trainer.pairs.session import MiningSession
@@ -120,7 +121,7 @@ class Run:
     counters: dict = field(default_factory=dict)
 
 
-def run_loader(kind: str, dataset: CsvPairs, workers: int, args: argparse.Namespace, miner: MinerSubprocess) -> Run:
+def run_loader(kind: str, dataset: CsvPairs, workers: int, args: argparse.Namespace, miner: MinerProcess) -> Run:
     total = args.warmup + args.batches
     size = args.batch_size
     session = sampler = None
@@ -245,7 +246,7 @@ def main() -> None:
         order += [("baseline", "hard"), ("hard", "baseline")][repeat % 2]
 
     summary: dict[str, dict] = {}
-    with MinerSubprocess("--dim", str(DIM)) as miner:
+    with bench_miner("--dim", str(DIM)) as miner:
         fill_miner(miner.address, len(dataset))
         for workers in worker_counts:
             runs = [run_loader(kind, dataset, workers, args, miner) for kind in order]

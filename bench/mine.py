@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bench.common import MinerSubprocess, report, summarize, unit_pairs
+from bench.common import bench_miner, report, summarize, unit_pairs
 from helip.miner.v1 import miner_pb2 as pb
 from helip.miner_service.client.single import ClientConfig, MinerClient
 from helip.miner_service.core.api import MineQuery
@@ -61,7 +61,7 @@ def main() -> None:
     miner = HardPairMiner(args.dim, SearchConfig(device=args.device, ivf=SearchConfig().ivf))
     inproc_upsert = upsert_all(miner.upsert, ids, image, text, args.upsert_batch, "upsert in-process")
 
-    with MinerSubprocess("--dim", str(args.dim), "--device", args.device) as server:
+    with bench_miner("--dim", str(args.dim), "--device", args.device) as server:
         client = MinerClient(ClientConfig(address=server.address, wire_dtype=pb.FLOAT32, timeout_s=600))
         client.wait_ready(60)
         # fp16 on the wire first, on a prefix; the fp32 pass then writes every row exactly as in-process.

@@ -11,8 +11,6 @@ from the histogram buckets over a sliding window, as histogram_quantile does).
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 import threading
@@ -26,36 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def start_miner(workdir: Path, dim: int) -> tuple[subprocess.Popen, int, int]:
-    port_file = workdir / "ports.json"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "helip.miner_service.service.cli",
-            "serve",
-            "--dim",
-            str(dim),
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--port-file",
-            str(port_file),
-            "--log-level",
-            "WARNING",
-        ],
-        cwd=ROOT,
-    )
-    deadline = time.monotonic() + 60
-    while not port_file.exists() or not port_file.read_text():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError("the miner did not start")
-        time.sleep(0.05)
-    ports = json.loads(port_file.read_text())
-    return process, ports["port"], ports["metrics_port"]
+from helip.miner_service.service.process import spawn_miner  # noqa: E402
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
@@ -126,24 +95,23 @@ def main() -> int:
     import matplotlib.pyplot as plt
 
     with tempfile.TemporaryDirectory() as workdir:
-        process, port, metrics_port = start_miner(Path(workdir), args.dim)
+        miner = spawn_miner(Path(workdir), "--dim", str(args.dim), "--log-level", "WARNING", cwd=ROOT)
         stop = threading.Event()
         load = threading.Thread(
             target=drive,
-            args=(f"127.0.0.1:{port}", args.dim, [int(p) for p in args.phases.split(",")], args.seconds, stop),
+            args=(miner.address, args.dim, [int(p) for p in args.phases.split(",")], args.seconds, stop),
         )
         samples: list[tuple[float, dict]] = []
         try:
             start = time.monotonic()
             load.start()
             while load.is_alive() and time.monotonic() - start < args.seconds + 120:
-                samples.append((time.monotonic() - start, scrape(f"http://127.0.0.1:{metrics_port}/metrics")))
+                samples.append((time.monotonic() - start, scrape(miner.metrics_url)))
                 time.sleep(1.0)
         finally:
             stop.set()
             load.join(60)
-            process.terminate()
-            process.wait(30)
+            miner.stop()
 
     t = np.array([s[0] for s in samples])
     window = max(1, int(round(args.window_s)))

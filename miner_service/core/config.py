@@ -7,13 +7,24 @@ from dataclasses import dataclass, field, replace
 
 @dataclass(frozen=True)
 class IvfConfig:
-    min_rows: int = 2_000_000  # below this the exact search is used (0 disables the IVF)
-    nprobe: int = 32
+    """The approximate candidate index (FAISS IVF) of large namespaces; its candidates are re-ranked exactly."""
+
+    min_rows: int = 2_000_000  # use the IVF candidate index from this many rows on (0: exact only)
+    nprobe: int = 32  # IVF lists probed per query
     candidates_per_k: int = 8  # candidates fetched per wanted neighbour, re-ranked exactly
     rebuild_fraction: float = 0.1  # rebuild once this fraction of the covered rows was rewritten or added
-    max_train_points: int = 200_000
+    max_train_points: int = 200_000  # rows sampled to train the IVF's centroids
+
+    def __post_init__(self):
+        for name, low in (("min_rows", 0), ("nprobe", 1), ("candidates_per_k", 1), ("max_train_points", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"search.ivf.{name} must be >= {low}, got {getattr(self, name)}")
+        if not 0.0 < self.rebuild_fraction <= 1.0:
+            raise ValueError(f"search.ivf.rebuild_fraction must be in (0, 1], got {self.rebuild_fraction}")
 
 
+STORAGE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+TOPK_KINDS = ("auto", "heap", "torch")
 DEFAULT_MAX_SIMILARITY = 0.98  # the paper's code drops candidates above this similarity as near-duplicates
 
 
@@ -39,24 +50,32 @@ DEVICE_DEFAULTS = {
 
 @dataclass(frozen=True)
 class SearchConfig:
+    """How a Mine searches: device, storage precision, top-k, limits and scratch memory."""
+
     device: str = "auto"  # "auto" (cuda when visible), "cpu", "cuda", "cuda:N"
-    storage_dtype: str = "auto"  # "auto" (float16 on cuda, float32 on cpu), "float32", "float16"
+    storage_dtype: str = "auto"  # "auto" (float16 on cuda, float32 on cpu), "float32", "float16", "bfloat16"
     block_rows: int = 0  # stored rows scored at once; 0 picks by device
     store_block_rows: int = 0  # rows per storage block (growth allocates one, a writer locks one); 0: by device
     topk: str = "auto"  # running top-k: "auto" (FAISS heaps on the CPU, torch.topk on a GPU), "heap", "torch"
     topk_segment: int = 0  # torch top-k: select per segment of this many columns first (0: one pass per row)
-    max_k: int = 1024
-    max_anchors: int = 8192
-    default_max_similarity: float = DEFAULT_MAX_SIMILARITY
+    max_k: int = 1024  # largest k a Mine may ask for
+    max_anchors: int = 8192  # most anchors one Mine may ask about
+    default_max_similarity: float = DEFAULT_MAX_SIMILARITY  # near-duplicate cut of a Mine that sets none
     # Scratch memory (core.budget): one Mine's score matrices stay within mine_scratch_bytes; Mines run
     # together within scratch_budget_bytes, the rest wait in a queue of mine_queue_limit, then are refused.
     # 0: by device (DEVICE_DEFAULTS).
-    mine_scratch_bytes: int = 0
-    scratch_budget_bytes: int = 0
-    mine_queue_limit: int = 32
+    mine_scratch_bytes: int = 0  # scratch memory of one Mine: its anchors x rows scored at once (0: by device)
+    scratch_budget_bytes: int = 0  # scratch memory of all running Mines together (0: by device)
+    mine_queue_limit: int = 32  # Mines that may wait for scratch memory; more are refused (RESOURCE_EXHAUSTED)
     ivf: IvfConfig = field(default_factory=IvfConfig)
 
     def __post_init__(self):
+        if self.storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(
+                f"search.storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.storage_dtype!r}"
+            )
+        if self.topk not in TOPK_KINDS:
+            raise ValueError(f"search.topk must be one of {', '.join(TOPK_KINDS)}, got {self.topk!r}")
         if self.block_rows < 0:
             raise ValueError(f"search.block_rows must be >= 0 (0: by device), got {self.block_rows}")
         for name in ("max_k", "max_anchors"):

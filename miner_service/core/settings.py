@@ -42,10 +42,11 @@ def coerce(current, value, where: str):
     return value
 
 
-def overlay(config, values: dict, where: str):
-    """A copy of dataclass `config` with nested `values` applied (nested dicts for nested configs)."""
+def coerced(config, values: dict, where: str) -> dict:
+    """`values` (nested dicts for nested configs) checked against dataclass `config`'s fields and read as their
+    types; unknown keys and unreadable values are a ValueError naming the dotted key under `where`."""
     known = {f.name for f in dataclasses.fields(config)}
-    changes = {}
+    read = {}
     for key, value in values.items():
         name = key.replace("-", "_")
         if name not in known:
@@ -54,10 +55,41 @@ def overlay(config, values: dict, where: str):
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ValueError(f"{where}.{key}: expected a mapping")
-            changes[name] = overlay(current, value, f"{where}.{key}")
+            read[name] = coerced(current, value, f"{where}.{key}")
         else:
-            changes[name] = coerce(current, value, f"{where}.{key}")
-    return dataclasses.replace(config, **changes)
+            read[name] = coerce(current, value, f"{where}.{key}")
+    return read
+
+
+def merged(*layers: dict) -> dict:
+    """Nested dicts merged key by key, a later layer winning."""
+    out: dict = {}
+    for layer in layers:
+        for key, value in layer.items():
+            out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def applied(config, values: dict):
+    """A copy of `config` with already-read nested `values`; each (nested) config is built once, so its
+    `__post_init__` checks the final values, never a half-applied mix of sources."""
+    changes = {
+        name: applied(getattr(config, name), value) if isinstance(value, dict) else value
+        for name, value in values.items()
+    }
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def overlay(config, values: dict, where: str):
+    """A copy of dataclass `config` with nested `values` applied (nested dicts for nested configs)."""
+    return applied(config, coerced(config, values, where))
+
+
+def layered(config, *sources: tuple[dict, str]):
+    """`config` with several sources applied in order, later ones winning: each source's keys and values are
+    checked under its own name ("miner.yaml", "environment", "flags"), then the config is built once, so a
+    check across fields (a log needs a snapshot directory) sees every source's values together."""
+    return applied(config, merged(*(coerced(config, values, where) for values, where in sources)))
 
 
 def nest(flat: dict, separator: str = ".") -> dict:

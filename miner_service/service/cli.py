@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
+from functools import lru_cache
 
 # gRPC handler threads each call torch, and each such thread gets its own OpenMP team whose idle workers spin
 # after every parallel region by default: on a small box they take the cores from gRPC's I/O threads (upserts
@@ -16,142 +18,96 @@ import sys
 # libgomp reads this once, when torch loads it, so it must be set before the first import of torch (below).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from helip.miner_service.service.config import (  # noqa: E402
-    DurabilityConfig,
-    MinerConfig,
-    from_environment,
-    load_file,
-    with_overrides,
+from helip.miner_service.core.settings_docs import (  # noqa: E402
+    Section,
+    add_setting_flags,
+    given_settings,
+    read_section,
 )
+from helip.miner_service.service.config import DurabilityConfig, MinerConfig, load  # noqa: E402
 from helip.miner_service.wire.security import RedactingFilter, redact_url  # noqa: E402
 from helip.miner_service.wire.shards import parse_shard  # noqa: E402
 
+# The word for a section in the short flags: --max-k is search.max_k, --ivf-nprobe is search.ivf.nprobe.
+SHORT_PREFIX = {"search.ivf": "ivf-"}
+
+
+@lru_cache(maxsize=1)
+def sections() -> tuple[Section, ...]:
+    """MinerConfig's settings by section (top level, search, search.ivf, durability, security)."""
+    return tuple(read_section(MinerConfig, ""))
+
+
+def short_flag(key: str) -> str:
+    """The flag a setting has always had: its field name with dashes (--metrics-port, --max-k, --redis-url), the
+    IVF's prefixed (--ivf-min-rows). Unique over MinerConfig (tests/unit/test_miner_config.py checks it)."""
+    section, _, name = key.rpartition(".")
+    return f"--{SHORT_PREFIX.get(section, '')}{name.replace('_', '-')}"
+
 
 def build_parser() -> argparse.ArgumentParser:
+    """`serve`'s flags are made from MinerConfig, as helip-train's are from TrainConfig: every setting as
+    `--section.field` and its short name (`--search.max_k`, `--max-k`), with its default and meaning."""
     parser = argparse.ArgumentParser(
         prog="helip-miner", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve the Miner gRPC API and /metrics")
-    serve.add_argument("--config", help="YAML file with MinerConfig fields (nested 'search:' and 'search.ivf:')")
-    serve.add_argument("--host", help="address to bind gRPC on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="gRPC port (0: pick a free one)")
-    serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0: pick a free one, -1: off)")
-    serve.add_argument("--metrics-host", help="address to bind /metrics on (default 127.0.0.1)")
-    serve.add_argument("--dim", type=int, help="embedding dimension per modality")
-    serve.add_argument("--max-rows", type=int, help="refuse upserts past this many rows in a namespace (0: no limit)")
-    serve.add_argument(
-        "--max-total-rows", type=int, help="refuse upserts past this many rows over all namespaces (0: no limit)"
+    serve = commands.add_parser(
+        "serve",
+        help="serve the Miner gRPC API and /metrics",
+        description="Serve the Miner gRPC API and /metrics. " + __doc__.split("\n\n", 1)[1],
+        usage="%(prog)s [--config FILE] [--section.field VALUE | --flag VALUE ...] [--set KEY=VALUE ...]",
+        allow_abbrev=False,  # a misspelt flag is an error: --max-row must not quietly mean --max-rows
     )
-    serve.add_argument("--max-namespaces", type=int, help="namespaces this miner holds at most (default 64)")
+    serve.add_argument("--config", help="YAML file of MinerConfig fields (nested 'search:', 'search.ivf:', ...)")
     serve.add_argument(
-        "--max-namespace-dim", type=int, help="largest dim a client may create a namespace with (default 4096)"
-    )
-    serve.add_argument("--workers", type=int, help="gRPC handler threads")
-    serve.add_argument("--device", dest="search.device", metavar="DEVICE", help="auto | cpu | cuda | cuda:N")
-    serve.add_argument(
-        "--storage-dtype", dest="search.storage_dtype", metavar="STORAGE_DTYPE", help="auto | float32 | float16"
-    )
-    serve.add_argument("--max-k", dest="search.max_k", metavar="MAX_K", type=int, help="largest k a Mine may ask for")
-    for flag, metavar, help_text in (
-        ("store-block-rows", "ROWS", "rows per storage block (growth and write locking go a block at a time)"),
-        ("mine-scratch-bytes", "BYTES", "scratch memory of one Mine: its anchors x rows scored at once"),
-        ("scratch-budget-bytes", "BYTES", "scratch memory of all running Mines together"),
-        ("mine-queue-limit", "N", "Mines that may wait for scratch memory; more are refused (RESOURCE_EXHAUSTED)"),
-        ("topk-segment", "COLUMNS", "GPU top-k: select within segments of this many columns first (0: off)"),
-    ):
-        serve.add_argument(
-            f"--{flag}", dest=f"search.{flag.replace('-', '_')}", metavar=metavar, type=int, help=help_text
-        )
-    serve.add_argument(
-        "--ivf-min-rows",
-        dest="search.ivf.min_rows",
-        metavar="MIN_ROWS",
-        type=int,
-        help="use the IVF candidate index from this many rows on (0: exact only)",
-    )
-    serve.add_argument(
-        "--ivf-nprobe", dest="search.ivf.nprobe", metavar="NPROBE", type=int, help="IVF lists probed per query"
-    )
-    serve.add_argument(
-        "--redis-url",
-        dest="durability.redis_url",
-        metavar="URL",
-        help="durable log in this Redis (default: $REDIS_URL if --durable, else none)",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any setting by its dotted name, e.g. --set search.max_k=64 (repeatable)",
     )
     serve.add_argument("--durable", action="store_true", help="use $REDIS_URL as the durable log")
-    serve.add_argument(
-        "--key-prefix",
-        dest="durability.key_prefix",
-        metavar="PREFIX",
-        help="Redis key prefix of the log stream (default helip)",
-    )
-    serve.add_argument(
-        "--snapshot-dir",
-        dest="durability.snapshot_dir",
-        metavar="DIR",
-        help="write snapshots here, and restore from the newest on start (required with --redis-url: the log is "
-        "trimmed below each snapshot)",
-    )
-    serve.add_argument(
-        "--snapshot-interval-s",
-        dest="durability.snapshot_interval_s",
-        type=float,
-        metavar="SECONDS",
-        help="seconds between scheduled snapshots (0: only on shutdown)",
-    )
-    serve.add_argument(
-        "--follow",
-        dest="durability.follow",
-        action="store_const",
-        const=True,
-        help="a read-only follower: tail the leader's log, serve Mine, refuse writes",
-    )
     serve.add_argument("--shard", metavar="I/S", help="own the ids with shard_of(id) == I among S shards")
-    serve.add_argument(
-        "--tls-cert-file",
-        dest="security.tls_cert_file",
-        metavar="PEM",
-        help="serve TLS with this certificate chain (needs --tls-key-file)",
-    )
-    serve.add_argument("--tls-key-file", dest="security.tls_key_file", metavar="PEM", help="TLS private key")
-    serve.add_argument(
-        "--tls-client-ca-file",
-        dest="security.tls_client_ca_file",
-        metavar="PEM",
-        help="require client certificates signed by this CA (mutual TLS)",
-    )
-    serve.add_argument(
-        "--token-file",
-        dest="security.token_file",
-        metavar="FILE",
-        help="require 'authorization: Bearer <token>' on every RPC (else $HELIP_AUTH_TOKEN)",
-    )
     serve.add_argument("--port-file", help="write the bound gRPC and metrics ports here (JSON) once serving")
-    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
+    aliases = {s.key: (short_flag(s.key),) for section in sections() for s in section.settings}
+    add_setting_flags(serve, sections(), aliases)
     return parser
 
 
+def flag_errors(message: str) -> str:
+    """An error that begins with a setting's dotted key ("search.max_k must be >= 1", "flags.port: cannot read")
+    names the flag a user types as well: "--max-k (search.max_k) must be >= 1"."""
+    match = re.match(r"(?:flags\.)?([a-z_]+(?:\.[a-z_]+)*)", message)
+    keys = {s.key for section in sections() for s in section.settings}
+    if not match or match.group(1) not in keys:
+        return message
+    key = match.group(1)
+    return f"{short_flag(key)} ({key}){message[match.end() :]}"
+
+
 def config_from_args(args: argparse.Namespace) -> MinerConfig:
-    config = load_file(args.config) if args.config else MinerConfig()
-    config = from_environment(config)
-    flags = {k: v for k, v in vars(args).items() if k not in {"command", "config", "port_file", "durable", "shard"}}
-    if args.durable and not args.__dict__.get("durability.redis_url"):
+    flags = given_settings(args, sections())
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        flags[key] = value
+    if args.durable and not flags.get("durability.redis_url"):
         flags["durability.redis_url"] = os.environ.get("REDIS_URL") or None
         if not flags["durability.redis_url"]:
             raise ValueError("--durable needs $REDIS_URL (or give --redis-url)")
     if args.shard:
         flags["durability.shard_index"], flags["durability.shard_count"] = parse_shard(args.shard)
-    return with_overrides(config, flags)
+    return load(args.config, os.environ, flags)
 
 
-def check_log_is_bounded(durability: DurabilityConfig) -> None:
-    """A leader trims its log only below its snapshots: without a snapshot directory it would keep every write."""
-    if durability.redis_url and not durability.follow and not durability.snapshot_dir:
-        raise ValueError(
-            "--snapshot-dir (durability.snapshot_dir) is required with a Redis log: the log is trimmed below each "
-            "snapshot, so without snapshots it grows without bound"
-        )
+def check_readable(config: MinerConfig) -> None:
+    """The security files exist and can be read, before anything starts (the contents are read by the server)."""
+    for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "token_file"):
+        path = getattr(config.security, name)
+        if path and not os.access(path, os.R_OK):
+            raise ValueError(f"security.{name}: cannot read {path}")
 
 
 def describe_durability(durability: DurabilityConfig) -> None:
@@ -170,23 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
-        if config.dim <= 0:
-            raise ValueError(f"--dim must be positive, got {config.dim}")
-        for name in ("max_rows", "max_total_rows"):
-            if getattr(config, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
-        for name in ("max_namespaces", "max_namespace_dim"):
-            if getattr(config, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
-        if config.port < 0 or config.port > 65535:
-            raise ValueError(f"--port must be in 0..65535, got {config.port}")
-        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "token_file"):
-            path = getattr(config.security, name)
-            if path and not os.access(path, os.R_OK):
-                raise ValueError(f"--{name.replace('_', '-')} ({name}): cannot read {path}")
-        check_log_is_bounded(config.durability)
+        check_readable(config)
     except (ValueError, TypeError, OSError) as error:
-        parser.error(redact_url(str(error)))  # exit code 2
+        parser.error(redact_url(flag_errors(str(error))))  # exit code 2
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )

@@ -25,10 +25,18 @@ _URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^
 
 @dataclass(frozen=True)
 class SecurityConfig:
+    """TLS (optionally mutual) and the bearer token every RPC must carry. Files only: secrets never sit in a config."""
+
     tls_cert_file: str = ""  # server certificate chain (PEM); with tls_key_file: TLS on
-    tls_key_file: str = ""
+    tls_key_file: str = ""  # TLS private key (PEM) of tls_cert_file
     tls_client_ca_file: str = ""  # when set, clients must present a certificate signed by this CA (mutual TLS)
     token_file: str = ""  # bearer token required on every RPC (else $HELIP_AUTH_TOKEN, else none)
+
+    def __post_init__(self):
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("security.tls_cert_file and security.tls_key_file come together (TLS needs both)")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("security.tls_client_ca_file needs security.tls_cert_file and security.tls_key_file")
 
     def __repr__(self) -> str:  # file names only; never contents
         return (

@@ -46,4 +46,4 @@ def test_the_filter_masks_messages_arguments_and_tracebacks():
 
 
 def test_the_durability_config_repr_leaves_the_url_out():
-    assert "s3cret" not in repr(DurabilityConfig(redis_url="redis://:s3cret@redis:6379/0"))
+    assert "s3cret" not in repr(DurabilityConfig(redis_url="redis://:s3cret@redis:6379/0", snapshot_dir="/snapshots"))

@@ -1,23 +1,20 @@
 import pytest
 
-from helip.miner_service.service.config import MinerConfig, from_environment, load_file, with_overrides
+from helip.miner_service.service import config as miner_config
+from helip.miner_service.service.config import MinerConfig
 from helip.trainer.app import config as train_config
 
 
 def test_miner_config_layers_file_environment_flags(tmp_path):
     path = tmp_path / "miner.yaml"
     path.write_text("dim: 64\nsearch:\n  max_k: 32\n  ivf:\n    nprobe: 8\n")
-    config = load_file(path)
-    config = from_environment(
-        config,
-        {
-            "HELIP_MINER_PORT": "7000",
-            "HELIP_MINER_SEARCH__DEVICE": "cpu",
-            "HELIP_MINER_DURABILITY__FOLLOW": "true",
-            "OTHER": "x",
-        },
-    )
-    config = with_overrides(config, {"port": 7001, "search.ivf.min_rows": "5", "host": None})
+    environ = {
+        "HELIP_MINER_PORT": "7000",
+        "HELIP_MINER_SEARCH__DEVICE": "cpu",
+        "HELIP_MINER_DURABILITY__FOLLOW": "true",
+        "OTHER": "x",
+    }
+    config = miner_config.load(path, environ, {"port": 7001, "search.ivf.min_rows": "5", "host": None})
     assert (config.dim, config.port, config.host) == (64, 7001, "127.0.0.1")
     assert (config.search.max_k, config.search.device, config.search.ivf.nprobe, config.search.ivf.min_rows) == (
         32,
@@ -39,7 +36,7 @@ def test_miner_config_layers_file_environment_flags(tmp_path):
 )
 def test_miner_config_errors_name_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
-        with_overrides(MinerConfig(), overrides)
+        miner_config.load(None, {}, overrides)
 
 
 def test_trainer_config_file_and_overrides(tmp_path):

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from helip.miner_service.core.settings_docs import add_setting_flags, given_settings
 from helip.trainer.app import config_docs
 
 if TYPE_CHECKING:
@@ -73,7 +74,6 @@ ALIASES = {
     "run.wandb_project": ("--wandb-project-name",),
     "run.wandb_notes": ("--wandb-notes",),
 }
-METAVARS = {"int": "INT", "float": "FLOAT", "bool": "BOOL"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,26 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
-    for section in config_docs.sections():
-        group = parser.add_argument_group(f"{section.key} ({section.class_name})", section.help or None)
-        for setting in section.settings:
-            meaning = setting.help.replace("%", "%%")
-            options = {"metavar": METAVARS.get(setting.kind, "TEXT")}
-            if setting.kind == "bool":  # `--local-loss` alone means true, as open_clip's switches do
-                options.update(nargs="?", const="true")
-            group.add_argument(
-                f"--{setting.key}",
-                *ALIASES.get(setting.key, ()),
-                dest=setting.key,
-                help=f"{meaning} (default: {setting.default.replace('%', '%%')})".lstrip(),
-                **options,
-            )
+    add_setting_flags(parser, config_docs.sections(), ALIASES)
     return parser
-
-
-def settings_of(args: argparse.Namespace) -> dict[str, object]:
-    """The dotted settings the command line gave (flags not given are None: the file's or default value stays)."""
-    return {key: getattr(args, key) for key in config_docs.settings()}
 
 
 def parse_config(argv: list[str] | None = None):
@@ -125,7 +107,7 @@ def parse_config(argv: list[str] | None = None):
     from helip.trainer.app import config as train_config  # after --help, which should not wait for torch
     from helip.trainer.app.reporting import check_reporters
 
-    overrides = settings_of(args)
+    overrides = given_settings(args, config_docs.sections())
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from helip.miner_service.core.settings import nest, overlay
+from helip.miner_service.core.settings import layered, nest
 from helip.trainer.pairs.loss_config import LossConfig
 from helip.trainer.pairs.mining_config import MiningConfig
 from helip.trainer.pairs.sampler_config import SamplerConfig
@@ -137,13 +137,14 @@ class TrainConfig:
 
 def load(path: str | None, overrides: dict[str, object]) -> TrainConfig:
     """Defaults < YAML file < dotted overrides ({"optim.steps": 10, ...}; None values skipped)."""
-    config = TrainConfig()
+    sources = []
     if path:
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping at the top level")
-        config = overlay(config, one_length(data, Path(path).name), Path(path).name)
-    return overlay(config, one_length(nest(overrides), "flags"), "flags")
+        sources.append((one_length(data, Path(path).name), Path(path).name))
+    sources.append((one_length(nest(overrides), "flags"), "flags"))
+    return layered(TrainConfig(), *sources)
 
 
 def one_length(values: dict, where: str) -> dict:

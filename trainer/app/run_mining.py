@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from helip.trainer.app.local_miner import LocalMiner
+from helip.miner_service.service.process import MinerProcess
+from helip.trainer.app.local_miner import start_local_miner
 from helip.trainer.pairs.bootstrap import bootstrap_index
 from helip.trainer.pairs.mining import MiningConfig
 from helip.trainer.pairs.namespace import NamespaceMismatch, dataset_fingerprint, run_namespace
@@ -57,7 +58,7 @@ class RunMining:
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
         self.dataset = dataset
-        self.local_miner: LocalMiner | None = None
+        self.local_miner: MinerProcess | None = None
         self.session: MiningSession | None = None  # set below; close() may run before (a refused namespace)
         self._closed = False
         self.config = dataclasses.replace(
@@ -81,7 +82,7 @@ class RunMining:
         refuse_local_miner_across_hosts(hosts, embed_dim)
         address = None
         if self.is_main:
-            self.local_miner = LocalMiner(output_dir, embed_dim)
+            self.local_miner = start_local_miner(output_dir, embed_dim)
             address = self.local_miner.address
         return broadcast(address)
 
