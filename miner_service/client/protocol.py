@@ -83,6 +83,7 @@ class MineCalls:
         strict_anchors: bool = False,
         timeout_s: float | None = None,
     ):
+        """The Neighbours of the anchors (see MineQuery for the arguments): `mine_query` of one MineQuery."""
         query = MineQuery(k, anchor_ids, image, text, exclude_ids, max_similarity, scoring, strict_anchors)
         return self.mine_query(query, timeout_s)
 

@@ -2,8 +2,13 @@
 
 Reads (Mine, Fetch) go to the followers in turn; a follower that fails with UNAVAILABLE or DEADLINE_EXCEEDED
 hands the call to the next follower, then to the leader, and rests for `retry_after_s` before it is tried again
-(followers still resting are the last resort, after the leader). Writes (Upsert, UpsertStream, Delete) and Stats go
-to the leader only: a follower refuses writes.
+(followers still resting are the last resort, after the leader). A follower that does not know the namespace yet
+(it learns of new ones within a poll of the leader's registry) hands the call on too, without resting, so a
+namespace is readable as soon as it is created. Writes (Upsert, UpsertStream, Delete), namespace changes and Stats
+go to the leader only: a follower refuses writes.
+
+Reads may lag: a follower answers from what it has applied of the leader's log (`Neighbours.replica_lag_seconds`
+says how far behind it was), so a read just after a write may not see it yet.
 
 Within one follower address gRPC does what it already does well: the channel balances round-robin over every
 address the name resolves to (a headless Service naming several follower pods) and, with client-side health
@@ -23,9 +28,11 @@ from typing import TypeVar
 
 import grpc
 
+from helip.miner.v1 import miner_pb2 as pb
 from helip.miner_service.client.protocol import MineCalls, MineQuery
 from helip.miner_service.client.single import ClientConfig, FetchedRows, MinerClient, Neighbours
 from helip.miner_service.wire.names import SERVICE_NAME
+from helip.miner_service.wire.status import refused_field
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +67,7 @@ class ReplicaRotation:
         self._lock = threading.Lock()
 
     def order(self) -> list[int]:
+        """The replicas to try for one call, in order (every replica once); moves the round-robin on."""
         with self._lock:
             now = self._clock()
             turn = [(self._next + i) % self.n_followers for i in range(self.n_followers)]
@@ -70,16 +78,19 @@ class ReplicaRotation:
             return [*ready, self.leader, *resting]
 
     def failed(self, replica: int) -> None:
+        """`replica` could not serve a call: a follower rests for retry_after_s (the leader never rests)."""
         if replica != self.leader:
             with self._lock:
                 self._resting_until[replica] = self._clock() + self.retry_after_s
 
     def succeeded(self, replica: int) -> None:
+        """`replica` answered: a resting follower is back in turn at once."""
         if replica != self.leader:
             with self._lock:
                 self._resting_until[replica] = 0.0
 
     def resting(self) -> list[int]:
+        """The followers resting now, in index order."""
         with self._lock:
             now = self._clock()
             return [f for f in range(self.n_followers) if self._resting_until[f] > now]
@@ -111,6 +122,7 @@ class ReplicatedMinerClient(MineCalls):
         self._replicas = [*self.followers, self.leader]
 
     def close(self) -> None:
+        """Close the leader's and every follower's channel."""
         for replica in self._replicas:
             replica.close()
 
@@ -125,6 +137,7 @@ class ReplicatedMinerClient(MineCalls):
 
     @property
     def follower_addresses(self) -> list[str]:
+        """The followers' addresses, in rotation order (index i is replica i of `rotation`)."""
         return [f.config.address for f in self.followers]
 
     # ---- reads: followers first --------------------------------------------------------------------------------
@@ -140,6 +153,9 @@ class ReplicatedMinerClient(MineCalls):
             try:
                 result = call(self._replicas[replica], attempt_s)
             except grpc.RpcError as error:
+                if replica != self.rotation.leader and _namespace_unknown(error):
+                    last_error = error  # behind, not down: the next replica answers, and this one is asked again
+                    continue
                 if error.code() not in FAILOVER_CODES:
                     raise
                 last_error = error
@@ -161,33 +177,49 @@ class ReplicatedMinerClient(MineCalls):
         return self._read(lambda replica, t: replica.mine_query(query, t), timeout_s)
 
     def fetch_rows(self, ids, timeout_s: float | None = None) -> FetchedRows:
+        """The stored rows of `ids` (see MinerClient.fetch_rows), read from a follower when one can answer."""
         return self._read(lambda replica, t: replica.fetch_rows(ids, timeout_s=t), timeout_s)
 
     # ---- writes and Stats: the leader ---------------------------------------------------------------------------
-    def upsert_request(self, ids, image, text, step: int = 0):
+    def upsert_request(self, ids, image, text, step: int = 0) -> pb.UpsertRequest:
+        """One UpsertRequest of these rows in the leader's wire dtype, for `upsert_stream`."""
         return self.leader.upsert_request(ids, image, text, step)
 
     def upsert_request_bytes(self, ids, image, text, step: int = 0) -> bytes:
+        """`upsert_request(...)` serialised with one copy of the embeddings (see MinerClient.upsert_request_bytes)."""
         return self.leader.upsert_request_bytes(ids, image, text, step)
 
-    def upsert(self, ids, image, text, step: int = 0, timeout_s: float | None = None):
+    def upsert(self, ids, image, text, step: int = 0, timeout_s: float | None = None) -> pb.UpsertReply:
+        """Write the rows on the leader (followers copy them from its log); its reply: accepted, rows stored."""
         return self.leader.upsert(ids, image, text, step, timeout_s)
 
-    def upsert_stream(self, requests: Iterable, timeout_s: float | None = None):
+    def upsert_stream(self, requests: Iterable[pb.UpsertRequest], timeout_s: float | None = None) -> pb.UpsertReply:
+        """Stream the requests to the leader; not retried (the leader may have applied a prefix)."""
         return self.leader.upsert_stream(requests, timeout_s)
 
-    def delete(self, ids, timeout_s: float | None = None):
+    def delete(self, ids, timeout_s: float | None = None) -> pb.DeleteReply:
+        """Delete `ids` on the leader; its reply: rows deleted, rows left."""
         return self.leader.delete(ids, timeout_s)
 
-    def stats(self, timeout_s: float | None = None):
+    def stats(self, timeout_s: float | None = None) -> pb.StatsReply:
+        """The leader's Stats: what the followers hold once they have caught up."""
         return self.leader.stats(timeout_s)
 
     @property
     def namespace(self) -> str:
+        """The namespace every call names (the leader's and the followers' alike)."""
         return self.leader.namespace
 
-    def ensure_namespace(self, dim: int = 0, fingerprint: str = "", reset: bool = False, timeout_s=None):
-        return self.leader.ensure_namespace(dim, fingerprint, reset, timeout_s)  # a write: the leader's
+    def ensure_namespace(
+        self, dim: int = 0, fingerprint: str = "", reset: bool = False, timeout_s: float | None = None
+    ) -> pb.EnsureNamespaceReply:
+        """Create the namespace on the leader unless it exists (see MinerClient.ensure_namespace)."""
+        return self.leader.ensure_namespace(dim, fingerprint, reset, timeout_s)
 
-    def drop_namespace(self, timeout_s=None):
+    def drop_namespace(self, timeout_s: float | None = None) -> pb.DropNamespaceReply:
+        """Drop the namespace on the leader; followers forget it within a poll of its registry."""
         return self.leader.drop_namespace(timeout_s)
+
+
+def _namespace_unknown(error: grpc.RpcError) -> bool:
+    return error.code() == grpc.StatusCode.NOT_FOUND and refused_field(error) == "namespace"

@@ -4,12 +4,18 @@
 Mine is scattered to every shard and merged. Anchors given by id are first fetched from their owners, then mined
 by embedding everywhere (carrying their ids, so each shard still drops the anchor itself), which makes the merged
 answer exactly what one unsharded miner over the same rows gives.
+
+A request that cannot be split by id (no ids, or image rows that do not match them) goes whole to shard 0, which
+refuses it as one miner would; a refusal names the same field and says the same thing. A write that one shard
+refuses (a NaN row, duplicate ids) leaves the other shards' rows written: writes are idempotent, so send it again
+once it is fixed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,8 +25,9 @@ import numpy as np
 from helip.miner.v1 import miner_pb2 as pb
 from helip.miner_service.client.protocol import MineCalls, MineQuery, as_ids
 from helip.miner_service.client.single import ClientConfig, FetchedRows, MinerClient, Neighbours
-from helip.miner_service.core.errors import NotFound
+from helip.miner_service.core.errors import InvalidArgument
 from helip.miner_service.wire.shards import shard_of
+from helip.miner_service.wire.status import refused_field
 from helip.miner_service.wire.tensors import decode
 
 log = logging.getLogger(__name__)
@@ -58,20 +65,30 @@ class ShardedMinerClient(MineCalls):
 
     @property
     def shard_count(self) -> int:
+        """S: how many shards split the id space (shard_of(id, S) owns each id)."""
         return len(self.clients)
 
     @property
     def namespace(self) -> str:
+        """The namespace every call names (shard 0's client's; all shards share one config)."""
         return self.clients[0].namespace
 
     def close(self) -> None:
+        """Close every shard's client and the pool that asks them."""
         for client in self.clients:
             client.close()
         self._pool.shutdown(wait=False)
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Wait until every shard can be reached, all within `timeout_s` (grpc.FutureTimeoutError past it)."""
+        deadline = time.monotonic() + timeout_s
         for client in self.clients:
-            client.wait_ready(timeout_s)
+            client.wait_ready(max(0.0, deadline - time.monotonic()))
+
+    def _owners(self, ids: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        """(owning shard of each id, the shards to ask). No ids: shard 0 is asked, and refuses as one miner would."""
+        owner = shard_of(ids, self.shard_count)
+        return owner, [int(s) for s in np.unique(owner)] if len(ids) else [0]
 
     def _each(self, calls):
         """Run (client, fn) pairs concurrently; re-raise the first error."""
@@ -95,49 +112,76 @@ class ShardedMinerClient(MineCalls):
         return answers, errors
 
     def upsert_request(self, ids, image, text, step: int = 0) -> pb.UpsertRequest:
+        """One UpsertRequest of these rows, for `upsert_stream` (which splits it by owner)."""
         return self.clients[0].upsert_request(ids, image, text, step)
 
     def upsert(self, ids, image, text, step: int = 0, timeout_s: float | None = None) -> pb.UpsertReply:
         """Each id's row to its owner; one reply: rows accepted by all shards, rows stored over all shards."""
         ids = as_ids(ids)
         image, text = np.asarray(_host(image)), np.asarray(_host(text))
-        owner = shard_of(ids, self.shard_count)
-        calls = []
-        for shard in np.unique(owner):
-            mask = owner == shard
-            calls.append((self.clients[shard], lambda c, m=mask: c.upsert(ids[m], image[m], text[m], step, timeout_s)))
+        if not _splittable(ids, image, text):
+            return self.clients[0].upsert(ids, image, text, step, timeout_s)
+        owner, shards = self._owners(ids)
+        calls = [
+            (self.clients[s], lambda c, m=(owner == s): c.upsert(ids[m], image[m], text[m], step, timeout_s))
+            for s in shards
+        ]
         replies = self._each(calls)
-        return pb.UpsertReply(accepted=sum(r.accepted for r in replies), size=self._size_after(replies, owner))
+        size = self._size_after(replies, shards, image.shape[1], timeout_s)
+        return pb.UpsertReply(accepted=sum(r.accepted for r in replies), size=size)
 
     def upsert_stream(self, requests: Iterable[pb.UpsertRequest], timeout_s: float | None = None) -> pb.UpsertReply:
-        """Each request split by owner, one stream per shard; one reply as for `upsert`."""
+        """Each request split by owner, one stream per shard; one reply as for `upsert`. A shard's refusal names
+        the message of its own stream, not of `requests`."""
         per_shard: dict[int, list[pb.UpsertRequest]] = {}
+        dim = 0
         for request in requests:
             ids = np.asarray(request.ids, dtype=np.uint64)
-            image, text = decode(request.image, "image"), decode(request.text, "text")
-            owner = shard_of(ids, self.shard_count)
-            for shard in np.unique(owner):
+            try:
+                image, text = decode(request.image, "image"), decode(request.text, "text")
+            except InvalidArgument:  # the shard that gets it whole refuses it
+                image = text = np.zeros((0, 0), np.float32)
+            if not _splittable(ids, image, text):
+                per_shard.setdefault(0, []).append(request)
+                continue
+            dim = dim or image.shape[1]
+            owner, shards = self._owners(ids)
+            for shard in shards:
                 mask = owner == shard
                 part = self.clients[shard].upsert_request(ids[mask], image[mask], text[mask], request.step)
-                per_shard.setdefault(int(shard), []).append(part)
-        owners = np.array(sorted(per_shard), dtype=np.int64)
-        replies = self._each(
-            [(self.clients[s], lambda c, s=s: c.upsert_stream(per_shard[s], timeout_s)) for s in owners]
-        )
-        return pb.UpsertReply(accepted=sum(r.accepted for r in replies), size=self._size_after(replies, owners))
+                per_shard.setdefault(shard, []).append(part)
+        shards = sorted(per_shard)
+        calls = [(self.clients[s], lambda c, s=s: c.upsert_stream(per_shard[s], timeout_s)) for s in shards]
+        replies = self._each(calls)
+        size = self._size_after(replies, shards, dim, timeout_s)
+        return pb.UpsertReply(accepted=sum(r.accepted for r in replies), size=size)
 
-    def _size_after(self, replies, written_shards: np.ndarray) -> int:
-        """Rows stored over all shards after a write: the written shards' replies plus the others' stats."""
-        written = {int(s) for s in np.unique(written_shards)}
+    def _size_after(self, replies, written: list[int], dim: int, timeout_s: float | None) -> int:
+        """Rows stored over all shards after a write: the written shards' replies plus the others' Stats.
+
+        A write that created the namespace created it only on the shards it reached (one row reaches one shard);
+        the others get it too, empty and of the written `dim`, so that every read finds it on every shard as it
+        would on one miner."""
+
+        def rows(client) -> int:
+            try:
+                return client.stats(timeout_s).size
+            except grpc.RpcError as error:
+                if not dim or error.code() != grpc.StatusCode.NOT_FOUND or refused_field(error) != "namespace":
+                    raise
+                return client.ensure_namespace(dim, timeout_s=timeout_s).info.rows
+
         others = [c for s, c in enumerate(self.clients) if s not in written]
-        return sum(r.size for r in replies) + sum(self._each([(c, lambda c: c.stats().size) for c in others]))
+        return sum(r.size for r in replies) + sum(self._each([(c, rows) for c in others]))
 
     def delete(self, ids, timeout_s: float | None = None) -> pb.DeleteReply:
+        """Each id deleted by its owner; one reply: rows deleted by all shards, rows left over all shards."""
         ids = as_ids(ids)
-        owner = shard_of(ids, self.shard_count)
-        calls = [(self.clients[s], lambda c, m=(owner == s): c.delete(ids[m], timeout_s)) for s in np.unique(owner)]
+        owner, shards = self._owners(ids)
+        calls = [(self.clients[s], lambda c, m=(owner == s): c.delete(ids[m], timeout_s)) for s in shards]
         replies = self._each(calls)
-        return pb.DeleteReply(deleted=sum(r.deleted for r in replies), size=self._size_after(replies, owner))
+        size = self._size_after(replies, shards, 0, timeout_s)
+        return pb.DeleteReply(deleted=sum(r.deleted for r in replies), size=size)
 
     def fetch_rows(self, ids, timeout_s: float | None = None) -> FetchedRows:
         """The stored rows of `ids`, each asked of its owner, in request order."""
@@ -147,9 +191,9 @@ class ShardedMinerClient(MineCalls):
     def _fetch(self, ids, timeout_s, tolerate_missing: bool) -> tuple[FetchedRows, dict[int, grpc.RpcError]]:
         """fetch_rows, plus the errors of the owners that could not answer (their ids count as not found)."""
         ids = as_ids(ids)
-        owner = shard_of(ids, self.shard_count)
+        owner, shards = self._owners(ids)
         answers, errors = self._answers(
-            np.unique(owner), lambda s: self.clients[s].fetch_rows(ids[owner == s], timeout_s), tolerate_missing
+            shards, lambda s: self.clients[s].fetch_rows(ids[owner == s], timeout_s), tolerate_missing
         )
         found = np.zeros(len(ids), dtype=bool)
         image = text = None
@@ -170,13 +214,13 @@ class ShardedMinerClient(MineCalls):
         return FetchedRows(found, ids[found], image, text, steps[found]), errors
 
     def mine_query(self, query: MineQuery, timeout_s: float | None = None) -> Neighbours:
-        """The Mine scattered to every shard and merged: exactly one miner's answer over all shards' rows
-        (Neighbours.missing_shards names shards that could not answer, when not strict)."""
-        k = query.k
-        if query.anchor_ids is None or query.image is not None:
+        """The Mine scattered to every shard and merged: exactly one miner's answer over all shards' rows, unknown
+        anchor ids and refusals included (Neighbours.missing_shards names shards that could not answer, when not
+        strict)."""
+        k, anchor_ids = query.k, query.anchor_ids
+        if anchor_ids is None or query.image is not None or not len(anchor_ids):
             parts, errors = self._mine_all(query, timeout_s)
             return _merge(parts, k, errors)
-        anchor_ids = query.anchor_ids
         rows, errors = self._fetch(anchor_ids, timeout_s, tolerate_missing=True)
         if len(errors) == self.shard_count:
             raise next(iter(errors.values()))
@@ -184,13 +228,17 @@ class ShardedMinerClient(MineCalls):
         unreachable = np.isin(shard_of(anchor_ids, self.shard_count), list(errors))
         unknown = anchor_ids[~found & ~unreachable]
         if query.strict_anchors and len(unknown):
-            raise NotFound("anchor_ids", f"{len(unknown)} anchor ids are not stored, e.g. {unknown[:5].tolist()}")
-        parts = {}
-        if found.any():
-            by_embedding = dataclasses.replace(query, anchor_ids=anchor_ids[found], image=rows.image, text=rows.text)
-            parts, mine_errors = self._mine_all(by_embedding, timeout_s, failed=errors)
-            errors = {**errors, **mine_errors}
-        return _scatter_rows(_merge(parts, k, errors), found, k, unknown)
+            # No shard holds an unknown anchor: any one refuses them (after checking k and the rest) as one miner.
+            answering = next(s for s in range(self.shard_count) if s not in errors)
+            self.clients[answering].mine_query(dataclasses.replace(query, anchor_ids=unknown), timeout_s)
+        if not found.any():
+            # Nothing to mine by embedding: the shards answer the ids themselves (padding rows, their sizes).
+            parts, mine_errors = self._mine_all(dataclasses.replace(query, strict_anchors=False), timeout_s, errors)
+            merged = _merge(parts, k, {**errors, **mine_errors})
+            return dataclasses.replace(merged, unknown_anchor_ids=unknown)
+        by_embedding = dataclasses.replace(query, anchor_ids=anchor_ids[found], image=rows.image, text=rows.text)
+        parts, mine_errors = self._mine_all(by_embedding, timeout_s, failed=errors)
+        return _scatter_rows(_merge(parts, k, {**errors, **mine_errors}), found, k, unknown)
 
     def _mine_all(
         self, query: MineQuery, timeout_s, failed=None
@@ -211,7 +259,9 @@ class ShardedMinerClient(MineCalls):
         """Stats as one miner holding every shard's rows would answer them (per-shard detail: `shard_stats`)."""
         return merge_stats(self.shard_stats(timeout_s))
 
-    def ensure_namespace(self, dim: int = 0, fingerprint: str = "", reset: bool = False, timeout_s=None):
+    def ensure_namespace(
+        self, dim: int = 0, fingerprint: str = "", reset: bool = False, timeout_s: float | None = None
+    ) -> pb.EnsureNamespaceReply:
         """EnsureNamespace on every shard, as one reply: rows summed; a shard whose fingerprint differs from
         `fingerprint` decides the reported one, so that the caller sees any mismatch."""
         replies = self._each(
@@ -223,7 +273,8 @@ class ShardedMinerClient(MineCalls):
         info.rows = sum(r.info.rows for r in replies)
         return pb.EnsureNamespaceReply(info=info, created=any(r.created for r in replies))
 
-    def drop_namespace(self, timeout_s=None) -> pb.DropNamespaceReply:
+    def drop_namespace(self, timeout_s: float | None = None) -> pb.DropNamespaceReply:
+        """DropNamespace on every shard, as one reply: the rows dropped over all shards."""
         replies = self._each([(c, lambda c: c.drop_namespace(timeout_s)) for c in self.clients])
         return pb.DropNamespaceReply(dropped_rows=sum(r.dropped_rows for r in replies))
 
@@ -262,6 +313,11 @@ def merge_stats(replies: Sequence[pb.StatsReply]) -> pb.StatsReply:
                 seen.fingerprint = info.fingerprint
     merged.namespaces.extend(namespaces.values())
     return merged
+
+
+def _splittable(ids: np.ndarray, image: np.ndarray, text: np.ndarray) -> bool:
+    """Whether a write can be split by owner: some ids, and one image and one text row for each."""
+    return bool(len(ids)) and image.ndim == text.ndim == 2 and len(image) == len(text) == len(ids)
 
 
 def _host(array):

@@ -69,6 +69,8 @@ class FetchedRows:
 
 @dataclass(frozen=True)
 class Neighbours:
+    """A Mine's answer, aligned with the anchors asked (one row each, best first)."""
+
     ids: np.ndarray  # [anchors, k] int64, -1 padding
     scores: np.ndarray  # [anchors, k] float32
     steps: np.ndarray  # [anchors, k] uint64
@@ -119,12 +121,15 @@ class MinerClient(MineCalls):
 
     @property
     def namespace(self) -> str:
+        """The namespace every call names ("" for the miner's "default")."""
         return self.config.namespace
 
     def close(self) -> None:
+        """Close the channel; calls in flight fail with CANCELLED."""
         self.channel.close()
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Block until the channel connects; grpc.FutureTimeoutError after `timeout_s`."""
         grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
 
     def _invoke(self, rpc, request, timeout_s: float | None, retry: bool):
@@ -139,6 +144,7 @@ class MinerClient(MineCalls):
                 log.debug("retrying after %s", error.code().name)
 
     def upsert_request(self, ids, image, text, step: int = 0) -> pb.UpsertRequest:
+        """One UpsertRequest of these rows (embeddings in `config.wire_dtype`), for `upsert_stream`."""
         dtype = self.config.wire_dtype
         return pb.UpsertRequest(
             ids=as_ids(ids).tolist(),
@@ -161,17 +167,23 @@ class MinerClient(MineCalls):
         )
 
     def upsert(self, ids, image, text, step: int = 0, timeout_s: float | None = None) -> pb.UpsertReply:
+        """Write the rows (new ids added, known ones overwritten); the reply: rows accepted, rows stored after."""
         request = self.upsert_request_bytes(ids, image, text, step)
         return self._invoke(self._upsert_bytes, request, timeout_s, retry=True)
 
     def upsert_stream(self, requests: Iterable[pb.UpsertRequest], timeout_s: float | None = None) -> pb.UpsertReply:
+        """Send the requests on one stream; one reply for them all. Not retried: a refusal of message i leaves the
+        messages before it applied (the refusal says how many rows)."""
         return self._invoke(self.stub.UpsertStream, iter(requests), timeout_s, retry=False)
 
     def mine_query(self, query: MineQuery, timeout_s: float | None = None) -> Neighbours:
+        """The hard neighbours of the query's anchors: one row of k a anchor, -1 padding; an anchor id not stored
+        gets a padding row and is listed in `unknown_anchor_ids` (NOT_FOUND instead with strict_anchors)."""
         request = query.request(self.config.namespace, lambda rows: encode(rows, self.config.wire_dtype))
         return decode_neighbours(self._invoke(self.stub.Mine, request, timeout_s, retry=True))
 
     def delete(self, ids, timeout_s: float | None = None) -> pb.DeleteReply:
+        """Delete the stored ones of `ids` (others are ignored); the reply: rows deleted, rows left."""
         return self._invoke(
             self.stub.Delete,
             pb.DeleteRequest(ids=as_ids(ids).tolist(), namespace=self.config.namespace),
@@ -180,7 +192,8 @@ class MinerClient(MineCalls):
         )
 
     def fetch_rows(self, ids, timeout_s: float | None = None) -> FetchedRows:
-        """The stored rows of `ids`, with the step that wrote each."""
+        """The stored rows of `ids`, in request order, with the step that wrote each; ids not stored are left out
+        (`found` says which)."""
         ids = as_ids(ids)
         reply = self._invoke(
             self.stub.Fetch, pb.FetchRequest(ids=ids.tolist(), namespace=self.config.namespace), timeout_s, retry=True
@@ -195,6 +208,7 @@ class MinerClient(MineCalls):
         )
 
     def stats(self, timeout_s: float | None = None) -> pb.StatsReply:
+        """The miner's Stats of this namespace (rows, dim, steps, limits, role) and a line for every namespace."""
         return self._invoke(self.stub.Stats, pb.StatsRequest(namespace=self.config.namespace), timeout_s, retry=True)
 
     def ensure_namespace(
@@ -208,11 +222,13 @@ class MinerClient(MineCalls):
         return self._invoke(self.stub.EnsureNamespace, request, timeout_s, retry=not reset)
 
     def drop_namespace(self, timeout_s: float | None = None) -> pb.DropNamespaceReply:
+        """Drop this client's namespace and its rows ("default" is emptied, not removed); NOT_FOUND when absent."""
         request = pb.DropNamespaceRequest(namespace=self.config.namespace)
         return self._invoke(self.stub.DropNamespace, request, timeout_s, retry=False)
 
 
 def decode_neighbours(reply: pb.MineReply) -> Neighbours:
+    """A MineReply as arrays of shape [anchors, k]."""
     k = max(reply.k, 1)
     ids = np.array(reply.neighbour_ids, dtype=np.int64).reshape(-1, k)
     return Neighbours(
