@@ -21,8 +21,12 @@ def reference_mine(
     cut: float = 0.98,
     self_ids=None,
     exclude=(),
+    positive_ratio: float = 0.0,
 ):
-    """rows: id -> (image, text). Returns (ids [a,k] int64 with -1 padding, scores [a,k] float64)."""
+    """rows: id -> (image, text). Returns (ids [a,k] int64 with -1 padding, scores [a,k] float64).
+
+    positive_ratio: the false-negative guard (0: off), drop j when <image_a, text_j> or <text_a, image_j> reaches
+    positive_ratio x <image_a, text_a>."""
     ids = np.array(sorted(rows), dtype=np.int64)
     image = np.stack([rows[i][0] for i in ids]).astype(np.float64) if len(ids) else np.zeros((0, q_image.shape[1]))
     text = np.stack([rows[i][1] for i in ids]).astype(np.float64) if len(ids) else np.zeros((0, q_text.shape[1]))
@@ -38,6 +42,9 @@ def reference_mine(
         keep &= ~np.isin(ids, np.asarray(list(exclude), dtype=np.int64))
         if self_ids is not None:
             keep &= ids != self_ids[a]
+        if positive_ratio:
+            bound = positive_ratio * float(q_image[a].astype(np.float64) @ q_text[a].astype(np.float64))
+            keep &= (text @ q_image[a].astype(np.float64) < bound) & (image @ q_text[a].astype(np.float64) < bound)
         order = [j for j in np.argsort(-score, kind="stable") if keep[j]][:k]
         out_ids[a, : len(order)] = ids[order]
         out_scores[a, : len(order)] = score[order]

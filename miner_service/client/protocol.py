@@ -39,6 +39,9 @@ class MineQuery:
     max_similarity: float = 0.0  # near-duplicate cut; 0: the miner's default
     scoring: int = pb.PRODUCT  # a pb.Scoring value
     strict_anchors: bool = False  # an anchor id the miner does not hold is an error, not an empty row
+    # False-negative guard (0: off): drop candidate j when <image_i, text_j> or <text_i, image_j> reaches
+    # positive_ratio x <image_i, text_i>, anchor i's own pair. In (0, 1].
+    positive_ratio: float = 0.0
 
     def __post_init__(self):
         if self.anchor_ids is not None:
@@ -57,6 +60,7 @@ class MineQuery:
             max_similarity=self.max_similarity,
             scoring=self.scoring,
             strict_anchors=self.strict_anchors,
+            positive_ratio=self.positive_ratio,
             namespace=namespace,
         )
         if self.anchor_ids is not None:
@@ -81,10 +85,13 @@ class MineCalls:
         max_similarity: float = 0.0,
         scoring: int = pb.PRODUCT,
         strict_anchors: bool = False,
+        positive_ratio: float = 0.0,
         timeout_s: float | None = None,
     ):
         """The Neighbours of the anchors (see MineQuery for the arguments): `mine_query` of one MineQuery."""
-        query = MineQuery(k, anchor_ids, image, text, exclude_ids, max_similarity, scoring, strict_anchors)
+        query = MineQuery(
+            k, anchor_ids, image, text, exclude_ids, max_similarity, scoring, strict_anchors, positive_ratio
+        )
         return self.mine_query(query, timeout_s)
 
     def size(self, timeout_s: float | None = None) -> int:

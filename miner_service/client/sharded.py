@@ -357,6 +357,7 @@ def _merge(answers: dict[int, Neighbours], k: int, errors: dict | None = None) -
         served_by_follower=any(p.served_by_follower for p in parts),
         replica_lag_seconds=max(p.replica_lag_seconds for p in parts),
         missing_shards=missing,
+        guard_dropped=sum(p.guard_dropped for p in parts),
     )
 
 

@@ -80,6 +80,9 @@ class Neighbours:
     replica_lag_seconds: float = 0.0  # how far behind the leader the answering follower was (sharded: the most)
     # Shards (by index) that could not answer a sharded Mine: the answer covers only the others' rows.
     missing_shards: tuple[int, ...] = ()
+    # Candidates the false-negative guard dropped ahead of the neighbours returned (a sharded Mine: the shards'
+    # counts summed, each ahead of its own neighbours).
+    guard_dropped: int = 0
 
 
 class MinerClient(MineCalls):
@@ -239,4 +242,5 @@ def decode_neighbours(reply: pb.MineReply) -> Neighbours:
         unknown_anchor_ids=np.array(reply.unknown_anchor_ids, dtype=np.uint64),
         served_by_follower=reply.served_by_follower,
         replica_lag_seconds=reply.replica_lag_seconds,
+        guard_dropped=reply.guard_dropped,
     )

@@ -26,6 +26,8 @@ class MineQuery:
     exclude_ids: never returned for any anchor (the rest of the caller's batch).
     max_similarity: candidates whose image or text similarity exceeds it are dropped; 0 means the miner's default.
     strict_anchors: anchors by id that are not stored raise NotFound instead of coming back as padding.
+    positive_ratio: the false-negative guard (core.guard; 0: off): candidate j is dropped for anchor i when
+        <image_i, text_j> or <text_i, image_j> reaches positive_ratio x <image_i, text_i>.
     self_ids: with anchors by embedding, their sample ids, so that their own rows are never returned.
     """
 
@@ -38,12 +40,14 @@ class MineQuery:
     scoring: Scoring = Scoring.PRODUCT
     strict_anchors: bool = False
     self_ids: np.ndarray | None = None
+    positive_ratio: float = 0.0
 
     def __post_init__(self):
         by_id = self.anchor_ids is not None
         assert by_id != (self.image is not None), "give anchor_ids or anchor embeddings, not both"
         assert by_id or self.text is not None, "anchors by embedding need both image and text"
         assert self.k > 0, "k must be positive"
+        assert 0.0 <= self.positive_ratio <= 1.0, "positive_ratio must be in [0, 1] (0: off)"
         # Plain lists and signed arrays are accepted from library callers; the core works on uint64 ids.
         for name in ("anchor_ids", "exclude_ids", "self_ids"):
             value = getattr(self, name)
@@ -65,6 +69,7 @@ class MineResult:
     unknown_anchor_ids: np.ndarray  # uint64
     used_ivf: bool
     newest_step: int  # the largest step written so far, to measure the neighbours' staleness against
+    guard_dropped: int = 0  # candidates the false-negative guard dropped ahead of the neighbours returned
 
 
 @dataclass(frozen=True)

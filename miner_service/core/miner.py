@@ -14,6 +14,7 @@ import threading
 import numpy as np
 import torch
 
+from helip.miner_service.core import guard
 from helip.miner_service.core.api import Cancelled, MineQuery, MineResult, MinerStats
 from helip.miner_service.core.budget import ScratchAdmission, bytes_per_score, chunk_rows
 from helip.miner_service.core.config import SearchConfig
@@ -139,24 +140,18 @@ class HardPairMiner:
             query.max_similarity or self.config.default_max_similarity,
             torch.from_numpy(self_slots.astype(np.int64)).to(self.device),
             torch.from_numpy(exclude_slots[exclude_slots >= 0]).to(self.device),
+            query.positive_ratio,
+            guard.positives(q_image, q_text) if query.positive_ratio else None,
         )
         ivf = self.ivf.current()  # one index and its fresh ids for the whole Mine, however rebuilds go meanwhile
-        used_ivf = ivf is not None
-        n_search = q_image.shape[0]
-        rows_at_once = self.chunk_rows(n_search)
-        scores, labels = torch.full((n_search, k), NEG_INF), torch.full((n_search, k), -1, dtype=torch.int64)
-        if n_search and self.store.size:
-            scratch = self.scratch_bytes(n_search, rows_at_once, k if used_ivf else 0)
-            with self.admission.admitted(scratch, cancelled):
-                if used_ivf:
-                    scores, labels = self.ivf.search(search, ivf, rows_at_once, cancelled)
-                else:
-                    topk = make_topk(n_search, k, self.device, self.config.topk, self.config.topk_segment)
-                    exact_search(search, self.store.blocks(), rows_at_once, topk, cancelled)
-                    scores, labels = topk.result()
-        found_ids, scores, found_steps = self._finish(
-            labels.cpu().numpy(), scores.cpu().numpy().astype(np.float32, copy=False), query.exclude_ids, self_ids
-        )
+        if search.positive_ratio:
+            found_ids, scores, found_steps, dropped = self._guarded_search(
+                search, ivf, query.exclude_ids, self_ids, cancelled
+            )
+        else:
+            labels, scores = self._search(search, ivf, cancelled)
+            found_ids, scores, found_steps = self._finish(labels, scores, query.exclude_ids, self_ids)
+            dropped = 0
         if known is not None and not known.all():
             # Unknown anchors keep a row of padding so the reply stays aligned with the request.
             n_anchors = len(query.anchor_ids)
@@ -165,7 +160,62 @@ class HardPairMiner:
             steps_out = np.zeros((n_anchors, k), dtype=np.uint64)
             ids_out[known], scores_out[known], steps_out[known] = found_ids, scores, found_steps
             found_ids, scores, found_steps = ids_out, scores_out, steps_out
-        return MineResult(found_ids, scores, found_steps, self.store.size, unknown, used_ivf, self._newest_step)
+        return MineResult(
+            found_ids, scores, found_steps, self.store.size, unknown, ivf is not None, self._newest_step, dropped
+        )
+
+    def _search(self, search: SearchQuery, ivf, cancelled) -> tuple[np.ndarray, np.ndarray]:
+        """(ids [anchors, k] int64 with -1 padding, scores float32): the IVF's answer when one is ready, else the
+        exact search, within the Mine's admitted scratch memory."""
+        n_search, k = search.image.shape[0], search.k
+        labels, scores = torch.full((n_search, k), -1, dtype=torch.int64), torch.full((n_search, k), NEG_INF)
+        if n_search and self.store.size:
+            rows_at_once = self.chunk_rows(n_search)
+            scratch = self.scratch_bytes(n_search, rows_at_once, k if ivf is not None else 0)
+            with self.admission.admitted(scratch, cancelled):
+                if ivf is not None:
+                    scores, labels = self.ivf.search(search, ivf, rows_at_once, cancelled)
+                else:
+                    topk = make_topk(n_search, k, self.device, self.config.topk, self.config.topk_segment)
+                    exact_search(search, self.store.blocks(), rows_at_once, topk, cancelled)
+                    scores, labels = topk.result()
+        return labels.cpu().numpy(), scores.cpu().numpy().astype(np.float32, copy=False)
+
+    def _guarded_search(self, search: SearchQuery, ivf, exclude_ids, self_ids, cancelled):
+        """The Mine with the false-negative guard (core.guard): a longer unguarded list, the guard on its rows,
+        then a guarded search of every row for the anchors the list left short. (ids, scores, steps, dropped)."""
+        k, size = search.k, self.store.size
+        wide = search.without_guard().with_k(guard.list_length(k, size))
+        labels, scores = self._search(wide, ivf, cancelled)
+        complete = (labels < 0).any(axis=1) | (wide.k >= size)
+        ids, scores, steps = self._finish(labels, scores, exclude_ids, self_ids)
+        keep = self._guard_keeps(ids, search)
+        kept = guard.keep_first(ids, scores, steps, keep, k, complete)
+        ids, scores, steps = kept.ids, kept.scores, kept.steps
+        short = np.flatnonzero(kept.short)
+        if len(short):
+            part = torch.from_numpy(short).to(self.device)
+            labels, again = self._search(search.anchors(part), ivf, cancelled)
+            own = self_ids[short] if self_ids is not None else None
+            ids[short], scores[short], steps[short] = self._finish(labels, again, exclude_ids, own)
+        return ids, scores, steps, int(kept.dropped.sum())
+
+    def _guard_keeps(self, ids: np.ndarray, search: SearchQuery) -> np.ndarray:
+        """[anchors, c] bool: the candidates (ids, -1 padding) the guard keeps, judged on their rows as stored now."""
+        flat = ids.reshape(-1)
+        slots = np.full(flat.shape, -1, dtype=np.int64)
+        listed = flat >= 0
+        slots[listed] = self.store.slots_of(flat[listed].astype(np.uint64))
+        rows = self.store.gather(slots, expected_ids=flat.astype(np.uint64), device=self.device)
+        shape = (*ids.shape, self.store.dim)
+        keeps = guard.survivors(
+            rows.image.view(shape),
+            rows.text.view(shape),
+            search.image,
+            search.text,
+            search.positive * search.positive_ratio,
+        )
+        return keeps.cpu().numpy() & rows.found.reshape(ids.shape)
 
     def chunk_rows(self, n_anchors: int) -> int:
         """Stored rows one Mine with n_anchors scores at once, within mine_scratch_bytes."""

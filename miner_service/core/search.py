@@ -8,7 +8,7 @@ many rows are stored; the top-k is labelled by sample id, which stays right howe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 
 import faiss
@@ -32,6 +32,11 @@ class SearchQuery:
     self_slots: [anchors] int64 slot of each anchor's own row (-1 when the anchor was given by embedding).
     exclude_slots: [m] int64 slots never returned (any anchor).
     max_similarity: candidates whose image or text similarity exceeds it are dropped (>= 1: no cut).
+    positive_ratio, positive: the false-negative guard (0: off). Candidate j is dropped for anchor i when
+        <image_i, text_j> >= ratio * positive_i or <text_i, image_j> >= ratio * positive_i, where positive_i is
+        <image_i, text_i>, the anchor's own pair ([anchors] float32). Scored in the block it costs two more
+        matrix products, so a Mine applies it to a candidate list first (core.guard) and here only for the anchors
+        whose list ran short.
     """
 
     image: torch.Tensor  # [anchors, dim], same device and dtype as the rows
@@ -41,29 +46,34 @@ class SearchQuery:
     max_similarity: float
     self_slots: torch.Tensor
     exclude_slots: torch.Tensor
+    positive_ratio: float = 0.0
+    positive: torch.Tensor | None = None
 
-    def anchors(self, part: slice) -> SearchQuery:
-        """The same search for a slice of the anchors."""
-        return SearchQuery(
-            self.image[part],
-            self.text[part],
-            self.k,
-            self.scoring,
-            self.max_similarity,
-            self.self_slots[part],
-            self.exclude_slots,
+    def anchors(self, part) -> SearchQuery:
+        """The same search for some of the anchors (a slice or an index tensor)."""
+        return replace(
+            self,
+            image=self.image[part],
+            text=self.text[part],
+            self_slots=self.self_slots[part],
+            positive=None if self.positive is None else self.positive[part],
         )
 
     def to(self, device: torch.device) -> SearchQuery:
-        return SearchQuery(
-            self.image.to(device),
-            self.text.to(device),
-            self.k,
-            self.scoring,
-            self.max_similarity,
-            self.self_slots.to(device),
-            self.exclude_slots.to(device),
+        return replace(
+            self,
+            image=self.image.to(device),
+            text=self.text.to(device),
+            self_slots=self.self_slots.to(device),
+            exclude_slots=self.exclude_slots.to(device),
+            positive=None if self.positive is None else self.positive.to(device),
         )
+
+    def with_k(self, k: int) -> SearchQuery:
+        return replace(self, k=k)
+
+    def without_guard(self) -> SearchQuery:
+        return replace(self, positive_ratio=0.0, positive=None)
 
 
 NEG_INF = float("-inf")
@@ -90,6 +100,10 @@ def score_block(query: SearchQuery, image_rows: torch.Tensor, text_rows: torch.T
         scores = text_sim
     if near_duplicate is not None:
         scores.masked_fill_(near_duplicate, NEG_INF)
+    if query.positive_ratio:
+        bound = (query.positive * query.positive_ratio).unsqueeze(1)
+        scores.masked_fill_((query.image @ text_rows.T).float() >= bound, NEG_INF)
+        scores.masked_fill_((query.text @ image_rows.T).float() >= bound, NEG_INF)
     return scores
 
 
@@ -280,6 +294,10 @@ def candidate_search(
     }[query.scoring]()
     if query.max_similarity < 1.0:
         scores.masked_fill_((image_sim > query.max_similarity) | (text_sim > query.max_similarity), NEG_INF)
+    if query.positive_ratio:
+        bound = (query.positive * query.positive_ratio).unsqueeze(1)
+        scores.masked_fill_(torch.bmm(text_c, query.image.unsqueeze(2)).squeeze(2).float() >= bound, NEG_INF)
+        scores.masked_fill_(torch.bmm(image_c, query.text.unsqueeze(2)).squeeze(2).float() >= bound, NEG_INF)
     scores.masked_fill_(~valid, NEG_INF)
     scores.masked_fill_(candidate_slots == query.self_slots.unsqueeze(1), NEG_INF)
     if query.exclude_slots.numel():

@@ -27,6 +27,7 @@ class MinerMetrics:
     requests: Counter
     neighbour_staleness: Histogram
     returned_neighbours: Counter
+    guard_dropped: Counter
     ivf_rows: Gauge
     replica_lag_seconds: Gauge
     ivf_enabled: Gauge
@@ -74,6 +75,13 @@ class MinerMetrics:
                 registry=r,
             ),
             returned_neighbours=Counter("helip_miner_returned_neighbours", "Neighbours returned by Mine", registry=r),
+            guard_dropped=Counter(
+                "helip_miner_guard_dropped",
+                "Candidates the false-negative guard (MineRequest.positive_ratio) dropped ahead of the neighbours "
+                "returned, by namespace",
+                NAMESPACE_LABEL,
+                registry=r,
+            ),
             ivf_rows=Gauge(
                 "helip_miner_ivf_rows", "Rows covered by the IVF candidate index (0: exact only)", registry=r
             ),
@@ -93,7 +101,7 @@ class MinerMetrics:
 
     def forget_namespace(self, name: str) -> None:
         """Remove a dropped namespace's series, so that dropped names do not pile up in /metrics."""
-        for metric in (self.mine_seconds, self.upsert_seconds, self.rows, self.upserted_rows):
+        for metric in (self.mine_seconds, self.upsert_seconds, self.rows, self.upserted_rows, self.guard_dropped):
             try:
                 metric.remove(name)
             except KeyError:

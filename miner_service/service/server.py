@@ -174,6 +174,7 @@ class MinerServicer(pb_grpc.MinerServicer):
                 size=result.size,
                 served_by_follower=self.lag is not None,
                 replica_lag_seconds=lag.seconds,
+                guard_dropped=result.guard_dropped,
             )
             reply.neighbour_ids.extend(result.neighbour_ids.ravel().tolist())
             reply.scores.extend(result.scores.ravel().tolist())
@@ -182,6 +183,8 @@ class MinerServicer(pb_grpc.MinerServicer):
             self.metrics.mine_seconds.labels(namespace.name).observe(time.perf_counter() - started)
             self.metrics.mined_anchors.inc(query.n_anchors)
             self.metrics.unknown_anchors.inc(len(result.unknown_anchor_ids))
+            if query.positive_ratio:  # a series only for namespaces that use the guard
+                self.metrics.guard_dropped.labels(namespace.name).inc(result.guard_dropped)
             found = result.neighbour_ids >= 0
             if found.any():
                 staleness = result.newest_step - result.neighbour_steps[found].astype(np.float64)

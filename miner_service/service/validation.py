@@ -77,6 +77,8 @@ def mine_query(request: pb.MineRequest, dim: int, max_k: int, max_anchors: int) 
     scoring = Scoring(request.scoring or pb.PRODUCT)
     if not np.isfinite(request.max_similarity) or request.max_similarity < 0:
         raise InvalidArgument("max_similarity", f"must be a finite value >= 0, got {request.max_similarity}")
+    if not np.isfinite(request.positive_ratio) or not 0.0 <= request.positive_ratio <= 1.0:
+        raise InvalidArgument("positive_ratio", f"must be in (0, 1], or 0 for no guard, got {request.positive_ratio}")
     by_embedding = request.HasField("image") or request.HasField("text")
     anchor_ids = image = text = None
     self_ids = None
@@ -114,6 +116,7 @@ def mine_query(request: pb.MineRequest, dim: int, max_k: int, max_anchors: int) 
         scoring=scoring,
         strict_anchors=bool(request.strict_anchors),
         self_ids=self_ids,
+        positive_ratio=float(request.positive_ratio),
     )
 
 

@@ -320,6 +320,24 @@ def test_mine_equals_the_reference_by_id_and_by_embedding(api, deployment, store
     assert_like_reference(answer, *want, deployment, size=ROWS)
 
 
+@pytest.mark.parametrize("ratio", [0.9, 0.5])
+def test_the_false_negative_guard_equals_the_reference_on_every_client(api, deployment, stored, ratio):
+    rng = np.random.default_rng(int(ratio * 10))
+    anchors = stored.ids[rng.choice(ROWS, 12, replace=False)]
+    at = stored.positions(anchors)
+    answer = api.mine(10, anchor_ids=anchors, positive_ratio=ratio)
+    want = reference_mine(
+        stored.rows(), stored.image[at], stored.text[at], 10, self_ids=anchors.astype(np.int64), positive_ratio=ratio
+    )
+    assert_like_reference(answer, *want, deployment, size=ROWS)
+    assert answer.guard_dropped > 0
+    r_image, r_text = random_pairs(rng, 5, DIM)
+    answer = api.mine_query(MineQuery(7, image=r_image, text=r_text, positive_ratio=ratio))
+    assert_like_reference(
+        answer, *reference_mine(stored.rows(), r_image, r_text, 7, positive_ratio=ratio), deployment, size=ROWS
+    )
+
+
 def test_unknown_anchor_ids_get_padding_rows_or_not_found_when_strict(api, deployment, stored):
     unknown = np.array([2**41 + 3, 2**41 + 1], dtype=np.uint64)
     anchors = np.array([stored.ids[3], unknown[0], stored.ids[100], unknown[1]], dtype=np.uint64)
@@ -370,6 +388,16 @@ BAD_INPUT = {
         lambda api, s: api.mine(3, anchor_ids=s.ids[:2], max_similarity=-1.0),
         "max_similarity",
         "must be a finite value >= 0, got -1.0",
+    ),
+    "positive_ratio above 1": (
+        lambda api, s: api.mine(3, anchor_ids=s.ids[:2], positive_ratio=1.5),
+        "positive_ratio",
+        "must be in (0, 1], or 0 for no guard, got 1.5",
+    ),
+    "negative positive_ratio": (
+        lambda api, s: api.mine(3, anchor_ids=s.ids[:2], positive_ratio=-0.5),
+        "positive_ratio",
+        "must be in (0, 1], or 0 for no guard, got -0.5",
     ),
     "no anchors": (
         lambda api, s: api.mine(3, anchor_ids=[]),
