@@ -144,6 +144,9 @@ BASE = ["--train-data", "train.csv"]
         (["--resume", "latest"], "run.resume", "latest"),
         (["--local-loss"], "loss.local_loss", True),
         (["--gather-with-grad", "false"], "loss.gather_with_grad", False),
+        (["--siglip"], "loss.kind", "siglip"),  # open_clip_train's switch for SigLIP's loss
+        (["--siglip", "--loss.kind", "siglip"], "loss.kind", "siglip"),
+        (["--loss.kind", "siglip"], "loss.kind", "siglip"),
         (["--log-every-n-steps", "5"], "run.log_every", 5),
         (["--report-to", "wandb,tensorboard"], "run.report_to", "wandb,tensorboard"),
         (["--report-to", ""], "run.report_to", ""),
@@ -192,6 +195,9 @@ def fails_naming(capsys, argv: list[str], *names: str) -> None:
         (["--run.log_every", "0"], ("run.log_every",)),
         (["--epoch", "2"], ("--epoch",)),  # no abbreviations
         (["--set", "optim.nope=1"], ("optim.nope",)),
+        (["--loss.kind", "softmax"], ("loss.kind", "softmax")),
+        (["--siglip", "--loss.kind", "clip"], ("--siglip", "loss.kind clip")),
+        (["--siglip", "--set", "loss.kind=clip"], ("--siglip", "loss.kind clip")),
     ],
 )
 def test_bad_values_exit_2_naming_the_setting(capsys, flags, names):

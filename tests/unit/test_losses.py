@@ -1,11 +1,11 @@
-"""HNML and HelipLoss against hand-computed values, autograd and open_clip's ClipLoss."""
+"""HNML and HelipLoss against hand-computed values, autograd and open_clip's ClipLoss and SigLipLoss."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from open_clip.loss import ClipLoss
+from open_clip.loss import ClipLoss, SigLipLoss
 
 from helip.trainer.pairs.losses import HelipLoss, LossConfig, hnml
 
@@ -200,3 +200,57 @@ def test_total_adds_weighted_hnml_and_backpropagates_through_both(form):
     (grad_hnml,) = torch.autograd.grad(losses["hnml"], images)
     torch.testing.assert_close(grad_total, grad_clip + 0.5 * grad_hnml)
     assert grad_hnml.abs().sum() > 0
+
+
+SIGLIP_BIAS = torch.tensor(-10.0)  # open_clip_train's starting logit_bias for --siglip
+
+
+@pytest.mark.parametrize(
+    ("config", "hard"),
+    [
+        (LossConfig(kind="siglip"), couples([[0, 1], [2, 3]])),  # margin loss off: λ = 0
+        (LossConfig(kind="siglip", hnml_weight=1.0), None),  # no couples in the batch
+    ],
+)
+def test_siglip_total_is_exactly_open_clips_siglip_loss(config, hard):
+    images, texts, _ = random_batch()
+    scale = torch.tensor(10.0)  # SigLIP's starting temperature
+    losses = HelipLoss(config)(images, texts, scale, hard, logit_bias=SIGLIP_BIAS)
+    assert losses["total"] is losses["contrastive"]
+    assert torch.equal(losses["total"], SigLipLoss()(images, texts, scale, SIGLIP_BIAS))
+    # and that is SigLIP's sigmoid loss written out: +1 labels on the diagonal, -1 elsewhere, summed over the
+    # batch's B x B pairs and divided by B
+    logits = scale * images @ texts.T + SIGLIP_BIAS
+    labels = 2 * torch.eye(len(images)) - 1
+    torch.testing.assert_close(losses["contrastive"], -F.logsigmoid(labels * logits).sum() / len(images))
+
+
+@pytest.mark.parametrize("form", ["pair", "paper"])
+def test_siglip_total_adds_weighted_hnml_on_the_batch_couples(form):
+    images, texts, _ = random_batch()
+    images.requires_grad_()
+    scale, bias = torch.tensor(10.0), SIGLIP_BIAS.clone().requires_grad_()
+    hard = couples([[0, 1], [2, 3], [4, 0]])
+    config = LossConfig(kind="siglip", margin=2.5, hnml_weight=0.5, hnml_form=form)
+    losses = HelipLoss(config)(images, texts, scale, hard, logit_bias=bias)
+    expected_hnml = hnml(images, texts, hard, 2.5, form=form)  # the same margin term as with CLIP's loss
+    assert expected_hnml > 0
+    torch.testing.assert_close(losses["hnml"], expected_hnml)
+    torch.testing.assert_close(losses["total"], SigLipLoss()(images, texts, scale, bias) + 0.5 * expected_hnml)
+    (grad_total,) = torch.autograd.grad(losses["total"], images, retain_graph=True)
+    (grad_siglip,) = torch.autograd.grad(losses["contrastive"], images, retain_graph=True)
+    (grad_hnml,) = torch.autograd.grad(losses["hnml"], images, retain_graph=True)
+    torch.testing.assert_close(grad_total, grad_siglip + 0.5 * grad_hnml)
+    (grad_bias,) = torch.autograd.grad(losses["total"], bias)  # the bias learns through the sigmoid term
+    assert grad_bias.abs() > 0
+
+
+def test_siglip_needs_the_models_logit_bias():
+    images, texts, scale = random_batch()
+    with pytest.raises(ValueError, match="logit_bias"):
+        HelipLoss(LossConfig(kind="siglip"))(images, texts, scale)
+
+
+def test_loss_kind_is_checked_naming_the_field():
+    with pytest.raises(ValueError, match="loss.kind"):
+        LossConfig(kind="softmax")

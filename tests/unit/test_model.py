@@ -209,6 +209,34 @@ def test_pretrained_local_file_gives_its_weights(tiny_config, batch, tmp_path, w
         assert torch.equal(tensor, expected[name]), name
 
 
+def test_siglip_model_has_open_clip_trains_logit_scale_and_bias(tiny_config, batch):
+    model, _, _, _ = build_model(tiny_config, siglip=True)
+    out = encode(model.eval(), batch)
+    # open_clip_train --siglip: temperature 10 (exponentiated log 10) and a learned bias of -10
+    torch.testing.assert_close(out["logit_scale"], torch.tensor(10.0))
+    assert out["logit_bias"].item() == -10.0 and model.logit_bias.requires_grad
+    assert "logit_bias" not in encode(build_seeded(tiny_config, 0)[0], batch)  # a CLIP model has none
+
+
+@pytest.mark.parametrize("weights_format", ["ours", "open_clip"])
+def test_a_siglip_checkpoint_rebuilds_its_logit_bias_without_being_told(tiny_config, tmp_path, weights_format):
+    source, _, _, _ = build_model(tiny_config, siglip=True)
+    with torch.no_grad():
+        source.logit_bias.fill_(-3.5)  # as a run would have learned it
+    path = tmp_path / "siglip.pt"
+    if weights_format == "ours":
+        save_checkpoint(source, path, config=tiny_config)
+    else:
+        torch.save(source.state_dict(), path)
+    # helip-eval's path (a checkpoint), and a continuation's (model.pretrained), both without siglip=True
+    from_checkpoint, _, _, _ = build_model(tiny_config, checkpoint=path)
+    from_pretrained, _, _, _ = build_model(dataclasses.replace(tiny_config, pretrained=str(path)))
+    for model in (from_checkpoint, from_pretrained):
+        assert model.logit_bias.item() == -3.5
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(tensor, source.state_dict()[name]), name
+
+
 @pytest.mark.parametrize(
     ("changes", "field"),
     [

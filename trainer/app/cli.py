@@ -6,7 +6,7 @@ Settings come from their defaults, then the --config file, then flags: every set
 flag (listed below by section, as in the YAML file), the common ones a short alias, and `--set section.field=VALUE`
 sets any of them too. open_clip_train's flags of the same meaning are accepted (--workers, --csv-img-key,
 --csv-caption-key, --csv-separator, --warmup, --wd, --epochs, --grad-clip-norm, --local-loss, --gather-with-grad,
---log-every-n-steps, --report-to, --wandb-project-name, --wandb-notes, --lr, --seed, ...).
+--log-every-n-steps, --report-to, --wandb-project-name, --wandb-notes, --lr, --seed, --siglip, ...).
 
 Launch several ranks with `torchrun --nproc_per_node=N -m helip.trainer.app.cli ...` or the `deepspeed` launcher.
 """
@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
+    # open_clip_train's switch for the sigmoid loss. Not an alias in ALIASES: an alias passes its value to its
+    # setting, and this bool switch stands for a text value (loss.kind siglip).
+    parser.add_argument(
+        "--siglip", action="store_true", help="open_clip_train's switch for SigLIP's loss: sets loss.kind to siglip"
+    )
     add_setting_flags(parser, config_docs.sections(), ALIASES)
     return parser
 
@@ -113,6 +118,10 @@ def parse_config(argv: list[str] | None = None):
         if not sep:
             parser.error(f"--set {item!r}: expected KEY=VALUE")
         overrides[key] = value
+    if args.siglip:
+        if overrides.get("loss.kind") not in (None, "siglip"):
+            parser.error(f"--siglip means loss.kind siglip, but loss.kind {overrides['loss.kind']} is given too")
+        overrides["loss.kind"] = "siglip"
     try:
         config = train_config.load(args.config, overrides)
         if not (config.data.train or config.data.synth_dir):

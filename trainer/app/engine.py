@@ -91,7 +91,7 @@ class Trainer:
         config.model.device = device
         # open_clip builds fp32 weights; DeepSpeed casts them to model.precision itself (deepspeed_config).
         self.model, preprocess_train, self.preprocess_val, self.tokenizer = build_model(
-            dataclasses.replace(config.model, precision="fp32")
+            dataclasses.replace(config.model, precision="fp32"), siglip=config.loss.kind == "siglip"
         )
         # open_clip's training augmentation for real data; the synthetic set's captions name positions and
         # sizes, so its config turns augmentation off (data.augment).
@@ -270,7 +270,14 @@ class Trainer:
         tokens = batch.tokens.to(self.device, non_blocking=True)
         out = self.engine(images, tokens)
         image_features, text_features = out["image_features"], out["text_features"]
-        losses = self.loss(image_features.float(), text_features.float(), out["logit_scale"].float(), couples)
+        bias = out.get("logit_bias")  # SigLIP's learned bias (open_clip outputs it when the model has one)
+        losses = self.loss(
+            image_features.float(),
+            text_features.float(),
+            out["logit_scale"].float(),
+            couples,
+            logit_bias=bias.float() if bias is not None else None,
+        )
         self.engine.backward(losses["total"])
         self.engine.step()
         with torch.no_grad():  # open_clip clamps the learned temperature at 100, as CLIP does

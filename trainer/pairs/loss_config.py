@@ -10,6 +10,8 @@ from typing import Literal
 
 HnmlForm = Literal["pair", "paper"]
 HNML_FORMS: tuple[str, ...] = ("pair", "paper")
+LossKind = Literal["clip", "siglip"]
+LOSS_KINDS: tuple[str, ...] = ("clip", "siglip")
 
 
 @dataclass
@@ -23,9 +25,11 @@ class LossConfig:
         no setting that beats λ = 0 (docs/BENCHMARKS.md, "The margin loss on evidence"): the gain of HELIP there
         came from the hard-pair batches alone.
     hnml_form: "pair" or "paper", see the module docstring.
-    local_loss, gather_with_grad: passed to open_clip's ClipLoss (how features are gathered across ranks).
+    local_loss, gather_with_grad: passed to open_clip's ClipLoss (how features are gathered across ranks); SigLipLoss
+        has no use for them: it passes text features between neighbouring ranks instead.
     """
 
+    kind: LossKind = "clip"  # clip (open_clip's ClipLoss) or siglip (its SigLipLoss, with the model's logit_bias)
     margin: float = 0.2
     hnml_weight: float = 0.0
     hnml_form: HnmlForm = "pair"
@@ -33,6 +37,8 @@ class LossConfig:
     gather_with_grad: bool = True
 
     def __post_init__(self) -> None:
+        if self.kind not in LOSS_KINDS:
+            raise ValueError(f"loss.kind must be one of {', '.join(LOSS_KINDS)}, got {self.kind!r}")
         if self.margin < 0:
             raise ValueError(f"LossConfig.margin must be >= 0, got {self.margin}")
         if self.hnml_weight < 0:

@@ -1,4 +1,4 @@
-"""HELIP's training objective: CLIP's contrastive loss plus the Hard Negative Margin Loss (HNML).
+"""HELIP's training objective: CLIP's (or SigLIP's) contrastive loss plus the Hard Negative Margin Loss (HNML).
 
 Reference: H. Wang et al., "Getting More Juice Out of Your Data: Hard Pair Refinement Enhances
 Visual-Language Models Without Extra Data" (HELIP), arXiv:2305.05208 (v3, NAACL 2025; v2 was titled
@@ -12,7 +12,9 @@ objective is
 
     total = contrastive + λ · hnml
 
-where `contrastive` is open_clip's symmetric InfoNCE over the whole (rank-gathered) batch and λ is
+where `contrastive` is open_clip's symmetric InfoNCE over the whole (rank-gathered) batch (`LossConfig.kind`
+"clip") or open_clip's SigLIP sigmoid loss ("siglip": every image-text pair of the batch is a binary decision,
+with the model's learned logit_bias; other ranks' text features are passed round as negatives), and λ is
 `LossConfig.hnml_weight`. Two readings of HNML are implemented; `LossConfig.hnml_form` picks one.
 
 * ``"pair"`` (default; the design document, §1 "Loss"): every couple (i, j) asks the anchor's own positive pair to beat
@@ -39,15 +41,17 @@ where `contrastive` is open_clip's symmetric InfoNCE over the whole (rank-gather
 Both forms use only the *local* batch: a hard pair is placed in the same rank's batch as its anchor, so
 no gather is needed and `hard_couples` index local rows.
 
+HNML is the same for both kinds: it reads cosine similarities, not the loss's scaled (and biased) logits.
+
 Bit-exactness contract: when λ == 0 or there are no couples, `total` *is* the contrastive tensor (the same
-object), not `contrastive + 0 * hnml`, so turning HELIP off reproduces plain CLIP training bit for bit
+object), not `contrastive + 0 * hnml`, so turning HELIP off reproduces plain CLIP (or SigLIP) training bit for bit
 (and a NaN/inf in an unused HNML can never leak into the gradient).
 """
 
 from __future__ import annotations
 
 import torch
-from open_clip.loss import ClipLoss
+from open_clip.loss import ClipLoss, SigLipLoss
 
 from helip.trainer.pairs.loss_config import HNML_FORMS, HnmlForm, LossConfig
 
@@ -141,23 +145,28 @@ def hnml(
 
 
 class HelipLoss(torch.nn.Module):
-    """contrastive (open_clip ClipLoss) + λ · HNML. Holds no parameters.
+    """contrastive (open_clip's ClipLoss, or its SigLipLoss when config.kind is "siglip") + λ · HNML. Holds no
+    parameters: SigLIP's logit_bias, like the temperature, is the model's and comes in with each call.
 
-    rank, world_size: this process's place among the data-parallel ranks; ClipLoss gathers features across
-    them (as open_clip does), HNML stays local.
+    rank, world_size: this process's place among the data-parallel ranks; the contrastive loss reaches across
+    them as open_clip_train's does (ClipLoss gathers features, SigLipLoss exchanges text features with neighbour
+    ranks), HNML stays local.
     """
 
     def __init__(self, config: LossConfig | None = None, rank: int = 0, world_size: int = 1) -> None:
         config = config if config is not None else LossConfig()
         super().__init__()
         self.config = config
-        self.clip_loss = ClipLoss(
-            local_loss=config.local_loss,
-            gather_with_grad=config.gather_with_grad,
-            cache_labels=True,
-            rank=rank,
-            world_size=world_size,
-        )
+        if config.kind == "siglip":
+            self.contrastive_loss = SigLipLoss(rank=rank, world_size=world_size)
+        else:
+            self.contrastive_loss = ClipLoss(
+                local_loss=config.local_loss,
+                gather_with_grad=config.gather_with_grad,
+                cache_labels=True,
+                rank=rank,
+                world_size=world_size,
+            )
 
     def forward(
         self,
@@ -165,17 +174,28 @@ class HelipLoss(torch.nn.Module):
         text_features: torch.Tensor,
         logit_scale: torch.Tensor,
         hard_couples: torch.Tensor | None = None,
+        logit_bias: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Compute the losses of one local batch.
 
         image_features, text_features: [B, D] L2-normalised (as open_clip's model returns them).
         logit_scale: scalar tensor, already exponentiated (open_clip's `logit_scale.exp()` output).
         hard_couples: int64 [M, 2] of (anchor, hard pair) rows of the local batch, or None.
+        logit_bias: the model's learned bias (open_clip's output "logit_bias"); required by "siglip", unused by
+            "clip".
         Returns {"contrastive", "hnml", "total"}, scalars. `total` is the `contrastive` tensor itself when
         λ == 0 or there are no couples; `hnml` is then a detached value for logging only (zero when there
         are no couples).
         """
-        contrastive = self.clip_loss(image_features, text_features, logit_scale)
+        if self.config.kind == "siglip":
+            if logit_bias is None:
+                raise ValueError(
+                    "loss.kind siglip needs the model's logit_bias: build the model with open_clip's "
+                    "init_logit_bias (helip's build_model(..., siglip=True)) and pass its output's logit_bias"
+                )
+            contrastive = self.contrastive_loss(image_features, text_features, logit_scale, logit_bias)
+        else:
+            contrastive = self.contrastive_loss(image_features, text_features, logit_scale)
         no_couples = hard_couples is None or hard_couples.shape[0] == 0
         if no_couples:
             zero = torch.zeros((), dtype=contrastive.dtype, device=contrastive.device)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Callable
@@ -100,26 +101,65 @@ def check_model(config: ModelConfig) -> None:
     resolve_pretrained(config, model_name)
 
 
+# open_clip_train's --siglip starts the temperature at 10 (CLIP: 1/0.07) and adds a learned logit bias at -10.
+SIGLIP_INIT = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}
+
+
+def holds_logit_bias(path: str | os.PathLike[str]) -> bool:
+    """Whether the weights file at `path` (ours, a plain state dict, or .safetensors) has a SigLIP logit_bias.
+
+    Reads the names only: safetensors' header, or torch's zip archive memory-mapped (a legacy, non-zip file is
+    read whole). numpy (big_vision) weights say False: open_clip's converter builds what they need itself.
+    """
+    suffix = Path(path).suffix
+    if suffix in (".npz", ".npy"):
+        return False
+    if suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return "logit_bias" in f.keys()
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # mmap needs the zip format (torch >= 1.6)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else {}
+    return isinstance(state_dict, dict) and any(
+        name.removeprefix(WRAPPER_PREFIX) == "logit_bias" for name in state_dict
+    )
+
+
 def build_model(
-    config: ModelConfig, checkpoint: str | os.PathLike[str] | None = None
+    config: ModelConfig, checkpoint: str | os.PathLike[str] | None = None, *, siglip: bool = False
 ) -> tuple[torch.nn.Module, Callable[..., Any], Callable[..., Any], Callable[..., torch.Tensor]]:
     """Build (model, preprocess_train, preprocess_val, tokenizer), locked and checkpointed as `config` says;
     with `checkpoint`, its weights are loaded (load_checkpoint: ours, or a plain open_clip state dict).
 
+    siglip: build the model for SigLIP's loss as open_clip_train's --siglip does (SIGLIP_INIT: a learned
+        logit_bias, a smaller starting temperature). Without it, the model still gets a logit_bias when its weights
+        (`checkpoint`, or a `pretrained` file) hold one, so a SigLIP run's checkpoint loads wherever it is used;
+        an open_clip SigLIP architecture (ViT-B-16-SigLIP, ...) has one from its own config.
     model: open_clip CLIP whose forward(images [B,3,H,W], texts [B,L] int64) returns a dict with
-        "image_features" [B,E] and "text_features" [B,E] (L2-normalised) and "logit_scale" (exp'd scalar).
+        "image_features" [B,E] and "text_features" [B,E] (L2-normalised) and "logit_scale" (exp'd scalar), and
+        "logit_bias" when the model has one.
     preprocess_*: PIL image -> float tensor [3,H,W] (train adds augmentation).
     tokenizer: list[str] -> int64 [N, context_length], context_length taken from the model config.
     """
     model_name, _ = resolve_model(config)
     pretrained = resolve_pretrained(config, model_name)
     weights = None
+    files = [checkpoint] if checkpoint is not None else []  # the weights files this model will load
     if pretrained is not None:
         kind, weights = pretrained
         if kind == "hf-hub":
             # The repo's weights file into model.name's architecture, so our checkpoints rebuild it offline.
             weights = open_clip.pretrained.download_pretrained_from_hf(weights, cache_dir=config.cache_dir or None)
+        if kind != "tag":  # a tag's architecture says itself whether it has a logit_bias
+            files.append(weights)
         logger.info("starting from %s weights %s", kind, weights)
+    # A learned bias in the weights needs a place in the model (open_clip would fail to load it otherwise); the
+    # weights then overwrite SIGLIP_INIT's starting values.
+    model_kwargs = SIGLIP_INIT if siglip or any(holds_logit_bias(f) for f in files) else {}
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         model_name,
         pretrained=weights,
@@ -130,6 +170,7 @@ def build_model(
         pretrained_image=False,
         pretrained_text=False,
         output_dict=True,
+        **model_kwargs,
     )
     set_trainable(model, config)
     tokenizer = open_clip.get_tokenizer(model_name)
