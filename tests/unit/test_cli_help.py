@@ -147,6 +147,7 @@ BASE = ["--train-data", "train.csv"]
         (["--siglip"], "loss.kind", "siglip"),  # open_clip_train's switch for SigLIP's loss
         (["--siglip", "--loss.kind", "siglip"], "loss.kind", "siglip"),
         (["--loss.kind", "siglip"], "loss.kind", "siglip"),
+        (["--siglip", "--loss-dist-impl", "gather"], "loss.dist_impl", "gather"),
         (["--log-every-n-steps", "5"], "run.log_every", 5),
         (["--report-to", "wandb,tensorboard"], "run.report_to", "wandb,tensorboard"),
         (["--report-to", ""], "run.report_to", ""),
@@ -198,6 +199,7 @@ def fails_naming(capsys, argv: list[str], *names: str) -> None:
         (["--loss.kind", "softmax"], ("loss.kind", "softmax")),
         (["--siglip", "--loss.kind", "clip"], ("--siglip", "loss.kind clip")),
         (["--siglip", "--set", "loss.kind=clip"], ("--siglip", "loss.kind clip")),
+        (["--loss-dist-impl", "ring"], ("loss.dist_impl", "ring")),
     ],
 )
 def test_bad_values_exit_2_naming_the_setting(capsys, flags, names):

@@ -254,3 +254,11 @@ def test_siglip_needs_the_models_logit_bias():
 def test_loss_kind_is_checked_naming_the_field():
     with pytest.raises(ValueError, match="loss.kind"):
         LossConfig(kind="softmax")
+
+
+def test_siglip_reaches_other_ranks_as_dist_impl_says():
+    siglip = HelipLoss(LossConfig(kind="siglip", dist_impl="gather"), rank=1, world_size=2).contrastive_loss
+    assert isinstance(siglip, SigLipLoss)
+    assert (siglip.dist_impl, siglip.rank, siglip.world_size) == ("gather", 1, 2)
+    with pytest.raises(ValueError, match="loss.dist_impl"):
+        LossConfig(dist_impl="ring")

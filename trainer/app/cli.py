@@ -6,7 +6,7 @@ Settings come from their defaults, then the --config file, then flags: every set
 flag (listed below by section, as in the YAML file), the common ones a short alias, and `--set section.field=VALUE`
 sets any of them too. open_clip_train's flags of the same meaning are accepted (--workers, --csv-img-key,
 --csv-caption-key, --csv-separator, --warmup, --wd, --epochs, --grad-clip-norm, --local-loss, --gather-with-grad,
---log-every-n-steps, --report-to, --wandb-project-name, --wandb-notes, --lr, --seed, --siglip, ...).
+--siglip, --loss-dist-impl, --log-every-n-steps, --report-to, --wandb-project-name, --wandb-notes, --lr, --seed, ...).
 
 Launch several ranks with `torchrun --nproc_per_node=N -m helip.trainer.app.cli ...` or the `deepspeed` launcher.
 """
@@ -53,6 +53,7 @@ ALIASES = {
     "loss.hnml_weight": ("--hnml-weight",),
     "loss.local_loss": ("--local-loss",),
     "loss.gather_with_grad": ("--gather-with-grad",),
+    "loss.dist_impl": ("--loss-dist-impl",),
     "optim.steps": ("--steps",),
     "optim.epochs": ("--epochs",),
     "optim.batch_size": ("--batch-size",),

@@ -12,6 +12,8 @@ HnmlForm = Literal["pair", "paper"]
 HNML_FORMS: tuple[str, ...] = ("pair", "paper")
 LossKind = Literal["clip", "siglip"]
 LOSS_KINDS: tuple[str, ...] = ("clip", "siglip")
+# open_clip's SigLipLoss: how other ranks' text features reach this rank's images (the same loss by any of them).
+SIGLIP_DIST_IMPLS: tuple[str, ...] = ("bidir", "shift", "reduce", "gather")
 
 
 @dataclass
@@ -26,7 +28,7 @@ class LossConfig:
         came from the hard-pair batches alone.
     hnml_form: "pair" or "paper", see the module docstring.
     local_loss, gather_with_grad: passed to open_clip's ClipLoss (how features are gathered across ranks); SigLipLoss
-        has no use for them: it passes text features between neighbouring ranks instead.
+        has no use for them: it passes text features between ranks as `dist_impl` says.
     """
 
     kind: LossKind = "clip"  # clip (open_clip's ClipLoss) or siglip (its SigLipLoss, with the model's logit_bias)
@@ -35,6 +37,7 @@ class LossConfig:
     hnml_form: HnmlForm = "pair"
     local_loss: bool = False
     gather_with_grad: bool = True
+    dist_impl: str = "bidir"  # siglip: how text features pass between ranks (open_clip's bidir, shift, reduce, gather)
 
     def __post_init__(self) -> None:
         if self.kind not in LOSS_KINDS:
@@ -45,3 +48,5 @@ class LossConfig:
             raise ValueError(f"LossConfig.hnml_weight must be >= 0, got {self.hnml_weight}")
         if self.hnml_form not in HNML_FORMS:
             raise ValueError(f"LossConfig.hnml_form must be one of {HNML_FORMS}, got {self.hnml_form!r}")
+        if self.dist_impl not in SIGLIP_DIST_IMPLS:
+            raise ValueError(f"loss.dist_impl must be one of {', '.join(SIGLIP_DIST_IMPLS)}, got {self.dist_impl!r}")

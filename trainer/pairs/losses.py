@@ -149,8 +149,8 @@ class HelipLoss(torch.nn.Module):
     parameters: SigLIP's logit_bias, like the temperature, is the model's and comes in with each call.
 
     rank, world_size: this process's place among the data-parallel ranks; the contrastive loss reaches across
-    them as open_clip_train's does (ClipLoss gathers features, SigLipLoss exchanges text features with neighbour
-    ranks), HNML stays local.
+    them as open_clip_train's does (ClipLoss gathers features, SigLipLoss passes text features between ranks as
+    config.dist_impl says), HNML stays local.
     """
 
     def __init__(self, config: LossConfig | None = None, rank: int = 0, world_size: int = 1) -> None:
@@ -158,7 +158,7 @@ class HelipLoss(torch.nn.Module):
         super().__init__()
         self.config = config
         if config.kind == "siglip":
-            self.contrastive_loss = SigLipLoss(rank=rank, world_size=world_size)
+            self.contrastive_loss = SigLipLoss(rank=rank, world_size=world_size, dist_impl=config.dist_impl)
         else:
             self.contrastive_loss = ClipLoss(
                 local_loss=config.local_loss,
