@@ -5,7 +5,10 @@ PRODUCT scoring. In-process and gRPC Mines are interleaved so that drift in the 
 The FLOP rate of the exact search (two [anchors x d] @ [d x N] products per Mine) is compared with one plain
 torch matrix product of the same shape, timed in the same run.
 
-    python -m bench.mine [--rows 1000000] [--dim 256] [--anchors 512] [--k 16] [--repeats 20]
+    python -m bench.mine [--rows 1000000] [--dim 256] [--anchors 512] [--k 16] [--repeats 20] [--positive-ratio 0.9]
+
+--positive-ratio adds in-process Mines with the false-negative guard on, interleaved with the plain ones, and
+reports their median over the plain median (the goal: at most 1.10).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--upsert-batch", type=int, default=4096)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--positive-ratio", type=float, default=0.0, help="also time guarded Mines (0: not)")
     parser.add_argument("--json-out")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -75,7 +79,7 @@ def main() -> None:
         assert client.stats().size == args.rows
         del image, text
 
-        inproc_s, grpc_s = [], []
+        inproc_s, grpc_s, guard_s, guard_dropped = [], [], [], []
         for repeat in tqdm(range(args.warmup + args.repeats), desc="mine", leave=False):
             anchors = rng.choice(args.rows, size=args.anchors, replace=False).astype(np.uint64)
             started = time.perf_counter()
@@ -84,6 +88,12 @@ def main() -> None:
             started = time.perf_counter()
             remote = client.mine(args.k, anchor_ids=anchors)
             t_grpc = time.perf_counter() - started
+            if args.positive_ratio:
+                started = time.perf_counter()
+                guarded = miner.mine(MineQuery(args.k, anchor_ids=anchors, positive_ratio=args.positive_ratio))
+                if repeat >= args.warmup:
+                    guard_s.append(time.perf_counter() - started)
+                    guard_dropped.append(guarded.guard_dropped / args.anchors)
             if repeat >= args.warmup:
                 inproc_s.append(t_inproc)
                 grpc_s.append(t_grpc)
@@ -123,6 +133,11 @@ def main() -> None:
         "matmul_gflops": matmul_rate / 1e9,
         "search_over_matmul_flop_rate": search_rate / matmul_rate,
     }
+    if guard_s:
+        guard = summarize(guard_s)
+        results["mine_guarded"] = guard
+        results["guard_over_plain_median"] = guard["median_ms"] / inproc["median_ms"]
+        results["guard_dropped_per_anchor"] = float(np.mean(guard_dropped))
     rows = [
         ("Mine in-process median / p99 (ms)", f"{inproc['median_ms']:.1f} / {inproc['p99_ms']:.1f}"),
         ("Mine gRPC median / p99 (ms)", f"{remote['median_ms']:.1f} / {remote['p99_ms']:.1f}"),
@@ -136,6 +151,12 @@ def main() -> None:
         ("plain matmul GFLOP/s (same shape)", f"{results['matmul_gflops']:.1f}"),
         ("search / matmul FLOP rate", f"{results['search_over_matmul_flop_rate']:.3f}"),
     ]
+    if guard_s:
+        rows += [
+            (f"Mine with the guard at {args.positive_ratio}, median (ms)", f"{guard['median_ms']:.1f}"),
+            ("guarded / plain, median (target <= 1.10)", f"{results['guard_over_plain_median']:.3f}"),
+            ("candidates dropped per anchor", f"{results['guard_dropped_per_anchor']:.2f}"),
+        ]
     report("mine", results, rows, args.json_out)
 
 

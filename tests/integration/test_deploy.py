@@ -50,6 +50,7 @@ TRAINER_METRICS = {
     "helip_trainer_foreign_ids_total",
     "helip_trainer_follower_mines_total",
     "helip_trainer_degraded_mines_total",
+    "helip_trainer_guard_dropped_total",
     "helip_trainer_replica_lag_max_seconds",
     "helip_trainer_bad_samples_total",
 }
@@ -214,6 +215,7 @@ def test_every_miner_metric_named_in_dashboard_and_rules_is_exported_by_a_live_m
     rows = rng.normal(size=(2, 32, 8)).astype(np.float32)
     client.upsert(np.arange(32), rows[0], rows[1], step=1)
     client.mine(k=4, anchor_ids=[0, 1, 2, 999])  # 999: an unknown anchor
+    client.mine(k=4, anchor_ids=[0, 1], positive_ratio=0.9)  # the guard's series exist once a Mine uses it
     client.delete([31])
     client.close()
     exported = scrape_names(miner.metrics_url)

@@ -133,3 +133,23 @@ def test_foreign_ids_from_a_shared_miner_are_dropped_and_counted(miner_factory):
             assert max(ids) < N
             sampler.layout(ids)
         assert session.counters.foreign_ids > 0  # the clusters of both sets overlap, so foreign rows were offered
+
+
+def test_the_guard_setting_reaches_every_mine_and_its_drops_are_counted(miner_factory):
+    miner = miner_factory("--dim", str(DIM))
+    ratio = 0.6
+    config = MiningConfig(address=miner.address, k=10, prefetch=2, deadline_s=5.0, positive_ratio=ratio)
+    image, text = clustered(np.random.default_rng(1), N, DIM)
+    push_all(config, image, text)
+    with MiningSession(config) as session:
+        loader = session.loader(TensorPairs(), 16, hard_ratio=0.5, seed=3, steps=6)
+        couples = 0
+        for batch in loader:
+            for anchor_row, hard_row in batch.layout.couples.tolist():
+                a, j = int(batch.ids[anchor_row]), int(batch.ids[hard_row])
+                # No hard pair whose caption fits the anchor's image (or the mirror) at the ratio or above (the
+                # miner judged rows sent as float16: a tolerance of their rounding).
+                assert max(image[a] @ text[j], text[a] @ image[j]) < ratio * (image[a] @ text[a]) + 2e-3
+                couples += 1
+        # Clustered pairs: the nearest candidates fit each other's captions, so the guard had work to do.
+        assert couples > 0 and session.counters.guard_dropped > 0

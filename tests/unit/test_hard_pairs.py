@@ -28,7 +28,7 @@ class ScriptedMiner:
         self.fail = False
         self.calls = []
 
-    def mine(self, k, anchor_ids, exclude_ids, max_similarity, scoring, timeout_s):
+    def mine(self, k, anchor_ids, exclude_ids, max_similarity, scoring, timeout_s, positive_ratio=0.0):
         self.calls.append(np.asarray(anchor_ids).tolist())
         if not self.release.wait(timeout_s):
             raise _Deadline()

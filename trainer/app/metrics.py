@@ -25,6 +25,7 @@ class TrainerMetrics:
     foreign_ids: Counter
     follower_mines: Counter
     degraded_mines: Counter
+    guard_dropped: Counter
     replica_lag_max_seconds: Gauge
     bad_samples: Counter  # labelled by kind; use .labels(rank, kind)
 
@@ -94,6 +95,13 @@ class TrainerMetrics:
                 Counter(
                     "helip_trainer_degraded_mines",
                     "Sharded Mine answers that lacked some shards (answered from the others)",
+                    **labels,
+                )
+            ),
+            guard_dropped=one(
+                Counter(
+                    "helip_trainer_guard_dropped",
+                    "Mined candidates the false-negative guard (mining.positive_ratio) dropped",
                     **labels,
                 )
             ),

@@ -125,6 +125,7 @@ class RunLog:
         m.foreign_ids.inc(now["foreign_ids"] - was["foreign_ids"])
         m.follower_mines.inc(now["mine_by_follower"] - was["mine_by_follower"])
         m.degraded_mines.inc(now["mine_degraded"] - was["mine_degraded"])
+        m.guard_dropped.inc(now["guard_dropped"] - was["guard_dropped"])
         m.replica_lag_max_seconds.set(now["max_replica_lag_ms"] / 1000)
         missing = ("mine_failures", "mine_late", "mine_skipped")
         m.mine_failures.inc(sum(now[k] - was[k] for k in missing))

@@ -46,6 +46,7 @@ class MiningCounters:
     mine_by_follower: int = 0  # Mine answers that came from a read-only follower (sharded: from any shard's)
     mine_degraded: int = 0  # sharded Mine answers that lacked some shards (mining.strict_shards off)
     max_replica_lag_ms: int = 0  # the most a follower that answered was behind its leader, in milliseconds
+    guard_dropped: int = 0  # mined candidates the false-negative guard (mining.positive_ratio) dropped
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas) -> None:
@@ -156,6 +157,7 @@ class MinePrefetcher:
                 exclude_ids=anchor_ids,
                 max_similarity=self.config.max_similarity,
                 scoring=self._scoring,
+                positive_ratio=self.config.positive_ratio,
                 timeout_s=self.config.deadline_s,
             )
             self.breaker.success()
@@ -176,6 +178,7 @@ class MinePrefetcher:
             return None
 
     def _count(self, neighbours: Neighbours) -> None:
+        self.counters.add(guard_dropped=neighbours.guard_dropped)
         if neighbours.served_by_follower:
             self.counters.add(mine_by_follower=1)
             self.counters.raise_to(max_replica_lag_ms=round(neighbours.replica_lag_seconds * 1000))

@@ -34,6 +34,9 @@ class MiningConfig:
     breaker_max_cooldown_s: float = 30.0  # the longest pause between probes
     scoring: str = "PRODUCT"  # how two pairs are scored: PRODUCT or SUM of image and text similarity, IMAGE, TEXT
     max_similarity: float = 0.0  # 0: the miner's default near-duplicate cut
+    # The false-negative guard: the miner drops a candidate whose caption fits the anchor's image (or whose image
+    # fits the anchor's caption) at this fraction of the anchor's own pair or more, e.g. 0.95. 0: off.
+    positive_ratio: float = 0.0
     push_queue: int = 64  # upserts waiting to be sent before new ones are dropped
     wire_dtype: str = "FLOAT16"  # dtype of the embeddings sent to the miner: FLOAT16, BFLOAT16 or FLOAT32
     # Before the first step, embed the whole training set once with the starting model and push it, so that
@@ -69,6 +72,8 @@ class MiningConfig:
         for name in ("k", "max_in_flight", "push_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"mining.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.positive_ratio <= 1.0:
+            raise ValueError(f"mining.positive_ratio must be in (0, 1], or 0 for no guard, got {self.positive_ratio}")
         if self.prefetch < 0:
             raise ValueError(f"mining.prefetch must be >= 0, got {self.prefetch}")
         for name in ("deadline_s", "rpc_timeout_s"):
