@@ -42,3 +42,16 @@ def test_gpu_fp16_close_to_cpu():
     recall = np.mean([len(set(x) & set(y)) / 16 for x, y in zip(a.neighbour_ids, b.neighbour_ids)])
     assert recall > 0.97
     np.testing.assert_allclose(a.scores, b.scores, atol=2e-2)
+
+
+@pytest.mark.parametrize("ratio", [0.9, 0.5])
+def test_gpu_guard_equals_cpu(ratio):
+    """The false-negative guard on the GPU: its candidate list, and the guarded re-search of short anchors."""
+    image, text = random_pairs(np.random.default_rng(2), 20_000, DIM)
+    cpu = filled(SearchConfig(device="cpu"), image, text)
+    gpu = filled(SearchConfig(device="cuda", storage_dtype="float32", block_rows=4096), image, text)
+    anchors = np.arange(0, 20_000, 97, dtype=np.uint64)
+    a = cpu.mine(MineQuery(16, anchor_ids=anchors, positive_ratio=ratio))
+    b = gpu.mine(MineQuery(16, anchor_ids=anchors, positive_ratio=ratio))
+    assert (a.neighbour_ids == b.neighbour_ids).mean() > 0.999
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
