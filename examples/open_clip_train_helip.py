@@ -6,14 +6,16 @@ Runs open_clip_train's real `main()` unchanged, after three small patches (each 
    helip's HardPairSampler: each batch holds this rank's anchors and, next to each, a hard pair the miner found.
    Its batches unpack as `images, texts` like open_clip's; the sample ids and the (anchor, hard pair) couples of
    the batch being trained are kept aside for the loss.
-2. `open_clip_train.main.create_loss`: open_clip's ClipLoss becomes helip's HelipLoss (the same contrastive loss,
-   plus the margin loss on the batch's couples), which also pushes the batch's embeddings to the miner.
+2. `open_clip_train.main.create_loss`: open_clip's ClipLoss (or, with --siglip, its SigLipLoss) becomes helip's
+   HelipLoss (the same contrastive loss, plus the margin loss on the batch's couples), which also pushes the batch's
+   embeddings to the miner.
 3. `DataInfo.set_epoch`: open_clip only forwards the epoch to a DistributedSampler; ours gets it too.
 
 Options of this script start with --helip-; everything else is passed to open_clip_train as is. CSV training
-data only (--dataset-type csv, or auto with a .csv/.tsv path); --accum-freq 1; CLIP loss (no SigLIP, CoCa or
-distillation). The run's rows go to their own miner namespace (--helip-namespace; default open_clip's --name, else
-the training file's name), which refuses a data set other than the one it holds (--helip-reset-namespace drops it).
+data only (--dataset-type csv, or auto with a .csv/.tsv path); --accum-freq 1; the CLIP or the SigLIP loss
+(--siglip; no CoCa or distillation). The run's rows go to their own miner namespace (--helip-namespace; default
+open_clip's --name, else the training file's name), which refuses a data set other than the one it holds
+(--helip-reset-namespace drops it).
 Start a miner first, with --dim = the model's embed_dim (helip-tiny: 64):
 
     helip-miner serve --dim 64 --port 50051 &
@@ -24,6 +26,7 @@ Start a miner first, with --dim = the model's embed_dim (helip-tiny: 64):
 """
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -104,17 +107,18 @@ class HardPairBatches:
 
 
 class HelipOpenClipLoss(torch.nn.Module):
-    """Called by train_one_epoch as `loss(image_features=, text_features=, logit_scale=, output_dict=True)`;
-    returns named terms that open_clip sums into the loss it backpropagates (and logs each of)."""
+    """Called by train_one_epoch as `loss(**model_out, output_dict=True)`: image_features, text_features,
+    logit_scale, and logit_bias when the model has one (open_clip_train builds it for --siglip); returns named terms
+    that open_clip sums into the loss it backpropagates (and logs each of)."""
 
     def __init__(self, batches: HardPairBatches, session: MiningSession, config: LossConfig, rank, world_size):
         super().__init__()
         self.batches, self.session, self.config = batches, session, config
         self.helip = HelipLoss(config, rank=rank, world_size=world_size)
 
-    def forward(self, image_features, text_features, logit_scale, output_dict=False, **unused):
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False, **unused):
         ids, layout = self.batches.current
-        losses = self.helip(image_features, text_features, logit_scale, layout.couples)
+        losses = self.helip(image_features, text_features, logit_scale, layout.couples, logit_bias=logit_bias)
         # The embeddings open_clip computed anyway go to the miner (a background thread sends them).
         self.session.push(ids, image_features, text_features, layout.step)
         terms = {"contrastive_loss": losses["contrastive"], "hnml_loss": self.config.hnml_weight * losses["hnml"]}
@@ -144,12 +148,19 @@ class HelipPlugin:
                 raise SystemExit(
                     "helip example: needs CSV training data (--dataset-type csv, or auto with a .csv/.tsv --train-data)"
                 )
-            if args.accum_freq != 1 or args.distill or args.siglip or "coca" in args.model.lower():
+            if args.accum_freq != 1 or args.distill or "coca" in args.model.lower():
                 raise SystemExit(
-                    "helip example: needs --accum-freq 1 and the CLIP loss (no SigLIP, CoCa, "
-                    "distillation): the couples and ids belong to one batch"
+                    "helip example: needs --accum-freq 1 and the CLIP or SigLIP loss (no CoCa, distillation): the "
+                    "couples and ids belong to one batch"
                 )
-            return HelipOpenClipLoss(self.batches, self.session, self.loss_config, args.rank, args.world_size)
+            # open_clip's own choice of loss: SigLipLoss for --siglip (main() built the model with its logit_bias),
+            # reaching other ranks as --loss-dist-impl says.
+            config = dataclasses.replace(
+                self.loss_config,
+                kind="siglip" if args.siglip else "clip",
+                dist_impl=getattr(args, "loss_dist_impl", None) or self.loss_config.dist_impl,
+            )
+            return HelipOpenClipLoss(self.batches, self.session, config, args.rank, args.world_size)
 
         open_clip_train.data.get_csv_dataset = get_csv_dataset
         open_clip_train.main.create_loss = create_loss

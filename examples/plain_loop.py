@@ -34,6 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="an open_clip model name, or the path of a JSON open_clip model config",
     )
     parser.add_argument("--pretrained", help="a local open_clip weights file (default: random init)")
+    parser.add_argument("--loss", choices=("clip", "siglip"), default="clip", help="CLIP's softmax or SigLIP's sigmoid")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=64, help="rows per batch: anchors + their hard pairs")
     parser.add_argument("--hard-ratio", type=float, default=0.5, help="share of each batch that is hard pairs")
@@ -66,8 +67,10 @@ def main(argv=None) -> None:
     if name.endswith(".json"):
         open_clip.add_model_config(name)
         name = Path(name).stem
+    # SigLIP's loss learns a logit bias as well; open_clip_train --siglip starts it at -10 and the temperature at 10.
+    siglip_init = {"init_logit_scale": math.log(10), "init_logit_bias": -10} if args.loss == "siglip" else {}
     model, preprocess, _ = open_clip.create_model_and_transforms(
-        name, pretrained=args.pretrained, device=args.device, output_dict=True
+        name, pretrained=args.pretrained, device=args.device, output_dict=True, **siglip_init
     )
     tokenizer = open_clip.get_tokenizer(name)
     dataset = CsvPairs(args.train_data, preprocess, tokenizer)
@@ -82,14 +85,14 @@ def main(argv=None) -> None:
         dataset, args.batch_size, hard_ratio=args.hard_ratio, num_workers=args.workers, steps=args.steps
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
-    clip_loss = open_clip.ClipLoss()
+    contrastive_loss = open_clip.loss.SigLipLoss() if args.loss == "siglip" else open_clip.ClipLoss()
 
     model.train()
     for step, batch in enumerate(loader):  # PairBatch(ids, images, tokens, layout)
         images = batch.images.to(args.device, non_blocking=True)
         tokens = batch.tokens.to(args.device, non_blocking=True)
         out = model(images, tokens)
-        loss = clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+        loss = contrastive_loss(**out)  # features, logit_scale (and SigLIP's logit_bias), as open_clip_train calls it
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -69,9 +70,9 @@ def plain_loop_args(train_csv: Path, address: str, final: Path) -> list:
     ]
 
 
-def check_plain_loop(output: str, address: str, final: Path) -> None:
-    """What a plain_loop.py run with `plain_loop_args` over TRAIN_SIZE samples must have done (also after a wheel
-    install, tests/integration/test_wheel.py)."""
+def check_plain_loop(output: str, address: str, final: Path, loss: str = "clip") -> None:
+    """What a plain_loop.py run with `plain_loop_args` (and `--loss loss`) over TRAIN_SIZE samples must have done
+    (also after a wheel install, tests/integration/test_wheel.py)."""
     fractions = [float(f) for f in re.findall(r"step \d+ loss [0-9.]+ .*?hard fraction ([0-9.]+)", output)]
     assert len(fractions) == 30, output[-4000:]
     # The miner starts empty (step 0 has no hard pair); once the first steps' embeddings are in, anchors get them.
@@ -83,13 +84,16 @@ def check_plain_loop(output: str, address: str, final: Path) -> None:
     assert miner_rows(address) == 0
     state = torch.load(final, map_location="cpu", weights_only=True)
     assert "logit_scale" in state and all(torch.isfinite(t).all() for t in state.values())
+    assert ("logit_bias" in state) == (loss == "siglip")  # SigLIP's learned bias, as open_clip_train --siglip
 
 
-def test_plain_loop_trains_with_hard_pairs_and_fills_the_miner(synth, tmp_path, miner_factory):
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_plain_loop_trains_with_hard_pairs_and_fills_the_miner(synth, tmp_path, miner_factory, loss):
     miner = miner_factory("--dim", str(EMBED_DIM))
     final = tmp_path / "final.pt"
-    output = run_example("plain_loop.py", *plain_loop_args(synth / "train.csv", miner.address, final))
-    check_plain_loop(output, miner.address, final)
+    args = plain_loop_args(synth / "train.csv", miner.address, final)
+    output = run_example("plain_loop.py", *args, "--loss", loss)
+    check_plain_loop(output, miner.address, final, loss)
 
 
 def test_plain_loop_without_a_miner_says_how_to_start_one(synth):
@@ -97,16 +101,13 @@ def test_plain_loop_without_a_miner_says_how_to_start_one(synth):
     assert "--miner HOST:PORT is required" in output and "helip-miner serve --dim" in output
 
 
-def test_open_clip_train_runs_with_the_hard_pair_plugin(synth, tmp_path, miner_factory):
-    pytest.importorskip("pandas", reason="open_clip_train.data imports pandas (open_clip_torch[training])")
-    miner = miner_factory("--dim", str(EMBED_DIM))
-    logs = tmp_path / "logs"
-    output = run_example(
-        "open_clip_train_helip.py",
+def open_clip_train_args(train_csv: Path, address: str, logs: Path, name: str, epochs: int) -> list:
+    """examples/open_clip_train_helip.py's flags: `epochs` of 16-row batches of the tiny model on CPU, no reports."""
+    return [
         "--helip-miner",
-        miner.address,
+        address,
         "--train-data",
-        synth / "train.csv",
+        train_csv,
         "--dataset-type",
         "csv",
         "--csv-separator",
@@ -122,7 +123,7 @@ def test_open_clip_train_runs_with_the_hard_pair_plugin(synth, tmp_path, miner_f
         "--device",
         "cpu",
         "--epochs",
-        2,
+        epochs,
         "--batch-size",
         16,
         "--workers",
@@ -132,12 +133,20 @@ def test_open_clip_train_runs_with_the_hard_pair_plugin(synth, tmp_path, miner_f
         "--logs",
         logs,
         "--name",
-        "helip",
+        name,
         "--report-to",
         "",
         "--log-every-n-steps",
         5,
-    )
+    ]
+
+
+def test_open_clip_train_runs_with_the_hard_pair_plugin(synth, tmp_path, miner_factory):
+    pytest.importorskip("pandas", reason="open_clip_train.data imports pandas (open_clip_torch[training])")
+    miner = miner_factory("--dim", str(EMBED_DIM))
+    logs = tmp_path / "logs"
+    args = open_clip_train_args(synth / "train.csv", miner.address, logs, "helip", 2)
+    output = run_example("open_clip_train_helip.py", *args)
 
     epochs = re.findall(r"helip epoch (\d+): hard fraction ([0-9.]+) over (\d+) batches", output)
     assert [(e, int(n)) for e, _, n in epochs] == [("0", 25), ("1", 25)], output[-4000:]
@@ -155,3 +164,22 @@ def test_open_clip_train_runs_with_the_hard_pair_plugin(synth, tmp_path, miner_f
     checkpoint = torch.load(run / "checkpoints" / "epoch_2.pt", map_location="cpu", weights_only=False)
     assert checkpoint["epoch"] == 2 and "logit_scale" in checkpoint["state_dict"]
     assert (run / "checkpoints" / "epoch_1.pt").exists() and (run / "params.txt").exists()
+
+
+def test_open_clip_train_runs_siglip_with_the_hard_pair_plugin(synth, tmp_path, miner_factory):
+    pytest.importorskip("pandas", reason="open_clip_train.data imports pandas (open_clip_torch[training])")
+    miner = miner_factory("--dim", str(EMBED_DIM))
+    logs = tmp_path / "logs"
+    args = open_clip_train_args(synth / "train.csv", miner.address, logs, "siglip", 1)
+    output = run_example("open_clip_train_helip.py", *args, "--siglip", "--helip-hnml-weight", 1)
+
+    epochs = re.findall(r"helip epoch (\d+): hard fraction ([0-9.]+) over (\d+) batches", output)
+    assert [(e, int(n)) for e, _, n in epochs] == [("0", 25)] and float(epochs[0][1]) > 0, output[-4000:]
+    # open_clip's loop logged the sigmoid loss and the margin term (its "Name: value (mean)"), finite
+    run = logs / "siglip"
+    logged = re.findall(r"(Contrastive_loss|Hnml_loss): (\S+) \((\S+)\)", (run / "out.log").read_text())
+    assert {name for name, _, _ in logged} == {"Contrastive_loss", "Hnml_loss"}, logged
+    assert all(math.isfinite(float(value)) for _, *values in logged for value in values), logged
+    checkpoint = torch.load(run / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=False)
+    bias = checkpoint["state_dict"]["logit_bias"]  # open_clip_train --siglip starts it at -10; it learned since
+    assert math.isfinite(bias.item()) and bias.item() != -10.0
