@@ -1,20 +1,21 @@
-"""Synthetic fine-grained captioned images, and a CSV -> webdataset shard converter (`helip-data`).
+"""Synthetic captioned images in several data families, and a CSV -> webdataset shard converter (`helip-data`).
 
-The synthetic set exists so that the whole pipeline (trainer, miner, eval) can be exercised offline in seconds.
-Each image holds one or two flat-coloured shapes on a plain background; the caption names every attribute that
-was drawn (size, texture, colour, shape and, for two objects, their spatial relation), so the caption determines
-the image up to small jitter of position and size. A fraction of the samples are copies of an earlier scene with
-exactly one attribute changed (or the two objects swapped), so the set contains genuinely hard pairs: captions
-one word apart, or with the same bag of words in a different order.
+The synthetic sets exist so that the whole pipeline (trainer, miner, eval) can be exercised offline in seconds, and
+so that a default measured on one of them can be measured again on others. Every family (synth_families: shapes,
+counts, textures, words) captions each image by everything its images differ in, so the caption determines the
+image up to small jitter; a fraction of the samples are copies of an earlier scene with exactly one attribute
+changed (or two subjects swapped), so every set contains genuinely hard pairs: captions one word apart, or with the
+same bag of words in a different order. Every family has a zero-shot task over the images of a single subject.
 
-Layout written by `generate` (all CSVs tab-separated, open_clip's format; `filepath` is RELATIVE to the
-directory holding the CSV, i.e. the output root, so the set can be moved; pairs.data also accepts absolute paths):
+Layout written by `generate`, the same for every family (all CSVs tab-separated, open_clip's format; `filepath` is
+RELATIVE to the directory holding the CSV, i.e. the output root, so the set can be moved; pairs.data also accepts
+absolute paths):
 
     DIR/images/{train,test}_NNNNNN.png
     DIR/train.csv       filepath, title
     DIR/test.csv        filepath, title
     DIR/retrieval.csv   filepath, title          a test subset with unique captions
-    DIR/zeroshot.csv    filepath, title, label   the single-object test images; label indexes classnames
+    DIR/zeroshot.csv    filepath, title, label   the single-subject test images; label indexes classnames
     DIR/zeroshot.json   {"classnames": [...], "templates": [...], "samples": "zeroshot.csv", "label_key": "label"}
 """
 
@@ -33,32 +34,34 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from helip.trainer.pairs.data import read_pairs
+from helip.trainer.tools.synth_families import DEFAULT_FAMILY, FAMILIES, family
+from helip.trainer.tools.synth_families.draw import BACKGROUND, COLOURS
+from helip.trainer.tools.synth_families.family import Captioned
+from helip.trainer.tools.synth_families.shapes import SHAPES, Obj, Scene, render
 
 log = logging.getLogger(__name__)
 
-# Palette chosen so that every pair of colours is far apart in RGB: a pixel can be classified back to its colour
-# by nearest neighbour, which the consistency tests rely on.
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 230),
-    "yellow": (235, 215, 40),
-    "purple": (150, 60, 200),
-    "white": (240, 240, 240),
-}
-BACKGROUND = (25, 25, 25)
-SHAPES = ("circle", "square", "triangle", "diamond")
-SIZES = ("small", "large")
-TEXTURES = ("solid", "striped", "dotted")
-RELATIONS = ("left of", "right of", "above", "below")
-# Object radius as a fraction of the image side (jittered by 5%); two large objects (with margins) must fit side by
-# side, and the sizes must stay apart enough that "small" and "large" are never confused.
-SIZE_RADIUS = {"small": 0.12, "large": 0.2}
-TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "an image of a {}.", "a {} shape.")
 SEP = "\t"
+# The shapes family's names, where they were before the families had modules of their own.
+__all__ = [
+    "BACKGROUND",
+    "COLOURS",
+    "SHAPES",
+    "Obj",
+    "Scene",
+    "SynthConfig",
+    "SynthPaths",
+    "ensure_generated",
+    "generate",
+    "main",
+    "positive_int",
+    "render",
+    "set_family",
+    "write_shards",
+]
 
 
 @dataclass(frozen=True)
@@ -68,10 +71,21 @@ class SynthConfig:
     test_size: int = 600
     image_size: int = 32
     seed: int = 0
+    # Fraction of fresh scenes with a single subject (object, group, texture, word): the zero-shot images.
     single_object_fraction: float = 0.4
     # Fraction of samples derived from an earlier scene by changing one attribute: the built-in hard pairs.
     hard_variant_fraction: float = 0.3
     retrieval_size: int = 500
+    family: str = DEFAULT_FAMILY  # which synth_families module draws the scenes
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        smallest = family(self.family).min_image_size
+        if self.image_size < smallest:
+            raise ValueError(f"image_size must be >= {smallest} for the {self.family} family, got {self.image_size}")
+        if self.train_size < 1 or self.test_size < 1:
+            raise ValueError(f"train_size and test_size must be >= 1, got {self.train_size}, {self.test_size}")
 
 
 @dataclass(frozen=True)
@@ -84,167 +98,18 @@ class SynthPaths:
     zeroshot_csv: Path
     zeroshot_json: Path
 
-
-@dataclass(frozen=True)
-class Obj:
-    """One drawn object: its named attributes and its geometry in pixels (centre and radius)."""
-
-    shape: str
-    colour: str
-    size: str
-    texture: str
-    cx: float = 0.0
-    cy: float = 0.0
-    radius: float = 0.0
-
-    def phrase(self) -> str:
-        return f"a {self.size} {self.texture} {self.colour} {self.shape}"
-
-
-@dataclass(frozen=True)
-class Scene:
-    """`objects[0]` is the main object; for two objects, `relation` says where objects[0] is relative to objects[1]."""
-
-    objects: tuple[Obj, ...]
-    relation: str | None = None
-
-    def caption(self) -> str:
-        if len(self.objects) == 1:
-            return self.objects[0].phrase()
-        first, second = self.objects
-        return f"{first.phrase()} {self.relation} {second.phrase()}"
-
-    def classname(self) -> str:
-        return f"{self.objects[0].colour} {self.objects[0].shape}"
-
-
-def classnames() -> list[str]:
-    return [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Sampling: attributes first, geometry last, so that a hard variant re-places its objects consistently.
-
-
-def _random_obj(rng: np.random.Generator) -> Obj:
-    return Obj(
-        shape=SHAPES[rng.integers(len(SHAPES))],
-        colour=list(COLOURS)[rng.integers(len(COLOURS))],
-        size=SIZES[rng.integers(len(SIZES))],
-        texture=TEXTURES[rng.integers(len(TEXTURES))],
-    )
-
-
-def _mutate(scene: Scene, rng: np.random.Generator) -> Scene:
-    """Change exactly one attribute of one object, or (two objects) the relation or the mention order."""
-    objects = list(scene.objects)
-    choices = ["shape", "colour", "size", "texture"] + (["relation", "swap"] if len(objects) == 2 else [])
-    what = choices[rng.integers(len(choices))]
-    if what == "relation":
-        others = [r for r in RELATIONS if r != scene.relation]
-        return Scene(tuple(objects), others[rng.integers(len(others))])
-    if what == "swap":
-        # Same words, different meaning: "A left of B" vs "B left of A".
-        return Scene((objects[1], objects[0]), scene.relation)
-    values = {"shape": SHAPES, "colour": tuple(COLOURS), "size": SIZES, "texture": TEXTURES}[what]
-    index = int(rng.integers(len(objects)))
-    current = getattr(objects[index], what)
-    others = [v for v in values if v != current]
-    objects[index] = dataclasses.replace(objects[index], **{what: others[rng.integers(len(others))]})
-    return Scene(tuple(objects), scene.relation)
-
-
-def _place(scene: Scene, image_size: int, rng: np.random.Generator) -> Scene:
-    """Give every object a centre and radius consistent with its size and the scene's relation."""
-    s = float(image_size)
-    # The main object goes into the region its relation names; the second object into the opposite half.
-    if len(scene.objects) == 1:
-        regions = [(0.0, 0.0, s, s)]
-    else:
-        halves = {
-            "left of": [(0, 0, s / 2, s), (s / 2, 0, s, s)],
-            "right of": [(s / 2, 0, s, s), (0, 0, s / 2, s)],
-            "above": [(0, 0, s, s / 2), (0, s / 2, s, s)],
-            "below": [(0, s / 2, s, s), (0, 0, s, s / 2)],
-        }
-        regions = halves[scene.relation]
-    placed = []
-    for obj, (x0, y0, x1, y1) in zip(scene.objects, regions):
-        radius = SIZE_RADIUS[obj.size] * s * rng.uniform(0.95, 1.05)
-        margin = radius + 0.5
-        cx = rng.uniform(x0 + margin, max(x0 + margin, x1 - margin))
-        cy = rng.uniform(y0 + margin, max(y0 + margin, y1 - margin))
-        placed.append(dataclasses.replace(obj, cx=cx, cy=cy, radius=radius))
-    return Scene(tuple(placed), scene.relation)
-
-
-def sample_scenes(n: int, config: SynthConfig, rng: np.random.Generator) -> list[Scene]:
-    scenes: list[Scene] = []
-    for _ in range(n):
-        if scenes and rng.random() < config.hard_variant_fraction:
-            base = _mutate(scenes[int(rng.integers(len(scenes)))], rng)
-        elif rng.random() < config.single_object_fraction:
-            base = Scene((_random_obj(rng),))
-        else:
-            base = Scene((_random_obj(rng), _random_obj(rng)), RELATIONS[rng.integers(len(RELATIONS))])
-        scenes.append(_place(base, config.image_size, rng))
-    return scenes
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Rendering. No anti-aliasing: every pixel is either the background or exactly one palette colour.
-
-
-def _shape_mask(obj: Obj, image_size: int) -> np.ndarray:
-    canvas = Image.new("L", (image_size, image_size), 0)
-    draw = ImageDraw.Draw(canvas)
-    cx, cy, r = obj.cx, obj.cy, obj.radius
-    if obj.shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-    elif obj.shape == "square":
-        h = r * 0.9  # close to the circle's area, yet a large square stays visibly larger than a small circle
-        draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=255)
-    elif obj.shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=255)
-    elif obj.shape == "diamond":
-        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=255)
-    else:
-        raise ValueError(f"unknown shape {obj.shape!r}")
-    return np.asarray(canvas) > 0
-
-
-def _texture_mask(obj: Obj, shape: np.ndarray, image_size: int) -> np.ndarray:
-    """Pixels of the object to paint: the outline always (so the shape stays legible), the interior by texture."""
-    if obj.texture == "solid":
-        return shape
-    interior = shape.copy()
-    interior[1:, :] &= shape[:-1, :]
-    interior[:-1, :] &= shape[1:, :]
-    interior[:, 1:] &= shape[:, :-1]
-    interior[:, :-1] &= shape[:, 1:]
-    outline = shape & ~interior
-    unit = max(1, image_size // 32)  # keep the pattern's period proportional to the image
-    y, x = np.mgrid[0:image_size, 0:image_size] // unit
-    if obj.texture == "striped":
-        pattern = ((x + y) // 2) % 2 == 0  # diagonal, so stripes never look like a square's edges
-    elif obj.texture == "dotted":
-        pattern = (x % 3 == 1) & (y % 3 == 1)
-    else:
-        raise ValueError(f"unknown texture {obj.texture!r}")
-    return outline | (interior & pattern)
-
-
-def render(scene: Scene, image_size: int) -> Image.Image:
-    pixels = np.empty((image_size, image_size, 3), dtype=np.uint8)
-    pixels[:] = BACKGROUND
-    for obj in scene.objects:
-        mask = _texture_mask(obj, _shape_mask(obj, image_size), image_size)
-        pixels[mask] = COLOURS[obj.colour]
-    return Image.fromarray(pixels, "RGB")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Writing.
+    @classmethod
+    def under(cls, root: str | Path) -> SynthPaths:
+        root = Path(root)
+        return cls(
+            root=root,
+            images_dir=root / "images",
+            train_csv=root / "train.csv",
+            test_csv=root / "test.csv",
+            retrieval_csv=root / "retrieval.csv",
+            zeroshot_csv=root / "zeroshot.csv",
+            zeroshot_json=root / "zeroshot.json",
+        )
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
@@ -254,39 +119,38 @@ def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
         writer.writerows(rows)
 
 
-def _write_split(name: str, scenes: list[Scene], paths: SynthPaths, image_size: int) -> list[list[object]]:
+def _write_split(name: str, scenes: list[Captioned], paths: SynthPaths, config: SynthConfig) -> list[list[object]]:
     rows: list[list[object]] = []
-    for i, scene in enumerate(scenes):
+    draw = family(config.family).render
+    # disable=None: a bar on a terminal only, so logs of tests and benchmarks stay clean
+    for i, scene in enumerate(tqdm(scenes, desc=f"synth {name}", unit="img", leave=False, disable=None)):
         relative = f"{paths.images_dir.name}/{name}_{i:06d}.png"
-        render(scene, image_size).save(paths.root / relative, optimize=False)
+        draw(scene, config.image_size).save(paths.root / relative, optimize=False)
         rows.append([relative, scene.caption()])
     return rows
 
 
 def generate(config: SynthConfig) -> SynthPaths:
-    """Write the synthetic set under `config.out_dir` (layout in the module docstring); same seed, same bytes."""
-    if config.image_size < 16:
-        raise ValueError(f"image_size must be >= 16 to draw two objects side by side, got {config.image_size}")
-    if config.train_size < 1 or config.test_size < 1:
-        raise ValueError(f"train_size and test_size must be >= 1, got {config.train_size}, {config.test_size}")
-    root = Path(config.out_dir)
-    paths = SynthPaths(
-        root=root,
-        images_dir=root / "images",
-        train_csv=root / "train.csv",
-        test_csv=root / "test.csv",
-        retrieval_csv=root / "retrieval.csv",
-        zeroshot_csv=root / "zeroshot.csv",
-        zeroshot_json=root / "zeroshot.json",
-    )
+    """Write the synthetic set of `config.family` under `config.out_dir` (layout in the module docstring); same seed and
+    family, same bytes."""
+    kind = family(config.family)
+    paths = SynthPaths.under(config.out_dir)
     paths.images_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
     # One independent stream per split: changing --test does not change the training set.
-    train_scenes = sample_scenes(config.train_size, config, np.random.default_rng([config.seed, 0]))
-    test_scenes = sample_scenes(config.test_size, config, np.random.default_rng([config.seed, 1]))
-    train_rows = _write_split("train", train_scenes, paths, config.image_size)
-    test_rows = _write_split("test", test_scenes, paths, config.image_size)
+    train_scenes, test_scenes = (
+        kind.sample_scenes(
+            size,
+            np.random.default_rng([config.seed, split]),
+            image_size=config.image_size,
+            single_fraction=config.single_object_fraction,
+            hard_fraction=config.hard_variant_fraction,
+        )
+        for split, size in enumerate((config.train_size, config.test_size))
+    )
+    train_rows = _write_split("train", train_scenes, paths, config)
+    test_rows = _write_split("test", test_scenes, paths, config)
     _write_csv(paths.train_csv, ["filepath", "title"], train_rows)
     _write_csv(paths.test_csv, ["filepath", "title"], test_rows)
 
@@ -299,30 +163,53 @@ def generate(config: SynthConfig) -> SynthPaths:
             retrieval_rows.append(row)
     _write_csv(paths.retrieval_csv, ["filepath", "title"], retrieval_rows)
 
-    # Zero-shot classes name the main object; only single-object images have an unambiguous class.
-    names = classnames()
+    # Only single-subject images have an unambiguous class (classname() is None for the others).
+    names = list(kind.classnames)
     zeroshot_rows = [
         [row[0], row[1], names.index(scene.classname())]
         for row, scene in zip(test_rows, test_scenes)
-        if len(scene.objects) == 1
+        if scene.classname() is not None
     ]
     _write_csv(paths.zeroshot_csv, ["filepath", "title", "label"], zeroshot_rows)
     task = {
         "classnames": names,
-        "templates": list(TEMPLATES),
+        "templates": list(kind.templates),
         "samples": paths.zeroshot_csv.name,
         "label_key": "label",
     }
     paths.zeroshot_json.write_text(json.dumps(task, indent=2) + "\n", encoding="utf-8")
     log.info(
-        "synth: %d train, %d test, %d retrieval, %d zero-shot samples in %s (%.1f s)",
+        "synth %s: %d train, %d test, %d retrieval, %d zero-shot samples in %s (%.1f s)",
+        config.family,
         len(train_rows),
         len(test_rows),
         len(retrieval_rows),
         len(zeroshot_rows),
-        root,
+        paths.root,
         time.perf_counter() - started,
     )
+    return paths
+
+
+def set_family(root: str | Path) -> str | None:
+    """The family of the set already under `root`, told by its zero-shot class names; None when it is none of ours."""
+    task = SynthPaths.under(root).zeroshot_json
+    if not task.is_file():
+        return None
+    names = tuple(json.loads(task.read_text(encoding="utf-8")).get("classnames", ()))
+    return next((name for name in FAMILIES if family(name).classnames == names), None)
+
+
+def ensure_generated(config: SynthConfig) -> SynthPaths:
+    """The set under `config.out_dir`, generated unless it is there. A set of another family there is an error, not
+    a silent substitute: a run asking for one family must never train on another."""
+    paths = SynthPaths.under(config.out_dir)
+    if not paths.train_csv.exists():
+        log.info("generating the %s set in %s", config.family, paths.root)
+        return generate(config)
+    found = set_family(paths.root)
+    if found is not None and found != config.family:
+        raise ValueError(f"{paths.root} holds the {found} family, not {config.family}: give the set its own directory")
     return paths
 
 
@@ -388,6 +275,12 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--test", type=positive_int, default=SynthConfig.test_size, help="test samples")
     synth.add_argument("--image-size", type=positive_int, default=SynthConfig.image_size, help="pixels a side")
     synth.add_argument("--seed", type=int, default=SynthConfig.seed)
+    synth.add_argument(
+        "--family",
+        choices=FAMILIES,
+        default=DEFAULT_FAMILY,
+        help="what the images show (docs/BENCHMARKS.md, Data families)",
+    )
     wds = commands.add_parser("wds", help="convert a CSV pair set to webdataset .tar shards")
     wds.add_argument("--csv", type=Path, required=True, help="tab-separated CSV with filepath and title columns")
     wds.add_argument("--out", type=Path, required=True, help="output directory for shard-NNNNNN.tar")
@@ -400,9 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "synth":
-        if args.image_size < 16:
-            parser.error(f"argument --image-size: must be >= 16, got {args.image_size}")
-        paths = generate(SynthConfig(args.out, args.train, args.test, args.image_size, args.seed))
+        smallest = family(args.family).min_image_size
+        if args.image_size < smallest:
+            parser.error(
+                f"argument --image-size: must be >= {smallest} for --family {args.family}, got {args.image_size}"
+            )
+        paths = generate(SynthConfig(args.out, args.train, args.test, args.image_size, args.seed, family=args.family))
         print(json.dumps({k: str(v) for k, v in dataclasses.asdict(paths).items()}, indent=2))
     else:
         shards = write_shards(args.csv, args.out, args.shard_size)
