@@ -10,8 +10,11 @@ seeds are ahead.
 
     python -m bench.scratch [--steps 600] [--seeds 0 1 2 3 4] [--start-step 100] [--start-coverage 0.5]
                             [--ramp-steps 50] [--hard-ratio 0.5] [--hnml-weight 0] [--k 10] [--jobs 2]
-                            [--scoring PRODUCT|SUM|IMAGE|TEXT]
+                            [--scoring PRODUCT|SUM|IMAGE|TEXT] [--positive-ratio 0.95 0.9 0.8]
                             [--work-dir DIR] [--json-out F]
+
+--positive-ratio adds one streaming arm per ratio with the false-negative guard on (mining.positive_ratio),
+reported against plain and against streaming with the guard off (paired by seed), with the candidates it dropped.
 """
 
 from __future__ import annotations
@@ -32,10 +35,19 @@ from bench.train_overhead import TrainRun, train_once
 VARIANTS = ("plain", "streaming")
 
 
+GUARD_PREFIX = "guard "  # the streaming arm with the false-negative guard at a ratio: "guard 0.9"
+
+
+def guard_variant(ratio: float) -> str:
+    return f"{GUARD_PREFIX}{ratio:g}"
+
+
 def variant_settings(variant: str, args: argparse.Namespace) -> dict[str, object]:
     if variant == "plain":
         return {"optim.hard_ratio": 0, "loss.hnml_weight": 0, "mining.bootstrap_index": "false"}
     scoring = {} if args.scoring == "PRODUCT" else {"mining.scoring": args.scoring}  # run digests stay as they were
+    if variant.startswith(GUARD_PREFIX):  # only guarded runs carry the key, so the others' digests stay too
+        scoring["mining.positive_ratio"] = float(variant.removeprefix(GUARD_PREFIX))
     return {
         **scoring,
         "optim.hard_ratio": args.hard_ratio,
@@ -53,6 +65,12 @@ def variant_settings(variant: str, args: argparse.Namespace) -> dict[str, object
 def sample_passes(run: TrainRun, batch_size: int) -> int:
     """Forward + backward sample-passes of a run: 2 per sample per step (no pre-pass in either arm)."""
     return 2 * batch_size * len(run.steps)
+
+
+def guard_drops(run: TrainRun) -> float:
+    """Candidates the guard dropped per hard pair the run trained on (0 without the guard)."""
+    hard = sum(r["n_hard"] for r in run.steps)
+    return run.summary.get("mining", {}).get("guard_dropped", 0) / hard if hard else 0.0
 
 
 def hard_share(run: TrainRun) -> float:
@@ -81,6 +99,13 @@ def main() -> None:
         help="how the miner scores a stored pair against an anchor (mining.scoring)",
     )
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument(
+        "--positive-ratio",
+        type=float,
+        nargs="+",
+        default=[],
+        help="add a streaming arm with the false-negative guard at each ratio (mining.positive_ratio)",
+    )
     parser.add_argument("--synth-dir", default=str(ROOT / "data" / "synth"))
     parser.add_argument("--synth-train", type=int, default=4000)
     parser.add_argument("--synth-test", type=int, default=600)
@@ -94,6 +119,9 @@ def main() -> None:
     args = parser.parse_args()
     if "plain" not in args.variants:
         parser.error("--variants must include plain: it is the baseline of the deltas")
+    if any(not 0 < r <= 1 for r in args.positive_ratio):
+        parser.error(f"--positive-ratio: each ratio must be in (0, 1], got {args.positive_ratio}")
+    args.variants += [guard_variant(r) for r in args.positive_ratio]
 
     started = time.perf_counter()
     temporary = None if args.work_dir else tempfile.TemporaryDirectory(prefix="helip-scratch-")
@@ -116,18 +144,23 @@ def main() -> None:
     values = {v: {key: [runs[(s, v)].metrics[key] for s in args.seeds] for key in METRICS} for v in args.variants}
     summary = {v: {key: mean_std(vals) for key, vals in by_key.items()} for v, by_key in values.items()}
     deltas, ahead = {}, {}
+    # Every arm against plain; each guarded arm against streaming with the guard off too, when that arm ran.
+    baselines = ["plain"] + (["streaming"] if "streaming" in args.variants else [])
     for variant in args.variants:
-        if variant == "plain":
-            continue
-        per_key = {key: np.subtract(values[variant][key], values["plain"][key]) for key in METRICS}
-        deltas[variant] = {key: mean_std(d.tolist()) for key, d in per_key.items()}
-        # A seed is ahead when its mean R@1 over both directions beats plain's.
-        r1 = [key for key in METRICS if "R@1" in key]
-        ahead[variant] = int(sum(np.mean([per_key[key][i] for key in r1]) > 0 for i in range(len(args.seeds))))
+        for baseline in baselines:
+            if variant == baseline or (baseline == "streaming" and not variant.startswith(GUARD_PREFIX)):
+                continue
+            per_key = {key: np.subtract(values[variant][key], values[baseline][key]) for key in METRICS}
+            name = variant if baseline == "plain" else f"{variant} vs guard off"
+            deltas[name] = {key: mean_std(d.tolist()) for key, d in per_key.items()}
+            # A seed is ahead when its mean R@1 over both directions beats the baseline's.
+            r1 = [key for key in METRICS if "R@1" in key]
+            ahead[name] = int(sum(np.mean([per_key[key][i] for key in r1]) > 0 for i in range(len(args.seeds))))
     compute = {
         v: float(np.mean([sample_passes(runs[(s, v)], args.batch_size) for s in args.seeds])) for v in args.variants
     }
     shares = {v: float(np.mean([hard_share(runs[(s, v)]) for s in args.seeds])) for v in args.variants}
+    dropped = {v: float(np.mean([guard_drops(runs[(s, v)]) for s in args.seeds])) for v in args.variants}
     results = {
         "config": vars(args),
         "metrics": summary,
@@ -135,6 +168,7 @@ def main() -> None:
         "seeds_ahead_r1": ahead,
         "sample_passes": compute,
         "hard_share": shares,
+        "guard_dropped_per_hard_pair": dropped,
         "total_wall_s": time.perf_counter() - started,
     }
 
@@ -143,9 +177,10 @@ def main() -> None:
         cells = " / ".join(f"{100 * by_key[k]['mean']:.1f} ± {100 * by_key[k]['std']:.1f}" for k in METRICS)
         rows.append((f"{variant}: " + " / ".join(METRICS.values()) + " (%)", cells))
     for variant, by_key in deltas.items():
+        label = variant.replace(" vs guard off", " - guard off") if "vs guard off" in variant else f"{variant} - plain"
         rows.append(
             (
-                f"{variant} - plain (points, paired by seed)",
+                f"{label} (points, paired by seed)",
                 " / ".join(f"{100 * by_key[k]['mean']:+.1f} ± {100 * by_key[k]['std']:.1f}" for k in METRICS),
             )
         )
@@ -159,6 +194,10 @@ def main() -> None:
         ("sample-passes per run: " + " / ".join(args.variants), " / ".join(f"{compute[v]:,.0f}" for v in compute))
     )
     rows.append(("hard slots filled (mean over the run)", " / ".join(f"{shares[v]:.2f}" for v in shares)))
+    if args.positive_ratio:
+        rows.append(
+            ("guard: candidates dropped per hard pair trained on", " / ".join(f"{dropped[v]:.2f}" for v in dropped))
+        )
     rows.append(("seeds x steps / lr / jobs", f"{len(args.seeds)} x {args.steps} / {args.lr:g} / {args.jobs}"))
     rows.append(("total wall time (min)", f"{results['total_wall_s'] / 60:.1f}"))
     report("scratch", results, rows, args.json_out)
