@@ -6,7 +6,10 @@
     loader = session.loader(dataset, batch_size=256, num_workers=8, steps=total_steps)  # PairBatch + its layout
     pusher = session.pusher()                     # pusher.push(batch.ids, image_emb, text_emb, step) after a step
 
-Names load on first use, so `import helip` (and every `--help`) stays fast. The layers beneath:
+With the `hf` extra, `helip.HardPairTrainer` is a transformers.Trainer on hard-pair batches (helip.trainer.pairs.hf).
+
+Names load on first use, so `import helip` (and every `--help`) stays fast, and transformers loads only for the
+Trainer's names. The layers beneath:
 helip.miner_service (core / wire / service / client) and helip.trainer (pairs: this library; tools; app: helip-train).
 """
 
@@ -38,6 +41,11 @@ _EXPORTS = {
     "HelipLoss": "helip.trainer.pairs.losses",
     "LossConfig": "helip.trainer.pairs.loss_config",
     "bootstrap_index": "helip.trainer.pairs.bootstrap",
+    # the Hugging Face Trainer integration (the `hf` extra: transformers, accelerate)
+    "HardPairTrainer": "helip.trainer.pairs.hf",
+    "HardPairCollator": "helip.trainer.pairs.hf",
+    "HardPairRows": "helip.trainer.pairs.hf",
+    "raw_pairs": "helip.trainer.pairs.hf",
     "claim_namespace": "helip.trainer.pairs.namespace",
     "dataset_fingerprint": "helip.trainer.pairs.namespace",
     "run_namespace": "helip.trainer.pairs.namespace",
