@@ -45,6 +45,16 @@ def survivors(
     return ~(caption_fits | image_fits)
 
 
+def drops(image_text: np.ndarray, text_image: np.ndarray, positive: np.ndarray, ratio: float) -> np.ndarray:
+    """[anchors, c] bool: the candidates the guard at `ratio` drops, from cross terms already computed.
+
+    image_text: <image_i, text_j>, text_image: <text_i, image_j> ([anchors, c]); positive: <image_i, text_i>
+    ([anchors]). The test of `survivors` (negated), with the bound made in float32 as there, for callers that hold
+    the cross terms rather than the rows (helip-inspect shows them)."""
+    bound = (np.asarray(positive, dtype=np.float32) * np.float32(ratio))[:, None]
+    return (np.asarray(image_text, dtype=np.float32) >= bound) | (np.asarray(text_image, dtype=np.float32) >= bound)
+
+
 @dataclass(frozen=True)
 class GuardedList:
     """A candidate list after the guard: the first k survivors of each anchor, best first, padded."""

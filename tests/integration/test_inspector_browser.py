@@ -1,12 +1,16 @@
-"""helip-inspect's page, loaded in a real headless chromium: every anchor shows with its pairs and images decode.
+"""helip-inspect's page, loaded in a real headless chromium: every anchor shows with its pairs and images decode, and
+the false-negative guard's marks render (dashed frames on exactly the pairs marked, the summary's counts).
 
 The page comes from the real CLI over a small synthetic set and the tiny model (random weights: its similarities
-all lie near 1, so the near-duplicate cut is switched off to give every anchor its k pairs).
+all lie near 1, so the near-duplicate cut is switched off to give every anchor its k pairs), inspected at two guard
+ratios. Its weights are not seeded, so which pairs the guard drops differs from run to run: the checks hold the page
+to its own data (pairs.json), whatever it holds.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +25,7 @@ from helip.trainer.tools.synth import BACKGROUND, SynthConfig, generate
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium")
 ANCHORS, K = 5, 3
+RATIOS = ("1", "0.9")
 
 pytestmark = [
     pytest.mark.slow,
@@ -37,6 +42,10 @@ window.addEventListener("load", () => {
   probe.id = "probe";
   probe.dataset.images = images.length;
   probe.dataset.decoded = images.filter((img) => img.complete && img.naturalWidth > 0).length;
+  // The guard's frame is CSS: count the pair figures the browser draws with a dashed outline.
+  const figures = Array.from(document.querySelectorAll("li.pair > figure"));
+  probe.dataset.dashed = figures.filter((f) => getComputedStyle(f).outlineStyle === "dashed").length;
+  probe.dataset.summary = document.querySelector("p.guard-summary").textContent;
   document.body.appendChild(probe);
 });
 </script>"""
@@ -71,6 +80,8 @@ def page_dir(tmp_path_factory) -> Path:
         "--device",
         "cpu",
         "--no-progress",
+        "--positive-ratio",
+        *RATIOS,
     ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -87,6 +98,8 @@ class _DomReader(HTMLParser):
     def __init__(self):
         super().__init__()
         self.sections: list[tuple[str, list[str]]] = []
+        self.pairs: list[dict[str, str]] = []  # every li.pair's attributes, "class" split into a set
+        self.summary: dict[str, str] | None = None
         self.probe: dict[str, str] | None = None
 
     def handle_starttag(self, tag, attrs):
@@ -96,8 +109,16 @@ class _DomReader(HTMLParser):
             self.sections.append((attrs["data-id"], []))
         elif tag == "li" and "pair" in classes:
             self.sections[-1][1].append(attrs["data-id"])
+            self.pairs.append({**attrs, "class": set(classes)})
+        elif tag == "p" and "guard-summary" in classes:
+            self.summary = attrs
         elif attrs.get("id") == "probe":
             self.probe = attrs
+
+
+def _guarded_further_down(anchors: list[dict]) -> int:
+    """Pairs a guarded Mine returns that are not among their anchor's shown pairs: the page shows them too."""
+    return sum(len({p["id"] for p in a["guarded"]} - {p["id"] for p in a["pairs"]}) for a in anchors)
 
 
 def test_page_shows_every_anchor_with_its_pairs_and_decoded_images(page_dir, tmp_path):
@@ -114,7 +135,35 @@ def test_page_shows_every_anchor_with_its_pairs_and_decoded_images(page_dir, tmp
     ]
     assert len(reader.sections) == ANCHORS and all(len(pairs) == K for _, pairs in reader.sections)
     assert reader.probe is not None, "the load handler never ran"
-    assert reader.probe["data-images"] == reader.probe["data-decoded"] == str(ANCHORS * (1 + K))
+    images = ANCHORS * (1 + K) + _guarded_further_down(expected)
+    assert reader.probe["data-images"] == reader.probe["data-decoded"] == str(images)
+
+
+def test_page_marks_what_the_guard_drops(page_dir, tmp_path):
+    probe_page = tmp_path / "probe.html"
+    probe_page.write_text((page_dir / "index.html").read_text().replace("</body>", PROBE + "</body>"))
+
+    reader = _DomReader()
+    reader.feed(_chromium(tmp_path, "--dump-dom", probe_page.as_uri()).stdout)
+
+    expected = [p for a in json.loads((page_dir / "pairs.json").read_text()) for p in a["pairs"]]
+    assert len(reader.pairs) == len(expected) == ANCHORS * K
+    for shown, pair in zip(reader.pairs, expected):
+        if pair["caption_fit"] is None:  # random weights: an anchor's own pair may score <= 0, leaving no fit
+            assert shown["data-caption-fit"] == ""
+        else:
+            assert float(shown["data-caption-fit"]) == pytest.approx(pair["caption_fit"], abs=1e-6)
+        assert shown["data-guard-drop"] == str(pair["guard_dropped"]).lower()
+        assert ("guard-drop" in shown["class"]) is pair["guard_dropped"]
+    dropped = sum(p["guard_dropped"] for p in expected)
+    flagged = sum(p["guard_dropped"] and bool(p["flags"]) for p in expected)
+    assert reader.probe["data-dashed"] == str(dropped)  # the browser draws the frame on exactly those
+    assert (reader.summary["data-ratio"], reader.summary["data-dropped"]) == (RATIOS[0], str(dropped))
+    summary = re.sub(r"\s+", " ", reader.probe["data-summary"])
+    assert summary.startswith(
+        f"the guard at {RATIOS[0]} drops {dropped} of {ANCHORS * K} shown pairs "
+        f"({flagged} of them also flagged as likely false negatives)"
+    )
 
 
 def test_page_renders_the_images(page_dir, tmp_path):

@@ -184,3 +184,26 @@ def test_anchors_the_list_leaves_short_are_searched_again_with_the_guard(monkeyp
     first, *again = searched
     assert first.k == guard.list_length(40, len(rows)) and not first.positive_ratio
     assert again and all(q.k == 40 and q.positive_ratio == 0.1 and len(q.image) < len(anchors) for q in again)
+
+
+def test_drops_on_cross_terms_is_the_test_of_survivors():
+    # helip-inspect holds the cross terms, not the rows: guard.drops must decide as survivors does, ties included.
+    import torch
+
+    rng = np.random.default_rng(9)
+    image, text = random_pairs(rng, 40, DIM)
+    q_image, q_text = torch.from_numpy(image[:6]), torch.from_numpy(text[:6])
+    image_c = torch.from_numpy(image[6:]).expand(6, -1, -1).contiguous()
+    text_c = torch.from_numpy(text[6:]).expand(6, -1, -1).contiguous()
+    image_text = torch.bmm(text_c, q_image.unsqueeze(2)).squeeze(2).numpy()
+    text_image = torch.bmm(image_c, q_text.unsqueeze(2)).squeeze(2).numpy()
+    positive = guard.positives(q_image, q_text)
+    # Anchors whose bound the cross term meets exactly: candidate 0's caption term is made the bound itself.
+    for ratio in (0.95, 0.9, 0.8, 0.5, 0.1, 1.0):
+        bound = (positive * ratio).numpy()
+        tied = image_text.copy()
+        tied[:, 0] = bound
+        want = ~guard.survivors(image_c, text_c, q_image, q_text, positive * ratio).numpy()
+        np.testing.assert_array_equal(guard.drops(image_text, text_image, positive.numpy(), ratio), want)
+        assert guard.drops(tied, text_image, positive.numpy(), ratio)[:, 0].all()
+        assert not guard.drops(np.nextafter(tied, -np.inf), text_image - 2, positive.numpy(), ratio)[:, 0].any()

@@ -1,9 +1,11 @@
 """The `helip-inspect` command: argv -> data set, pairs (from a model or a running miner) -> HTML page + PNG grid.
 
     helip-inspect --data DIR_OR_CSV [--model M.json] [--checkpoint CK.pt | --miner HOST:PORT]
-                  [--anchors N --seed S | --ids 3,14,15] [--k K] [--out DIR]
+                  [--anchors N --seed S | --ids 3,14,15] [--k K] [--out DIR] [--positive-ratio R [R ...]]
 
 writes OUT/index.html (self-contained), OUT/grid.png and OUT/pairs.json, and prints their paths as JSON.
+With --positive-ratio the pairs the miner's false-negative guard would drop at the first R are marked, each pair
+shows its caption fit, and every R given is counted (logged as a table) so that a ratio can be chosen by looking.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ import torch
 from PIL import Image
 
 from helip.trainer.pairs.data import BadSampleError, PairDataset, open_pairs
-from helip.trainer.tools.inspector import AnchorPairs, FalseNegativeRule, mine_embeddings, mine_miner
+from helip.trainer.tools.inspector import (
+    AnchorPairs,
+    FalseNegativeRule,
+    guard_counts,
+    guard_table,
+    mine_embeddings,
+    mine_miner,
+)
 from helip.trainer.tools.synth import positive_int
 
 log = logging.getLogger(__name__)
@@ -119,6 +128,16 @@ def _id_list(text: str) -> list[int]:
     return ids
 
 
+def _ratio(text: str) -> float:
+    try:
+        ratio = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+    if not 0.0 < ratio <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return ratio
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="helip-inspect", description="hard pairs as an HTML page and a PNG grid")
     parser.add_argument(
@@ -160,6 +179,15 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=FalseNegativeRule.cut_margin,
         help="a similarity this close to --max-similarity is flagged",
+    )
+    parser.add_argument(
+        "--positive-ratio",
+        type=_ratio,
+        nargs="+",
+        default=[],
+        metavar="R",
+        help="mark the pairs the miner's false-negative guard drops at the first R (a Mine's positive_ratio) and "
+        "show what a guarded Mine returns; more R: count each's drops in a table",
     )
     parser.add_argument("--thumb", type=positive_int, default=96, help="thumbnail side in pixels")
     parser.add_argument("--batch-size", type=positive_int, default=256)
@@ -227,7 +255,10 @@ def _in_process(parser, args, rule, dataset: PairDataset, anchor_ids: list[int])
         device=args.device,
         progress=not args.no_progress,
     )
-    pairs = mine_embeddings(image, text, ids, anchor_ids, args.k, caption_of(dataset), rule, step, args.device)
+    ratio = args.positive_ratio[0] if args.positive_ratio else 0.0
+    pairs = mine_embeddings(
+        image, text, ids, anchor_ids, args.k, caption_of(dataset), rule, step, args.device, positive_ratio=ratio
+    )
     weights = f"checkpoint {args.checkpoint} (step {step})" if args.checkpoint else "random weights"
     return pairs, f"{args.model}, {weights}, mined in-process over {len(ids)} rows of {args.data}"
 
@@ -247,7 +278,8 @@ def _from_miner(parser, args, rule, dataset: PairDataset, anchor_ids: list[int])
     try:
         client.wait_ready(10.0)
         size = client.stats().size
-        pairs = mine_miner(client, anchor_ids, args.k, caption_of(dataset), rule)
+        ratio = args.positive_ratio[0] if args.positive_ratio else 0.0
+        pairs = mine_miner(client, anchor_ids, args.k, caption_of(dataset), rule, positive_ratio=ratio)
     except grpc.FutureTimeoutError:
         parser.error(f"argument --miner: no miner answered at {args.miner} within 10 s")
     except grpc.RpcError as error:
@@ -283,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     load_image = image_of(dataset, args.thumb)
     args.out.mkdir(parents=True, exist_ok=True)
     paths = {"html": args.out / "index.html", "grid": args.out / "grid.png", "pairs": args.out / "pairs.json"}
-    page = render_html(pairs, load_image, source=source, rule=rule, thumb_px=args.thumb)
+    page = render_html(
+        pairs, load_image, source=source, rule=rule, thumb_px=args.thumb, compare_ratios=args.positive_ratio[1:]
+    )
     paths["html"].write_text(page, encoding="utf-8")
     render_grid(pairs, load_image, args.k, GridLayout(thumb_px=args.thumb)).save(paths["grid"])
     paths["pairs"].write_text(json.dumps([dataclasses.asdict(a) for a in pairs], indent=1) + "\n", encoding="utf-8")
@@ -294,6 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         sum(len(a.pairs) for a in pairs),
         flagged,
     )
+    if args.positive_ratio:
+        counts = guard_counts(pairs, args.positive_ratio)
+        log.info("%s", counts[0].summary())
+        if len(counts) > 1:
+            log.info("the guard at each ratio asked:\n%s", guard_table(counts))
     print(json.dumps({name: str(path) for name, path in paths.items()}, indent=2))
     return 0
 
