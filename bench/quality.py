@@ -19,7 +19,10 @@ and evaluate zero-shot top-1 and retrieval R@1 (image->text, text->image) on the
 mean ± std over the seeds, and deltas against plain paired by seed (same start, same anchor order).
 
     python -m bench.quality [--steps 200] [--seeds 0 1 2] [--lr 2e-4] [--margin 0.2] [--hnml-weight 1.0]
-                            [--hard-ratio 0.5] [--hnml-form pair] [--equal-compute] [--json-out F]
+                            [--hard-ratio 0.5] [--hnml-form pair] [--equal-compute] [--loss clip|siglip]
+                            [--json-out F]
+
+--loss siglip trains every run, the starting checkpoints too, with SigLIP's sigmoid loss (loss.kind siglip).
 """
 
 from __future__ import annotations
@@ -71,9 +74,22 @@ def variant_settings(variant: str, args: argparse.Namespace) -> dict[str, object
     }
 
 
+def add_loss_flag(parser: argparse.ArgumentParser) -> None:
+    """--loss, read by run_settings."""
+    parser.add_argument(
+        "--loss",
+        choices=("clip", "siglip"),
+        default="clip",
+        help="the contrastive loss of every run (loss.kind): CLIP's softmax or SigLIP's sigmoid",
+    )
+
+
 def run_settings(args: argparse.Namespace) -> dict[str, object]:
-    """The settings every run of a quality benchmark shares: the synthetic set, batch, steps, no mid-run saves."""
+    """The settings every run of a quality benchmark shares: the synthetic set, batch, steps, loss, no mid-run saves."""
+    # Only SigLIP runs carry loss.kind, so the CLIP runs' digests (train_once) stay as they were.
+    loss = {} if args.loss == "clip" else {"loss.kind": args.loss}
     return {
+        **loss,
         "data.synth_dir": args.synth_dir,
         "data.synth_train": args.synth_train,
         "data.synth_test": args.synth_test,
@@ -141,6 +157,7 @@ def main() -> None:
         help="give plain and streaming the steps that the bootstrap pass costs the others (sample-passes)",
     )
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    add_loss_flag(parser)
     parser.add_argument(
         "--synth-dir", default=str(ROOT / "data" / "synth"), help="the synthetic set (generated there once if missing)"
     )
@@ -278,7 +295,10 @@ def main() -> None:
         )
     )
     rows.append(
-        ("seeds x steps (S) / continuation lr / jobs", f"{len(args.seeds)} x {args.steps} / {args.lr:g} / {args.jobs}")
+        (
+            "seeds x steps (S) / continuation lr / loss / jobs",
+            f"{len(args.seeds)} x {args.steps} / {args.lr:g} / {args.loss} / {args.jobs}",
+        )
     )
     rows.append(("total wall time (min)", f"{results['total_wall_s'] / 60:.1f}"))
     report("quality", results, rows, args.json_out)

@@ -10,6 +10,7 @@ seeds are ahead.
 
     python -m bench.scratch [--steps 600] [--seeds 0 1 2 3 4] [--start-step 100] [--start-coverage 0.5]
                             [--ramp-steps 50] [--hard-ratio 0.5] [--hnml-weight 0] [--k 10] [--jobs 2]
+                            [--loss clip|siglip]
                             [--scoring PRODUCT|SUM|IMAGE|TEXT] [--positive-ratio 0.95 0.9 0.8]
                             [--work-dir DIR] [--json-out F]
 
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import ROOT, ensure_synth, report
-from bench.quality import METRICS, mean_std, run_settings
+from bench.quality import METRICS, add_loss_flag, mean_std, run_settings
 from bench.train_overhead import TrainRun, train_once
 
 VARIANTS = ("plain", "streaming")
@@ -99,6 +100,7 @@ def main() -> None:
         help="how the miner scores a stored pair against an anchor (mining.scoring)",
     )
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    add_loss_flag(parser)  # every arm trains with this loss (loss.kind)
     parser.add_argument(
         "--positive-ratio",
         type=float,
@@ -198,7 +200,12 @@ def main() -> None:
         rows.append(
             ("guard: candidates dropped per hard pair trained on", " / ".join(f"{dropped[v]:.2f}" for v in dropped))
         )
-    rows.append(("seeds x steps / lr / jobs", f"{len(args.seeds)} x {args.steps} / {args.lr:g} / {args.jobs}"))
+    rows.append(
+        (
+            "seeds x steps / lr / loss / jobs",
+            f"{len(args.seeds)} x {args.steps} / {args.lr:g} / {args.loss} / {args.jobs}",
+        )
+    )
     rows.append(("total wall time (min)", f"{results['total_wall_s'] / 60:.1f}"))
     report("scratch", results, rows, args.json_out)
 
