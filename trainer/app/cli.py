@@ -134,9 +134,21 @@ def parse_config(argv: list[str] | None = None):
         from helip.trainer.tools.model import check_model
 
         check_model(config.model)  # an unknown pretrained tag fails here, not after the data is prepared
+        check_synth_dir(config.data)
     except (ValueError, OSError) as error:
         parser.error(str(error))
     return args, config
+
+
+def check_synth_dir(data: DataConfig) -> None:
+    """A synth_dir that already holds another family's set fails now: the run would train on the wrong data."""
+    if data.synth_dir and not data.train:
+        from helip.trainer.tools.synth import check_family
+
+        try:
+            check_family(data.synth_dir, data.synth_family)
+        except ValueError as error:
+            raise ValueError(f"data.synth_dir, data.synth_family: {error}") from None
 
 
 def prepare_synth_data(data: DataConfig, local_rank: int) -> None:
@@ -144,17 +156,17 @@ def prepare_synth_data(data: DataConfig, local_rank: int) -> None:
     if data.synth_dir and not data.train:
         import torch.distributed as dist
 
-        from helip.trainer.tools.synth import SynthConfig, generate
+        from helip.trainer.tools.synth import SynthConfig, ensure_generated
 
         root = Path(data.synth_dir)
-        if local_rank == 0 and not (root / "train.csv").exists():
-            logging.getLogger("helip-train").info("generating the synthetic set in %s", root)
-            generate(
+        if local_rank == 0:
+            ensure_generated(
                 SynthConfig(
                     out_dir=root,
                     train_size=data.synth_train,
                     test_size=data.synth_test,
                     seed=data.synth_seed,
+                    family=data.synth_family,
                 )
             )
         dist.barrier()

@@ -13,6 +13,7 @@ from helip.trainer.pairs.loss_config import LossConfig
 from helip.trainer.pairs.mining_config import MiningConfig
 from helip.trainer.pairs.sampler_config import SamplerConfig
 from helip.trainer.tools.model_config import ModelConfig
+from helip.trainer.tools.synth_families import FAMILIES
 
 
 @dataclass
@@ -32,6 +33,7 @@ class DataConfig:
     synth_train: int = 4000  # training samples generated into synth_dir
     synth_test: int = 600  # evaluation samples generated into synth_dir
     synth_seed: int = 0  # seed of the generated set; not optim.seed, so that runs of several seeds share one set
+    synth_family: str = "shapes"  # what the generated set shows: shapes, counts, textures or words
     workers: int = 2  # DataLoader worker processes per rank (0: load in the training process)
     prefetch_factor: int = 2  # batches each worker loads ahead
     augment: bool = True  # open_clip's training augmentation (off for the synthetic set: captions name positions)
@@ -43,6 +45,8 @@ class DataConfig:
             self.separator = "\t"
         if len(self.separator) != 1:
             raise ValueError(f"data.separator must be one character, got {self.separator!r}")
+        if self.synth_family not in FAMILIES:
+            raise ValueError(f"data.synth_family must be one of {', '.join(FAMILIES)}, got {self.synth_family!r}")
         if self.workers < 0:
             raise ValueError(f"data.workers must be >= 0, got {self.workers}")
         if self.prefetch_factor < 1:

@@ -38,8 +38,8 @@ from tqdm import tqdm
 
 from helip.trainer.pairs.data import read_pairs
 from helip.trainer.tools.synth_families import DEFAULT_FAMILY, FAMILIES, family
+from helip.trainer.tools.synth_families.base import Captioned
 from helip.trainer.tools.synth_families.draw import BACKGROUND, COLOURS
-from helip.trainer.tools.synth_families.family import Captioned
 from helip.trainer.tools.synth_families.shapes import SHAPES, Obj, Scene, render
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ __all__ = [
     "Scene",
     "SynthConfig",
     "SynthPaths",
+    "check_family",
     "ensure_generated",
     "generate",
     "main",
@@ -200,17 +201,22 @@ def set_family(root: str | Path) -> str | None:
     return next((name for name in FAMILIES if family(name).classnames == names), None)
 
 
+def check_family(root: str | Path, name: str) -> None:
+    """Raise a ValueError if `root` holds a set of another family than `name`: a run asking for one family must
+    never train on another."""
+    found = set_family(root)
+    if found is not None and found != name:
+        raise ValueError(f"{root} holds the {found} set, not {name}: give each family its own directory")
+
+
 def ensure_generated(config: SynthConfig) -> SynthPaths:
-    """The set under `config.out_dir`, generated unless it is there. A set of another family there is an error, not
-    a silent substitute: a run asking for one family must never train on another."""
+    """The set under `config.out_dir`, generated unless it is there (then checked to be of `config.family`)."""
     paths = SynthPaths.under(config.out_dir)
-    if not paths.train_csv.exists():
-        log.info("generating the %s set in %s", config.family, paths.root)
-        return generate(config)
-    found = set_family(paths.root)
-    if found is not None and found != config.family:
-        raise ValueError(f"{paths.root} holds the {found} family, not {config.family}: give the set its own directory")
-    return paths
+    if paths.train_csv.exists():
+        check_family(paths.root, config.family)
+        return paths
+    log.info("generating the %s set in %s", config.family, paths.root)
+    return generate(config)
 
 
 def write_shards(

@@ -1,8 +1,12 @@
 """The synthetic data families, by name: `family(name)` loads one, and `helip-data synth` dispatches on it.
 
     shapes    one or two flat shapes; captions name size, texture, colour, shape and their relation (the original)
+    counts    one or two groups of a counted number of objects ("three red circles and one blue square")
+    textures  procedural patterns filling the image or two halves of it ("fine red vertical stripes above ...")
+    words     three-letter words drawn in a bitmap font, on one or two lines ("cat hat")
 
-Each family's module defines `FAMILY` (a `family.Family`). Only names live here, so that a config can validate a
+Each family's module defines `FAMILY` (a `base.Family`); `draw` holds what they draw with, `related` the scenes
+of one subject or two in a relation (shapes, textures). Only names live here, so that a config can validate a
 family without importing numpy or PIL (helip-train's --help stays fast).
 """
 
@@ -12,9 +16,9 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from helip.trainer.tools.synth_families.family import Family
+    from helip.trainer.tools.synth_families.base import Family
 
-FAMILIES = ("shapes",)
+FAMILIES = ("shapes", "counts", "textures", "words")
 DEFAULT_FAMILY = "shapes"
 
 

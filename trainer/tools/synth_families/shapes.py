@@ -9,31 +9,34 @@ or with the same bag of words in a different order. Zero-shot: colour x shape of
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
+from helip.trainer.tools.synth_families import related
+from helip.trainer.tools.synth_families.base import Family
 from helip.trainer.tools.synth_families.draw import (
     COLOURS,
-    RELATIONS,
     SHAPES,
     canvas,
     dots,
     halves,
     pick,
-    pick_other,
     shape_mask,
     stripes,
     to_image,
 )
-from helip.trainer.tools.synth_families.family import Family
+from helip.trainer.tools.synth_families.related import Scene
 
 SIZES = ("small", "large")
 TEXTURES = ("solid", "striped", "dotted")
 # Object radius as a fraction of the image side (jittered by 5%); two large objects (with margins) must fit side by
 # side, and the sizes must stay apart enough that "small" and "large" are never confused.
 SIZE_RADIUS = {"small": 0.12, "large": 0.2}
+# What a hard variant may change, in the order its random draw picks from (fixed: the set's bytes depend on it).
+ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": SIZES, "texture": TEXTURES}
 TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "an image of a {}.", "a {} shape.")
 
 
@@ -52,24 +55,8 @@ class Obj:
     def phrase(self) -> str:
         return f"a {self.size} {self.texture} {self.colour} {self.shape}"
 
-
-@dataclass(frozen=True)
-class Scene:
-    """`objects[0]` is the main object; for two objects, `relation` says where objects[0] is relative to objects[1]."""
-
-    objects: tuple[Obj, ...]
-    relation: str | None = None
-
-    def caption(self) -> str:
-        if len(self.objects) == 1:
-            return self.objects[0].phrase()
-        first, second = self.objects
-        return f"{first.phrase()} {self.relation} {second.phrase()}"
-
-    def classname(self) -> str | None:
-        if len(self.objects) != 1:
-            return None
-        return f"{self.objects[0].colour} {self.objects[0].shape}"
+    def classname(self) -> str:
+        return f"{self.colour} {self.shape}"
 
 
 def classnames() -> list[str]:
@@ -86,34 +73,13 @@ def single(rng: np.random.Generator) -> Scene:
     return Scene((_random_obj(rng),))
 
 
-def pair(rng: np.random.Generator) -> Scene:
-    return Scene((_random_obj(rng), _random_obj(rng)), pick(RELATIONS, rng))
-
-
-def mutate(scene: Scene, rng: np.random.Generator) -> Scene:
-    """Change exactly one attribute of one object, or (two objects) the relation or the mention order."""
-    objects = list(scene.objects)
-    choices = ["shape", "colour", "size", "texture"] + (["relation", "swap"] if len(objects) == 2 else [])
-    what = pick(choices, rng)
-    if what == "relation":
-        return Scene(tuple(objects), pick_other(RELATIONS, rng, scene.relation))
-    if what == "swap":
-        # Same words, different meaning: "A left of B" vs "B left of A".
-        return Scene((objects[1], objects[0]), scene.relation)
-    values = {"shape": SHAPES, "colour": tuple(COLOURS), "size": SIZES, "texture": TEXTURES}[what]
-    index = int(rng.integers(len(objects)))
-    changed = pick_other(values, rng, getattr(objects[index], what))
-    objects[index] = dataclasses.replace(objects[index], **{what: changed})
-    return Scene(tuple(objects), scene.relation)
-
-
 def place(scene: Scene, image_size: int, rng: np.random.Generator) -> Scene:
     """Give every object a centre and radius consistent with its size and the scene's relation."""
     s = float(image_size)
     # The main object goes into the region its relation names; the second object into the opposite half.
-    regions = [(0.0, 0.0, s, s)] if len(scene.objects) == 1 else halves(scene.relation, s)
+    regions = [(0.0, 0.0, s, s)] if len(scene.subjects) == 1 else halves(scene.relation, s)
     placed = []
-    for obj, (x0, y0, x1, y1) in zip(scene.objects, regions):
+    for obj, (x0, y0, x1, y1) in zip(scene.subjects, regions):
         radius = SIZE_RADIUS[obj.size] * s * rng.uniform(0.95, 1.05)
         margin = radius + 0.5
         cx = rng.uniform(x0 + margin, max(x0 + margin, x1 - margin))
@@ -143,7 +109,7 @@ def _texture_mask(obj: Obj, shape: np.ndarray, image_size: int) -> np.ndarray:
 
 def render(scene: Scene, image_size: int) -> Image.Image:
     pixels = canvas(image_size)
-    for obj in scene.objects:
+    for obj in scene.subjects:
         mask = shape_mask(obj.shape, obj.cx, obj.cy, obj.radius, image_size)
         pixels[_texture_mask(obj, mask, image_size)] = COLOURS[obj.colour]
     return to_image(pixels)
@@ -155,8 +121,8 @@ FAMILY = Family(
     templates=TEMPLATES,
     min_image_size=16,  # two objects side by side
     single=single,
-    pair=pair,
-    mutate=mutate,
+    pair=functools.partial(related.pair, _random_obj),
+    mutate=functools.partial(related.mutate, attributes=ATTRIBUTES),
     place=place,
     render=render,
 )
