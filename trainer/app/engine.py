@@ -315,6 +315,7 @@ class Trainer:
                         "steps": self.config.optim.steps,
                         "world_size": self.world_size,
                         "last_losses": last,
+                        "data": self.dataset.describe(),  # img2dataset shards: what failed to download, too
                         "mining": counters,
                         "final_checkpoint": str(final) if final else None,
                         "eval": str(eval_json) if eval_json else None,

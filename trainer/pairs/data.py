@@ -13,10 +13,10 @@ and lists the bad ids it stepped over in `Sample.skipped`; `collate_pairs` gathe
 `BadSampleLedger` counts them, logs them and stops the run past a configured fraction. The batch keeps its
 size, which data-parallel ranks need (the contrastive loss gathers equal-sized batches).
 
-Webdataset shards are indexed here from their tar headers. webdataset's own indexed reader (`wids`) was looked
-at first: it needs a separate index with each shard's sample count, copies every shard into a cache directory
-even when it is a local file, and is no longer part of webdataset 1.x; a header scan of local shards needs none
-of that.
+Webdataset shards are indexed from their tar headers (helip.trainer.pairs.shards, which also reads what
+img2dataset left out of them). webdataset's own indexed reader (`wids`) was looked at first: it needs a separate
+index with each shard's sample count, copies every shard into a cache directory even when it is a local file, and
+is no longer part of webdataset 1.x; a header scan of local shards needs none of that.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import csv
 import io
 import logging
 import os
-import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,12 +35,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from helip.trainer.pairs.shards import Member, expand_shards, index_shards
+
 log = logging.getLogger(__name__)
 
 Transform = Callable[[Image.Image], torch.Tensor]
 Tokenize = Callable[[list[str]], torch.Tensor]
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 CSV_SUFFIXES = (".csv", ".tsv")
 
 
@@ -126,6 +126,10 @@ class PairDataset(Dataset):
     def load(self, i: int) -> tuple[Image.Image, str]:
         raise NotImplementedError
 
+    def describe(self) -> dict:
+        """What the data set holds, for the run's summary (a JSON object)."""
+        return {"samples": len(self)}
+
     def substitute(self, i: int, attempt: int) -> int:
         """The id tried in place of `i` at `attempt` (0: i itself): deterministic, spread over the data set."""
         return i if attempt == 0 else int(np.random.default_rng([i, attempt]).integers(len(self)))
@@ -180,71 +184,28 @@ class CsvPairs(PairDataset):
         return _load_image(image_path), _checked_caption(caption)
 
 
-@dataclass(frozen=True)
-class _Member:
-    """Where one tar member's bytes lie: shard index, byte offset of the data and its size."""
-
-    shard: int
-    offset: int
-    size: int
-
-
-def expand_shards(shards: str | Sequence[str]) -> list[str]:
-    """A brace pattern ("dir/shard-{000000..000009}.tar"), a '::'-joined list, or a list, as an ordered list."""
-    if isinstance(shards, (str, os.PathLike)):
-        import braceexpand  # a webdataset dependency; imported here so CSV-only users don't need it
-
-        return [s for part in str(shards).split("::") for s in braceexpand.braceexpand(part)]
-    return [str(s) for s in shards]
-
-
-def _index_shards(shards: list[str]) -> list[tuple[_Member, _Member]]:
-    """(image member, caption member) per sample, in shard order then member order; keys follow webdataset:
-    everything in the member's name up to the first dot of its base name."""
-    samples: list[tuple[_Member, _Member]] = []
-    for shard_index, shard in enumerate(shards):
-        if not Path(shard).is_file():
-            raise FileNotFoundError(f"webdataset shard not found: {shard}")
-        groups: dict[str, dict[str, _Member]] = {}
-        with tarfile.open(shard, "r:") as tar:  # "r:" = uncompressed only: random access needs plain offsets
-            for info in tar:
-                if not info.isfile():
-                    continue
-                directory, _, base = info.name.rpartition("/")
-                stem, dot, ext = base.partition(".")
-                if not dot:
-                    continue
-                key = f"{directory}/{stem}" if directory else stem
-                groups.setdefault(key, {})[ext.lower()] = _Member(shard_index, info.offset_data, info.size)
-        for key, members in groups.items():  # dicts keep insertion order: the order of the shard
-            image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
-            if image is None or "txt" not in members:
-                raise ValueError(
-                    f"{shard}: sample {key!r} needs an image ({'/'.join(IMAGE_EXTENSIONS)}) and a .txt caption, "
-                    f"has {sorted(members)}"
-                )
-            samples.append((image, members["txt"]))
-    return samples
-
-
 class WebDatasetPairs(PairDataset):
-    """Random access over uncompressed webdataset .tar shards (key.png|.jpg|.jpeg|.webp + key.txt per sample).
+    """Random access over uncompressed webdataset .tar shards (key.png|.jpg|.jpeg|.webp + key.txt per sample),
+    img2dataset's output as it writes it included.
 
     The member index (byte offsets) is built once at construction by reading the tar headers. Sample id = ordinal
-    of the sample across the shards in the given order. File handles are opened lazily per process, so the data
-    set can be passed to DataLoader workers.
+    of the sample's key across the shards in the given order, keys sorted within a shard: the same shards give the
+    same ids in every epoch, worker and resume, and shards appended to the list leave the earlier ids as they were.
+    `key(i)` is the sample's key (img2dataset's `key`). `census` says what img2dataset left out of the shards;
+    it is logged here. File handles are opened lazily per process, so the data set can be passed to DataLoader
+    workers.
     """
 
     def __init__(self, shards: str | Sequence[str], transform: Transform, tokenize: Tokenize):
         self.shards = expand_shards(shards)
         if not self.shards:
             raise ValueError(f"no webdataset shards in {shards!r}")
-        self.samples = _index_shards(self.shards)
+        self.samples, self.census = index_shards(self.shards)
         self.transform = transform
         self.tokenize = tokenize
         self._files: dict[int, io.BufferedReader] = {}
         self._pid = os.getpid()
-        log.debug("WebDatasetPairs: %d samples in %d shards", len(self.samples), len(self.shards))
+        log.log(logging.WARNING if self.census.missing else logging.INFO, "shards: %s", self.census.describe())
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -254,7 +215,7 @@ class WebDatasetPairs(PairDataset):
         state["_files"] = {}  # handles don't survive pickling into workers
         return state
 
-    def _read(self, member: _Member) -> bytes:
+    def _read(self, member: Member) -> bytes:
         if self._pid != os.getpid():  # forked worker: never share a file position with the parent
             self._files, self._pid = {}, os.getpid()
         f = self._files.get(member.shard)
@@ -263,16 +224,22 @@ class WebDatasetPairs(PairDataset):
         f.seek(member.offset)
         return f.read(member.size)
 
+    def key(self, i: int) -> str:
+        return self.samples[i].key
+
     def caption(self, i: int) -> str:
-        return self._read(self.samples[i][1]).decode("utf-8")
+        return self._read(self.samples[i].caption).decode("utf-8")
 
     def load(self, i: int) -> tuple[Image.Image, str]:
-        image_member, text_member = self.samples[i]
+        sample = self.samples[i]
         try:
-            caption = self._read(text_member).decode("utf-8")
+            caption = self._read(sample.caption).decode("utf-8")
         except UnicodeDecodeError as error:
             raise BadSampleError("unreadable_caption", str(error)) from None
-        return _load_image(io.BytesIO(self._read(image_member))), _checked_caption(caption)
+        return _load_image(io.BytesIO(self._read(sample.image))), _checked_caption(caption)
+
+    def describe(self) -> dict:
+        return self.census.to_dict()
 
     def close(self) -> None:
         for f in self._files.values():
