@@ -20,7 +20,7 @@ mean ± std over the seeds, and deltas against plain paired by seed (same start,
 
     python -m bench.quality [--steps 200] [--seeds 0 1 2] [--lr 2e-4] [--margin 0.2] [--hnml-weight 1.0]
                             [--hard-ratio 0.5] [--hnml-form pair] [--equal-compute] [--loss clip|siglip]
-                            [--json-out F]
+                            [--data shapes|counts|textures|words] [--json-out F]
 
 --loss siglip trains every run, the starting checkpoints too, with SigLIP's sigmoid loss (loss.kind siglip).
 """
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import ROOT, ensure_synth, report
+from bench.common import add_data_flags, ensure_synth, report, synth_dir
 from bench.train_overhead import TrainRun, train, train_once
 
 METRICS = {
@@ -88,9 +88,11 @@ def run_settings(args: argparse.Namespace) -> dict[str, object]:
     """The settings every run of a quality benchmark shares: the synthetic set, batch, steps, loss, no mid-run saves."""
     # Only SigLIP runs carry loss.kind, so the CLIP runs' digests (train_once) stay as they were.
     loss = {} if args.loss == "clip" else {"loss.kind": args.loss}
+    family = {} if args.data == "shapes" else {"data.synth_family": args.data}  # shapes' digests stay too
     return {
         **loss,
-        "data.synth_dir": args.synth_dir,
+        **family,
+        "data.synth_dir": synth_dir(args),
         "data.synth_train": args.synth_train,
         "data.synth_test": args.synth_test,
         "optim.batch_size": args.batch_size,
@@ -158,11 +160,7 @@ def main() -> None:
     )
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     add_loss_flag(parser)
-    parser.add_argument(
-        "--synth-dir", default=str(ROOT / "data" / "synth"), help="the synthetic set (generated there once if missing)"
-    )
-    parser.add_argument("--synth-train", type=int, default=4000)
-    parser.add_argument("--synth-test", type=int, default=600)
+    add_data_flags(parser)
     parser.add_argument("--start-dir", help="reuse starting checkpoints START_DIR/seed{N}/final.pt from an earlier run")
     parser.add_argument("--work-dir", help="keep the runs here (default: a temporary directory)")
     parser.add_argument(
@@ -181,7 +179,7 @@ def main() -> None:
     work = Path(args.work_dir or temporary.name)
     data = run_settings(args)
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
-    ensure_synth(args.synth_dir, args.synth_train, args.synth_test)
+    ensure_synth(args)
 
     def one_seed(seed: int) -> tuple[dict | None, dict[str, TrainRun]]:
         """The starting checkpoint's metrics (None when reused) and the continuations of one seed."""

@@ -10,7 +10,7 @@ seeds are ahead.
 
     python -m bench.scratch [--steps 600] [--seeds 0 1 2 3 4] [--start-step 100] [--start-coverage 0.5]
                             [--ramp-steps 50] [--hard-ratio 0.5] [--hnml-weight 0] [--k 10] [--jobs 2]
-                            [--loss clip|siglip]
+                            [--loss clip|siglip] [--data shapes|counts|textures|words]
                             [--scoring PRODUCT|SUM|IMAGE|TEXT] [--positive-ratio 0.95 0.9 0.8]
                             [--work-dir DIR] [--json-out F]
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import ROOT, ensure_synth, report
+from bench.common import add_data_flags, ensure_synth, report
 from bench.quality import METRICS, add_loss_flag, mean_std, run_settings
 from bench.train_overhead import TrainRun, train_once
 
@@ -108,9 +108,7 @@ def main() -> None:
         default=[],
         help="add a streaming arm with the false-negative guard at each ratio (mining.positive_ratio)",
     )
-    parser.add_argument("--synth-dir", default=str(ROOT / "data" / "synth"))
-    parser.add_argument("--synth-train", type=int, default=4000)
-    parser.add_argument("--synth-test", type=int, default=600)
+    add_data_flags(parser)
     parser.add_argument(
         "--work-dir",
         help="keep the runs here (default: a temporary directory); a run already there with the same settings is "
@@ -130,7 +128,7 @@ def main() -> None:
     work = Path(args.work_dir or temporary.name)
     common = {**run_settings(args), "optim.lr": args.lr, "optim.warmup_steps": args.warmup}
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
-    ensure_synth(args.synth_dir, args.synth_train, args.synth_test)
+    ensure_synth(args)
     jobs = [(seed, variant) for seed in args.seeds for variant in args.variants]
 
     def one(job: tuple[int, str]) -> TrainRun:

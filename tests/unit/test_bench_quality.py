@@ -29,3 +29,21 @@ def test_equal_steps_counts_the_pre_pass_as_extra_compute():
     assert all(extra_steps(v, args) == 0 for v in VARIANTS)
     assert sample_passes("online", 200, args) - sample_passes("plain", 200, args) == 4000
     assert sample_passes("streaming", 200, args) == sample_passes("plain", 200, args) == 2 * 64 * 200
+
+
+@pytest.mark.parametrize(
+    ("data", "folder"), [("shapes", "synth"), ("counts", "synth-counts"), ("words", "synth-words")]
+)
+def test_each_data_family_has_its_own_set_and_only_new_ones_change_the_run_digests(data, folder):
+    from bench.common import ROOT
+    from bench.quality import run_settings
+
+    args = argparse.Namespace(
+        data=data, synth_dir=None, synth_train=64, synth_test=32, batch_size=16, steps=3, loss="clip"
+    )
+    settings = run_settings(args)
+    assert settings["data.synth_dir"] == str(ROOT / "data" / folder)
+    # shapes runs carry no data.synth_family: the digests of runs already in a work dir still match
+    assert settings.get("data.synth_family") == (None if data == "shapes" else data)
+    given = argparse.Namespace(**{**vars(args), "synth_dir": "/elsewhere"})
+    assert run_settings(given)["data.synth_dir"] == "/elsewhere"
