@@ -49,7 +49,60 @@ VARIANTS = ("plain", "online", "offline", "streaming")
 BOOTSTRAPPED = ("online", "offline")  # variants that pay a forward pass over the training set before step one
 
 
+GUARD = " guard "  # "<arm> guard <ratio>": the arm with the false-negative guard (mining.positive_ratio) at a ratio
+
+
+def add_guard_flag(parser: argparse.ArgumentParser, arm: str) -> None:
+    parser.add_argument(
+        "--positive-ratio",
+        type=float,
+        nargs="+",
+        default=[],
+        help=f"add a {arm} arm with the false-negative guard at each ratio (mining.positive_ratio), reported "
+        f"against plain and against {arm} with the guard off",
+    )
+
+
+def guard_arms(parser: argparse.ArgumentParser, args: argparse.Namespace, arm: str) -> list[str]:
+    """The guarded arms --positive-ratio asks for (checked: each ratio in (0, 1], and `arm` among the variants)."""
+    if any(not 0 < r <= 1 for r in args.positive_ratio):
+        parser.error(f"--positive-ratio: each ratio must be in (0, 1], got {args.positive_ratio}")
+    if args.positive_ratio and arm not in args.variants:
+        parser.error(f"--positive-ratio adds guarded {arm} arms: --variants must include {arm}, their baseline")
+    return [f"{arm}{GUARD}{r:g}" for r in args.positive_ratio]
+
+
+def split_guard(variant: str) -> tuple[str, dict[str, object]]:
+    """(the arm a variant guards, the guard's setting): ("online", {}) or ("online", {"mining.positive_ratio": 0.9}).
+    Only guarded runs carry the key, so the digests of earlier runs stay as they were."""
+    arm, _, ratio = variant.partition(GUARD)
+    return arm, ({"mining.positive_ratio": float(ratio)} if ratio else {})
+
+
+def guard_drops(run: TrainRun) -> float:
+    """Candidates the guard dropped per hard pair the run trained on (0 without the guard)."""
+    hard = sum(r["n_hard"] for r in run.steps)
+    return run.summary.get("mining", {}).get("guard_dropped", 0) / hard if hard else 0.0
+
+
+def paired_deltas(values: dict[str, dict[str, list[float]]], variants: list[str]) -> dict[str, dict]:
+    """Each arm minus plain, and each guarded arm minus the same arm without the guard, paired by seed."""
+    deltas = {}
+    for variant in variants:
+        arm, guard = split_guard(variant)
+        pairs = [("plain", f"{variant} - plain")] if variant != "plain" else []
+        pairs += [(arm, f"{variant} - guard off")] if guard else []
+        for baseline, name in pairs:
+            deltas[name] = {key: np.subtract(values[variant][key], values[baseline][key]) for key in METRICS}
+    return deltas
+
+
 def variant_settings(variant: str, args: argparse.Namespace) -> dict[str, object]:
+    variant, guard = split_guard(variant)
+    return {**arm_settings(variant, args), **guard}
+
+
+def arm_settings(variant: str, args: argparse.Namespace) -> dict[str, object]:
     if variant == "plain":
         return {"optim.hard_ratio": 0, "loss.hnml_weight": 0}
     helip = {
@@ -104,14 +157,14 @@ def run_settings(args: argparse.Namespace) -> dict[str, object]:
 
 def extra_steps(variant: str, args: argparse.Namespace) -> int:
     """Steps a variant without the bootstrap pass gets on top of --steps to match the others' compute."""
-    if not args.equal_compute or variant in BOOTSTRAPPED:
+    if not args.equal_compute or split_guard(variant)[0] in BOOTSTRAPPED:
         return 0
     return -(-args.synth_train // (2 * args.batch_size))
 
 
 def sample_passes(variant: str, steps: int, args: argparse.Namespace) -> int:
     """Forward + backward sample-passes of a continuation: its steps, plus the bootstrap pass where there is one."""
-    return 2 * args.batch_size * steps + (args.synth_train if variant in BOOTSTRAPPED else 0)
+    return 2 * args.batch_size * steps + (args.synth_train if split_guard(variant)[0] in BOOTSTRAPPED else 0)
 
 
 def diagnostics(run: TrainRun) -> dict[str, float]:
@@ -124,6 +177,7 @@ def diagnostics(run: TrainRun) -> dict[str, float]:
         "hnml_mean": float(np.mean([r["hnml"] for r in steps])),
         "hnml_last_fifth": float(np.mean([r["hnml"] for r in tail])),
         "contrastive_last_fifth": float(np.mean([r["contrastive"] for r in tail])),
+        "guard_dropped_per_hard_pair": guard_drops(run),
         "wall_s": run.wall_s,
     }
 
@@ -159,6 +213,7 @@ def main() -> None:
         help="give plain and streaming the steps that the bootstrap pass costs the others (sample-passes)",
     )
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    add_guard_flag(parser, "online")
     add_loss_flag(parser)
     add_data_flags(parser)
     parser.add_argument("--start-dir", help="reuse starting checkpoints START_DIR/seed{N}/final.pt from an earlier run")
@@ -173,6 +228,7 @@ def main() -> None:
     args = parser.parse_args()
     if "plain" not in args.variants:
         parser.error("--variants must include plain: it is the baseline of the deltas")
+    args.variants += guard_arms(parser, args, "online")
 
     started = time.perf_counter()
     temporary = None if args.work_dir else tempfile.TemporaryDirectory(prefix="helip-quality-")
@@ -240,9 +296,8 @@ def main() -> None:
         name: {key: mean_std(values) for key, values in by_key.items() if values} for name, by_key in metrics.items()
     }
     deltas = {
-        variant: {key: mean_std(np.subtract(metrics[variant][key], metrics["plain"][key]).tolist()) for key in METRICS}
-        for variant in args.variants
-        if variant != "plain"
+        name: {key: mean_std(d.tolist()) for key, d in by_key.items()}
+        for name, by_key in paired_deltas(metrics, args.variants).items()
     }
     diag_means = {
         variant: {name: float(np.mean([d[name] for d in runs])) for name in runs[0]} for variant, runs in diags.items()
@@ -271,10 +326,10 @@ def main() -> None:
                     " / ".join(cell(summary[name][key]) for key in METRICS),
                 )
             )
-    for variant, by_key in deltas.items():
+    for name, by_key in deltas.items():
         rows.append(
             (
-                f"{variant} - plain (points, paired by seed)",
+                f"{name} (points, paired by seed)",
                 " / ".join(f"{100 * by_key[key]['mean']:+.1f} ± {100 * by_key[key]['std']:.1f}" for key in METRICS),
             )
         )
@@ -286,6 +341,8 @@ def main() -> None:
                     f"{d['hard_fraction']:.2f} / {d['hnml_mean']:.3f}, {d['hnml_last_fifth']:.3f}",
                 )
             )
+        if split_guard(variant)[1]:
+            rows.append((f"{variant}: candidates dropped per hard pair", f"{d['guard_dropped_per_hard_pair']:.2f}"))
     rows.append(
         (
             "sample-passes per continuation: " + " / ".join(compute),

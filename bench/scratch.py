@@ -30,27 +30,30 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import add_data_flags, ensure_synth, report
-from bench.quality import METRICS, add_loss_flag, mean_std, run_settings
+from bench.quality import (
+    METRICS,
+    add_guard_flag,
+    add_loss_flag,
+    guard_arms,
+    guard_drops,
+    mean_std,
+    paired_deltas,
+    run_settings,
+    split_guard,
+)
 from bench.train_overhead import TrainRun, train_once
 
 VARIANTS = ("plain", "streaming")
 
 
-GUARD_PREFIX = "guard "  # the streaming arm with the false-negative guard at a ratio: "guard 0.9"
-
-
-def guard_variant(ratio: float) -> str:
-    return f"{GUARD_PREFIX}{ratio:g}"
-
-
 def variant_settings(variant: str, args: argparse.Namespace) -> dict[str, object]:
+    variant, guard = split_guard(variant)
     if variant == "plain":
         return {"optim.hard_ratio": 0, "loss.hnml_weight": 0, "mining.bootstrap_index": "false"}
     scoring = {} if args.scoring == "PRODUCT" else {"mining.scoring": args.scoring}  # run digests stay as they were
-    if variant.startswith(GUARD_PREFIX):  # only guarded runs carry the key, so the others' digests stay too
-        scoring["mining.positive_ratio"] = float(variant.removeprefix(GUARD_PREFIX))
     return {
         **scoring,
+        **guard,
         "optim.hard_ratio": args.hard_ratio,
         "loss.hnml_weight": args.hnml_weight,
         "loss.margin": args.margin,
@@ -66,12 +69,6 @@ def variant_settings(variant: str, args: argparse.Namespace) -> dict[str, object
 def sample_passes(run: TrainRun, batch_size: int) -> int:
     """Forward + backward sample-passes of a run: 2 per sample per step (no pre-pass in either arm)."""
     return 2 * batch_size * len(run.steps)
-
-
-def guard_drops(run: TrainRun) -> float:
-    """Candidates the guard dropped per hard pair the run trained on (0 without the guard)."""
-    hard = sum(r["n_hard"] for r in run.steps)
-    return run.summary.get("mining", {}).get("guard_dropped", 0) / hard if hard else 0.0
 
 
 def hard_share(run: TrainRun) -> float:
@@ -101,13 +98,7 @@ def main() -> None:
     )
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     add_loss_flag(parser)  # every arm trains with this loss (loss.kind)
-    parser.add_argument(
-        "--positive-ratio",
-        type=float,
-        nargs="+",
-        default=[],
-        help="add a streaming arm with the false-negative guard at each ratio (mining.positive_ratio)",
-    )
+    add_guard_flag(parser, "streaming")
     add_data_flags(parser)
     parser.add_argument(
         "--work-dir",
@@ -119,9 +110,7 @@ def main() -> None:
     args = parser.parse_args()
     if "plain" not in args.variants:
         parser.error("--variants must include plain: it is the baseline of the deltas")
-    if any(not 0 < r <= 1 for r in args.positive_ratio):
-        parser.error(f"--positive-ratio: each ratio must be in (0, 1], got {args.positive_ratio}")
-    args.variants += [guard_variant(r) for r in args.positive_ratio]
+    args.variants += guard_arms(parser, args, "streaming")
 
     started = time.perf_counter()
     temporary = None if args.work_dir else tempfile.TemporaryDirectory(prefix="helip-scratch-")
@@ -144,18 +133,11 @@ def main() -> None:
     values = {v: {key: [runs[(s, v)].metrics[key] for s in args.seeds] for key in METRICS} for v in args.variants}
     summary = {v: {key: mean_std(vals) for key, vals in by_key.items()} for v, by_key in values.items()}
     deltas, ahead = {}, {}
-    # Every arm against plain; each guarded arm against streaming with the guard off too, when that arm ran.
-    baselines = ["plain"] + (["streaming"] if "streaming" in args.variants else [])
-    for variant in args.variants:
-        for baseline in baselines:
-            if variant == baseline or (baseline == "streaming" and not variant.startswith(GUARD_PREFIX)):
-                continue
-            per_key = {key: np.subtract(values[variant][key], values[baseline][key]) for key in METRICS}
-            name = variant if baseline == "plain" else f"{variant} vs guard off"
-            deltas[name] = {key: mean_std(d.tolist()) for key, d in per_key.items()}
-            # A seed is ahead when its mean R@1 over both directions beats the baseline's.
-            r1 = [key for key in METRICS if "R@1" in key]
-            ahead[name] = int(sum(np.mean([per_key[key][i] for key in r1]) > 0 for i in range(len(args.seeds))))
+    for name, per_key in paired_deltas(values, args.variants).items():
+        deltas[name] = {key: mean_std(d.tolist()) for key, d in per_key.items()}
+        # A seed is ahead when its mean R@1 over both directions beats the baseline's.
+        r1 = [key for key in METRICS if "R@1" in key]
+        ahead[name] = int(sum(np.mean([per_key[key][i] for key in r1]) > 0 for i in range(len(args.seeds))))
     compute = {
         v: float(np.mean([sample_passes(runs[(s, v)], args.batch_size) for s in args.seeds])) for v in args.variants
     }
@@ -177,10 +159,9 @@ def main() -> None:
         cells = " / ".join(f"{100 * by_key[k]['mean']:.1f} ± {100 * by_key[k]['std']:.1f}" for k in METRICS)
         rows.append((f"{variant}: " + " / ".join(METRICS.values()) + " (%)", cells))
     for variant, by_key in deltas.items():
-        label = variant.replace(" vs guard off", " - guard off") if "vs guard off" in variant else f"{variant} - plain"
         rows.append(
             (
-                f"{label} (points, paired by seed)",
+                f"{variant} (points, paired by seed)",
                 " / ".join(f"{100 * by_key[k]['mean']:+.1f} ± {100 * by_key[k]['std']:.1f}" for k in METRICS),
             )
         )

@@ -47,3 +47,29 @@ def test_each_data_family_has_its_own_set_and_only_new_ones_change_the_run_diges
     assert settings.get("data.synth_family") == (None if data == "shapes" else data)
     given = argparse.Namespace(**{**vars(args), "synth_dir": "/elsewhere"})
     assert run_settings(given)["data.synth_dir"] == "/elsewhere"
+
+
+def test_guarded_arms_carry_the_ratio_and_are_compared_with_plain_and_with_the_guard_off():
+    from bench.quality import METRICS, add_guard_flag, guard_arms, paired_deltas, split_guard, variant_settings
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--variants", nargs="+", default=["plain", "online"])
+    add_guard_flag(parser, "online")
+    args = parser.parse_args(["--positive-ratio", "0.9", "0.95"])
+    arms = guard_arms(parser, args, "online")
+    assert arms == ["online guard 0.9", "online guard 0.95"]
+    assert split_guard("online guard 0.9") == ("online", {"mining.positive_ratio": 0.9})
+    assert split_guard("online") == ("online", {})
+    settings = argparse.Namespace(hard_ratio=0.5, hnml_weight=0.0, margin=0.2, hnml_form="pair", k=10)
+    guarded = variant_settings("online guard 0.9", settings)
+    assert guarded == {**variant_settings("online", settings), "mining.positive_ratio": 0.9}
+    values = {v: {key: [1.0, 2.0] for key in METRICS} for v in ["plain", "online", *arms]}
+    values["online guard 0.9"]["zero_shot/top1"] = [3.0, 5.0]
+    deltas = paired_deltas(values, ["plain", "online", *arms])
+    assert sorted(deltas) == sorted(
+        ["online - plain", "online guard 0.9 - plain", "online guard 0.9 - guard off", "online guard 0.95 - plain",
+         "online guard 0.95 - guard off"]
+    )  # fmt: skip
+    assert deltas["online guard 0.9 - guard off"]["zero_shot/top1"].tolist() == [2.0, 3.0]
+    with pytest.raises(SystemExit):
+        guard_arms(parser, parser.parse_args(["--positive-ratio", "1.5"]), "online")
