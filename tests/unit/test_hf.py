@@ -1,10 +1,9 @@
 """helip.HardPairTrainer's parts without a miner: the resume arithmetic against accelerate's own skip, the
-collator's inputs, the loss's contract; and `import helip` stays free of transformers."""
+collator's inputs, what the Trainer takes from the model; and `import helip` stays free of transformers."""
 
 from __future__ import annotations
 
 import importlib.util
-import math
 import subprocess
 import sys
 
@@ -14,11 +13,17 @@ import torch
 pytest.importorskip("transformers", reason="the hf extra: pip install 'helip[hf]'")
 
 from accelerate.data_loader import SkipBatchSampler  # noqa: E402  (after the importorskip)
-from open_clip.loss import ClipLoss, SigLipLoss  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from helip import HardPairCollator, HardPairRows, HardPairSampler, LossConfig  # noqa: E402
-from helip.trainer.pairs.hf import HardPairLoss, ResumedBatches, _WithLayout  # noqa: E402
+from helip import (  # noqa: E402
+    HardPairCollator,
+    HardPairRows,
+    HardPairSampler,
+    HardPairTrainer,
+    LossConfig,
+    MiningSession,
+)
+from helip.trainer.pairs.hf import ResumedBatches, _WithLayout  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 
 
@@ -79,12 +84,23 @@ def test_ignore_data_skip_restarts_the_epoch():
 
 
 @pytest.fixture(scope="module")
-def processor():
-    """examples/hf_trainer.py's CLIPProcessor (32-pixel images; a word-level tokenizer built in memory)."""
+def example():
+    """examples/hf_trainer.py as a module: its tiny models and in-memory word-level tokenizer."""
     spec = importlib.util.spec_from_file_location("hf_trainer_example", ROOT / "examples" / "hf_trainer.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    return example.tiny_model("clip", example.word_tokenizer(["a red circle", "a blue circle"]))[1]
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tokenizer(example):
+    return example.word_tokenizer(["a red circle", "a blue circle"])
+
+
+@pytest.fixture(scope="module")
+def processor(example, tokenizer):
+    """The example's CLIPProcessor (32-pixel images)."""
+    return example.tiny_model("clip", tokenizer)[1]
 
 
 def test_the_collator_gives_the_models_inputs_and_the_rows(processor):
@@ -112,24 +128,30 @@ def test_the_training_collate_puts_the_layout_on_the_rows_and_refuses_a_placehol
         collate([])
 
 
-def features(rows: int = 6, dim: int = 8, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    image = torch.nn.functional.normalize(torch.randn(rows, dim, generator=generator), dim=1).requires_grad_()
-    text = torch.nn.functional.normalize(torch.randn(rows, dim, generator=generator), dim=1).requires_grad_()
-    return image, text
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_the_trainer_takes_the_loss_and_the_text_length_from_the_model(kind, example, tokenizer, tmp_path):
+    from transformers import TrainingArguments
 
-
-def test_the_loss_is_clips_or_siglips_and_adds_the_margin_term_only_with_a_weight():
-    image, text = features()
-    scale, bias = torch.tensor(10.0), torch.tensor(-5.0)
-    couples = torch.tensor([[0, 1], [2, 3]])
-    clip = HardPairLoss(LossConfig(), sigmoid=False)(image, text, scale, couples=couples)
-    assert torch.equal(clip, ClipLoss()(image, text, scale))  # λ = 0: the contrastive loss itself
-    siglip = HardPairLoss(LossConfig(), sigmoid=True)(image, text, scale, bias, couples)
-    assert torch.equal(siglip, SigLipLoss()(image, text, scale, bias))
-    weighted = HardPairLoss(LossConfig(hnml_weight=2.0, margin=0.5), sigmoid=False)(image, text, scale, couples=couples)
-    assert weighted.detach() > clip.detach()  # random embeddings violate a margin of 0.5
-    assert math.isfinite(weighted.item())
+    model, processor = example.tiny_model(kind, tokenizer)
+    session = MiningSession(address="127.0.0.1:1")  # never started: nothing here talks to a miner
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = HardPairTrainer(
+        session=session,
+        model=model,
+        args=args,
+        train_dataset=[],
+        processing_class=processor,
+        loss=LossConfig(hnml_weight=1.0),
+    )
+    assert trainer.helip_loss.config.kind == kind and trainer.helip_loss.config.hnml_weight == 1.0
+    assert trainer.data_collator.max_length == example.MAX_TEXT  # the text tower's positions
+    with pytest.raises(ValueError, match="start the mining session"):
+        trainer.get_train_dataloader()
+    with pytest.raises(TypeError, match="CLIPModel or SiglipModel"):
+        HardPairTrainer(session=session, model=torch.nn.Linear(2, 2), args=args, train_dataset=[])
+    with pytest.raises(ValueError, match="processing_class"):
+        HardPairTrainer(session=session, model=model, args=args, train_dataset=[])
+    session.close()
 
 
 def test_import_helip_does_not_import_transformers():

@@ -15,10 +15,10 @@ What a Trainer user changes (the optional extra: `pip install 'helip[hf]'`):
   per batch in the DataLoader's workers), sized by the Trainer's arguments: per-device batch size (anchors + hard
   pairs), `dataloader_num_workers`, `seed` (or `data_seed`), `gradient_accumulation_steps` and `max_steps` (a step
   of the sampler is one micro-batch), or `num_train_epochs` when `max_steps` is not set.
-- `compute_loss`: the contrastive loss from the model's `image_embeds`, `text_embeds`, `logit_scale` (and
-  `logit_bias`): CLIP's softmax loss (HelipLoss) for a model without a bias, SigLIP's sigmoid loss (open_clip's
-  SigLipLoss) for one with it, both gathered across ranks; plus λ x HNML on the batch's (anchor, hard pair)
-  couples (`LossConfig.hnml_weight`, 0 by default).
+- `compute_loss`: HelipLoss from the model's `image_embeds`, `text_embeds`, `logit_scale` (and `logit_bias`):
+  CLIP's softmax loss for a model without a bias, SigLIP's sigmoid loss for one with it (`LossConfig.kind` follows
+  the model), both across ranks as open_clip's; plus λ x HNML on the batch's (anchor, hard pair) couples
+  (`LossConfig.hnml_weight`, 0 by default).
 - after each optimizer step (a callback), that step's embeddings go to the miner in the background
   (`session.push`); nothing waits for the miner.
 
@@ -38,13 +38,12 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from open_clip.loss import SigLipLoss
 from torch.utils.data import DataLoader, Sampler
 
 from helip.trainer.pairs.data import BadSample, open_pairs
 from helip.trainer.pairs.hard_pairs import BatchLayout, HardPairSampler, LayoutCarrier, worker_options
 from helip.trainer.pairs.loss_config import LossConfig
-from helip.trainer.pairs.losses import HelipLoss, hnml
+from helip.trainer.pairs.losses import HelipLoss
 from helip.trainer.pairs.session import MiningSession
 
 try:
@@ -189,31 +188,6 @@ class _HardPairLoader(DataLoader):
         self.batch_sampler.set_epoch(epoch)
 
 
-# ---- loss ---------------------------------------------------------------------------------------------------------
-class HardPairLoss(torch.nn.Module):
-    """contrastive + λ · HNML of one local batch, as a scalar: HelipLoss (CLIP's softmax loss) for a CLIPModel; for a
-    SiglipModel (`sigmoid`), open_clip's SigLipLoss plus HNML (helip.trainer.pairs.losses.hnml) on the couples, until
-    HelipLoss has a sigmoid form of its own. Both gather across ranks; with λ == 0 or no couples the total is the
-    contrastive tensor itself (plain CLIP/SigLIP training, bit for bit)."""
-
-    def __init__(self, config: LossConfig, sigmoid: bool, rank: int = 0, world_size: int = 1):
-        super().__init__()
-        self.config = config
-        self.sigmoid = sigmoid
-        self.contrastive = SigLipLoss(rank=rank, world_size=world_size) if sigmoid else None
-        self.clip = None if sigmoid else HelipLoss(config, rank=rank, world_size=world_size)
-
-    def forward(self, image_embeds, text_embeds, logit_scale, logit_bias=None, couples=None) -> torch.Tensor:
-        """image_embeds, text_embeds: [B, D] L2-normalised. logit_scale: exponentiated. logit_bias: SigLIP's."""
-        if not self.sigmoid:
-            return self.clip(image_embeds, text_embeds, logit_scale, couples)["total"]
-        contrastive = self.contrastive(image_embeds, text_embeds, logit_scale, logit_bias)
-        if self.config.hnml_weight == 0 or couples is None or couples.shape[0] == 0:
-            return contrastive
-        margin = hnml(image_embeds, text_embeds, couples, self.config.margin, self.config.hnml_form)
-        return contrastive + self.config.hnml_weight * margin
-
-
 # ---- the Trainer ----------------------------------------------------------------------------------------------------
 @dataclass
 class BatchTally:
@@ -267,7 +241,8 @@ class HardPairTrainer(transformers.Trainer):
     session: a started MiningSession (`session.start(dim, dataset)`), one per process; the caller closes it.
     processing_class: the model's processor (CLIPProcessor, SiglipProcessor); the collator runs it per batch, and
         the Trainer saves it with each checkpoint. data_collator: instead of a HardPairCollator of it.
-    hard_ratio: the share of each batch that is hard pairs. loss: margin, λ (hnml_weight, 0 by default), form.
+    hard_ratio: the share of each batch that is hard pairs. loss: margin, λ (hnml_weight, 0 by default), form,
+        SigLIP's dist_impl; its kind is the model's (siglip for a model with a logit_bias).
     """
 
     def __init__(
@@ -304,9 +279,10 @@ class HardPairTrainer(transformers.Trainer):
         )
         self.session = session
         self.hard_ratio = hard_ratio
-        self.hard_pair_loss = HardPairLoss(
-            loss if loss is not None else LossConfig(),
-            sigmoid=isinstance(getattr(model, "logit_bias", None), torch.Tensor),
+        # The loss follows the model: SigLIP's sigmoid loss for one with a learned logit_bias, else CLIP's.
+        kind = "siglip" if isinstance(getattr(model, "logit_bias", None), torch.Tensor) else "clip"
+        self.helip_loss = HelipLoss(
+            dataclasses.replace(loss if loss is not None else LossConfig(), kind=kind),
             rank=self.args.process_index,
             world_size=self.args.world_size,
         )
@@ -368,13 +344,14 @@ class HardPairTrainer(transformers.Trainer):
         )
         core = self.accelerator.unwrap_model(model)
         layout = rows.layout
-        loss = self.hard_pair_loss(
+        losses = self.helip_loss(
             outputs.image_embeds,
             outputs.text_embeds,
             core.logit_scale.exp(),
-            getattr(core, "logit_bias", None),
             layout.couples if layout is not None else None,
+            logit_bias=getattr(core, "logit_bias", None),
         )
+        loss = losses["total"]
         if model.training and layout is not None:
             self.tally.add(layout)
             self._since_log.add(layout)
