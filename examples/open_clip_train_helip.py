@@ -126,8 +126,8 @@ class HelipOpenClipLoss(torch.nn.Module):
 
 
 class HelipPlugin:
-    def __init__(self, miner: str, namespace: str, reset: bool, hard_ratio: float, loss_config: LossConfig):
-        self.mining = MiningConfig(address=miner, namespace=namespace, reset_namespace=reset)
+    def __init__(self, mining: MiningConfig, hard_ratio: float, loss_config: LossConfig):
+        self.mining = mining
         self.hard_ratio, self.loss_config = hard_ratio, loss_config
         self.session = self.sampler = self.batches = None
 
@@ -245,6 +245,13 @@ def main(argv=None) -> int:
         help="a running `helip-miner serve --dim <model embed_dim>`",
     )
     parser.add_argument("--helip-hard-ratio", type=float, default=0.5, help="share of each batch that is hard pairs")
+    parser.add_argument(
+        "--helip-positive-ratio",
+        type=float,
+        default=0.0,
+        help="the miner's false-negative guard: drop a hard pair whose caption fits the anchor's image at this "
+        "fraction of the anchor's own pair, e.g. 0.9 (default 0: off)",
+    )
     parser.add_argument("--helip-margin", type=float, default=0.2, help="margin of the hard-pair margin loss")
     parser.add_argument(
         "--helip-hnml-weight", type=float, default=0.0, help="weight of the margin loss (default 0: off)"
@@ -270,15 +277,19 @@ def main(argv=None) -> int:
     helip_args, open_clip_args = parser.parse_known_args(argv)
     namespace = helip_args.helip_namespace or default_namespace(open_clip_args)
     try:
-        MiningConfig(namespace=namespace)  # checks the name
-    except ValueError as error:
-        parser.error(f"--helip-namespace: {error}")
+        mining = MiningConfig(
+            address=helip_args.helip_miner,
+            namespace=namespace,
+            reset_namespace=helip_args.helip_reset_namespace,
+            positive_ratio=helip_args.helip_positive_ratio,
+        )
+    except ValueError as error:  # it names the setting ("mining.positive_ratio must be ..."): name our flag too
+        setting = str(error).split()[0].rstrip(":").removeprefix("mining.")
+        parser.error(f"--helip-{setting.replace('_', '-')}: {error}")
 
     open_clip.add_model_config(helip_args.helip_model_config)
     plugin = HelipPlugin(
-        helip_args.helip_miner,
-        namespace,
-        helip_args.helip_reset_namespace,
+        mining,
         helip_args.helip_hard_ratio,
         LossConfig(margin=helip_args.helip_margin, hnml_weight=helip_args.helip_hnml_weight),
     )

@@ -38,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=64, help="rows per batch: anchors + their hard pairs")
     parser.add_argument("--hard-ratio", type=float, default=0.5, help="share of each batch that is hard pairs")
+    parser.add_argument(
+        "--positive-ratio", type=float, default=0.0, help="the miner's false-negative guard, e.g. 0.9 (0: off)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -78,7 +81,12 @@ def main(argv=None) -> None:
     with torch.no_grad():
         embed_dim = model.encode_text(tokenizer(["probe"]).to(args.device)).shape[-1]
     # helip: one session per run, bound to its namespace on the miner; start() claims it and checks the miner.
-    session = helip.MiningSession(address=args.miner, namespace=args.namespace, reset_namespace=args.reset_namespace)
+    session = helip.MiningSession(
+        address=args.miner,
+        namespace=args.namespace,
+        reset_namespace=args.reset_namespace,
+        positive_ratio=args.positive_ratio,
+    )
     session.start(embed_dim, dataset)  # helip
     # helip: a DataLoader whose batches hold anchors and their mined hard pairs (workers load the images).
     loader = session.loader(

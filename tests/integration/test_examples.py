@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -92,8 +93,11 @@ def test_plain_loop_trains_with_hard_pairs_and_fills_the_miner(synth, tmp_path, 
     miner = miner_factory("--dim", str(EMBED_DIM))
     final = tmp_path / "final.pt"
     args = plain_loop_args(synth / "train.csv", miner.address, final)
-    output = run_example("plain_loop.py", *args, "--loss", loss)
+    guard = ["--positive-ratio", 0.95] if loss == "siglip" else []  # one run with the false-negative guard on
+    output = run_example("plain_loop.py", *args, "--loss", loss, *guard)
     check_plain_loop(output, miner.address, final, loss)
+    metrics = urllib.request.urlopen(miner.metrics_url, timeout=10).read().decode()
+    assert ('helip_miner_guard_dropped_total{namespace="plain-loop"}' in metrics) == bool(guard)
 
 
 def test_plain_loop_without_a_miner_says_how_to_start_one(synth):
