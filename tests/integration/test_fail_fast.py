@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -30,16 +29,15 @@ def synth(tmp_path_factory):
     return root
 
 
-def helip_train(synth, out, miner_address: str, *settings: str) -> tuple[subprocess.CompletedProcess, float]:
+def helip_train(synth, out, miner_address: str, *settings: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "helip.trainer.app.cli"]
     command += train_command(synth, out, "--steps", "50", "--miner", miner_address, "--set", "data.workers=0")
     for setting in settings:
         command += ["--set", setting]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env.pop("HELIP_AUTH_TOKEN", None)
-    started = time.monotonic()
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    return result, time.monotonic() - started
+    # How soon is a benchmark's business (a refusal is one Stats call after start-up); the timeout only catches a hang.
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
 
 
 def assert_refused_before_training(result: subprocess.CompletedProcess, *named: str) -> None:
@@ -53,19 +51,16 @@ def assert_refused_before_training(result: subprocess.CompletedProcess, *named: 
 
 def test_k_above_the_miners_max_k_stops_the_run(synth, tmp_path, miner_factory):
     miner = miner_factory("--dim", str(DIM), "--max-k", "32")
-    result, seconds = helip_train(synth, tmp_path / "run", miner.address, "mining.k=50")
+    result = helip_train(synth, tmp_path / "run", miner.address, "mining.k=50")
     assert_refused_before_training(result, "mining.k is 50", "max_k=32", "--max-k 50")
-    # Start-up (imports, model, DeepSpeed) is most of it; the refusal itself is one Stats call.
-    assert seconds < 120, seconds
 
 
 def test_a_wrong_token_stops_the_run(synth, tmp_path, miner_factory):
     miner = miner_factory("--dim", str(DIM), env={"HELIP_AUTH_TOKEN": TOKEN})
     token_file = tmp_path / "token"
     token_file.write_text("not-the-token\n")
-    result, seconds = helip_train(synth, tmp_path / "run", miner.address, f"mining.token_file={token_file}")
+    result = helip_train(synth, tmp_path / "run", miner.address, f"mining.token_file={token_file}")
     assert_refused_before_training(result, "UNAUTHENTICATED", "mining.token_file")
-    assert seconds < 120, seconds
     with MinerClient(ClientConfig(address=miner.address, token=TOKEN)) as client:
         assert client.stats().size == 0
 
@@ -76,8 +71,7 @@ def test_a_namespace_of_another_dim_stops_the_run(synth, tmp_path, miner_factory
     planted.wait_ready(30)
     rows = np.eye(32, dtype=np.float32)[:4]
     planted.upsert(np.arange(4), rows, rows, 1)  # creates "narrow" with dim 32 and no fingerprint
-    result, seconds = helip_train(synth, tmp_path / "run", miner.address, "mining.namespace=narrow")
+    result = helip_train(synth, tmp_path / "run", miner.address, "mining.namespace=narrow")
     assert_refused_before_training(result, "'narrow'", "holds dim 32", "have dim 64", "mining.namespace")
-    assert seconds < 120, seconds
     assert planted.stats().size == 4
     planted.close()
