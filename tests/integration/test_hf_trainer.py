@@ -127,9 +127,9 @@ def test_two_ranks_under_torchrun_train_and_resume_mid_epoch(synth, tmp_path, mi
         assert summary["global_step"] == 4 and summary["batches"] == 2 and summary["last_step"] == 11, summary
 
 
-def readme_commands() -> list[list[str]]:
-    """The shell commands between the README's `hf-trainer commands: begin/end` markers, continuations joined."""
-    text = README.read_text()
+def readme_commands(page: Path = README) -> list[list[str]]:
+    """The shell commands between a page's `hf-trainer commands: begin/end` markers, continuations joined."""
+    text = page.read_text()
     marks = r"<!-- hf-trainer commands: begin -->\s*```bash\n(.*?)```\s*<!-- hf-trainer commands: end -->"
     block = re.search(marks, text, re.S)
     assert block, "README.md lost its Hugging Face Trainer commands block"
@@ -140,6 +140,7 @@ def readme_commands() -> list[list[str]]:
 def test_the_readme_commands_run_as_written(tmp_path, miner_factory):
     (tmp_path / "examples").symlink_to(ROOT / "examples")  # the README's relative paths, from a user's checkout
     commands = readme_commands()
+    assert readme_commands(ROOT / "docs" / "FROM_OPEN_CLIP.md") == commands, "the two pages show different commands"
     assert [argv[0] for argv in commands] == ["helip-data", "helip-miner", "python", "torchrun"]
     address = written = None
     for program, *rest in commands:
