@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import ROOT
 
@@ -66,3 +67,27 @@ def test_the_flag_table_names_only_flags_helip_train_accepts():
     assert flags, "no helip flags found in the table"
     missing = sorted(flag for flag in flags if flag.rstrip("*") not in help_text)
     assert not missing, f"the page names flags helip-train --help does not list: {missing}"
+
+
+def siglip_commands(page: Path) -> list[list[str]]:
+    """The shell commands between a page's `siglip commands: begin/end` markers, continuation lines joined."""
+    marks = r"<!-- siglip commands: begin -->\s*```bash\n(.*?)```\s*<!-- siglip commands: end -->"
+    block = re.search(marks, page.read_text(), re.S)
+    assert block, f"{page.name} lost its SigLIP commands block"
+    return [shlex.split(line) for line in block.group(1).replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def test_the_siglip_commands_run_as_written(tmp_path):
+    commands = siglip_commands(PAGE)
+    assert siglip_commands(ROOT / "README.md") == commands, "README.md and docs/FROM_OPEN_CLIP.md differ"
+    assert [argv[0] for argv in commands] == ["helip-data", "helip-train", "helip-eval"]
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for argv in commands:
+        result = subprocess.run(resolve(argv), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, f"{shlex.join(argv)} exited {result.returncode}:\n{result.stderr[-3000:]}"
+    metrics = json.loads(result.stdout)  # helip-eval's, on the SigLIP model it rebuilt from the checkpoint
+    assert 0.0 <= metrics["zero_shot/top1"] <= 1.0
+    saved = torch.load(tmp_path / "runs" / "siglip" / "final.pt", map_location="cpu", weights_only=True)
+    bias = saved["state_dict"]["logit_bias"]  # SigLIP's learned bias, saved with the weights
+    assert bias.numel() == 1 and torch.isfinite(bias).all()
