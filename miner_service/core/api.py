@@ -70,6 +70,7 @@ class MineResult:
     used_ivf: bool
     newest_step: int  # the largest step written so far, to measure the neighbours' staleness against
     guard_dropped: int = 0  # candidates the false-negative guard dropped ahead of the neighbours returned
+    pass_mines: int = 1  # Mines answered by the pass over the rows that answered this one (1: searched alone)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,10 @@ class MinerCore(Protocol):
 
     def mine(self, query: MineQuery, cancelled: Cancelled | None = None) -> MineResult:
         """Hard neighbours; `cancelled` is asked between blocks and stops the search with SearchCancelled."""
+
+    def mine_many(self, queries: list[MineQuery], cancelled: Cancelled | None = None) -> list[MineResult | Exception]:
+        """Several Mines in one pass over the rows, each answered as `mine` would answer it alone; a Mine that
+        cannot start gets its error in its place (core.batching serves concurrent callers through this)."""
 
     def fetch(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(found mask [n], image [found, dim] float32, text, steps [found]) of the stored rows of `ids`."""

@@ -67,6 +67,11 @@ class SearchConfig:
     mine_scratch_bytes: int = 0  # scratch memory of one Mine: its anchors x rows scored at once (0: by device)
     scratch_budget_bytes: int = 0  # scratch memory of all running Mines together (0: by device)
     mine_queue_limit: int = 32  # Mines that may wait for scratch memory; more are refused (RESOURCE_EXHAUSTED)
+    # Mines batched across callers (core.batching): concurrent Mines of a namespace share one pass over the rows,
+    # each keeping its own k, exclusions and deadline.
+    batch_mines: bool = False  # serve concurrent Mines of a namespace in one pass over the rows
+    batch_window_ms: float = 1.0  # with batch_mines: how long a pass waits after its oldest Mine arrived for others
+    batch_max_anchors: int = 0  # with batch_mines: most anchors in one pass (0: max_anchors)
     ivf: IvfConfig = field(default_factory=IvfConfig)
 
     def __post_init__(self):
@@ -91,6 +96,10 @@ class SearchConfig:
                 f"search.scratch_budget_bytes ({self.scratch_budget_bytes}) must be at least "
                 f"search.mine_scratch_bytes ({self.mine_scratch_bytes}): one Mine must fit"
             )
+        if self.batch_window_ms < 0:
+            raise ValueError(f"search.batch_window_ms must be >= 0, got {self.batch_window_ms}")
+        if self.batch_max_anchors < 0:
+            raise ValueError(f"search.batch_max_anchors must be >= 0 (0: max_anchors), got {self.batch_max_anchors}")
         if self.mine_queue_limit < 0:
             raise ValueError(f"search.mine_queue_limit must be >= 0, got {self.mine_queue_limit}")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,12 +19,36 @@ from helip.miner_service.core import guard
 from helip.miner_service.core.api import Cancelled, MineQuery, MineResult, MinerStats
 from helip.miner_service.core.budget import ScratchAdmission, bytes_per_score, chunk_rows
 from helip.miner_service.core.config import SearchConfig
-from helip.miner_service.core.errors import NotFound
+from helip.miner_service.core.errors import MinerError, NotFound
 from helip.miner_service.core.ivf_path import IvfPath
 from helip.miner_service.core.search import NEG_INF, SearchQuery, exact_search, make_topk
 from helip.miner_service.core.store import PairStore
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """One Mine, resolved against the store: its search, its anchors' own ids, which anchors are stored."""
+
+    query: MineQuery
+    search: SearchQuery
+    self_ids: np.ndarray | None
+    known: np.ndarray | None  # anchors by id: [anchors] bool stored; None for anchors by embedding
+    unknown: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Answer:
+    ids: np.ndarray
+    scores: np.ndarray
+    steps: np.ndarray
+    dropped: int
+
+
+def _first_k(found: tuple[np.ndarray, np.ndarray, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first k columns of (ids, scores, steps): a Mine's own k out of a pass searched for a larger one."""
+    return tuple(np.ascontiguousarray(a[:, :k]) for a in found)
 
 
 def resolve_devices(name: str) -> list[torch.device]:
@@ -112,7 +137,36 @@ class HardPairMiner:
         """Hard neighbours of the query's anchors (see MineQuery).
 
         cancelled: optional () -> bool; the exact search stops with SearchCancelled once it says True."""
-        k = query.k
+        resolved = self._resolve(query)
+        ivf = self.ivf.current()  # one index and its fresh ids for the whole Mine, however rebuilds go meanwhile
+        (answer,) = self._answer([resolved], ivf, cancelled)
+        return self._result(resolved, answer, ivf is not None, 1)
+
+    def mine_many(self, queries: list[MineQuery], cancelled: Cancelled | None = None) -> list[MineResult | Exception]:
+        """Several Mines answered by one pass over the rows for each set of shared settings (scoring, the
+        near-duplicate cut, the guard's ratio): their anchors are searched together, each Mine keeping its own k,
+        its own exclusions and its own anchors' rows. Each answer equals the one `mine` gives alone (up to the order
+        of equal scores). A Mine that cannot start (strict anchors not stored) gets its error in its place; an
+        error of the pass (SearchCancelled, an admission refusal) is raised for all. cancelled: as in `mine`, for
+        the pass (core.batching stops a pass only when every caller in it has gone)."""
+        outcomes: list[MineResult | Exception | None] = [None] * len(queries)
+        groups: dict[tuple, list[tuple[int, _Resolved]]] = {}
+        for position, query in enumerate(queries):
+            try:
+                resolved = self._resolve(query)
+            except MinerError as error:
+                outcomes[position] = error
+                continue
+            groups.setdefault(resolved.search.shares_settings, []).append((position, resolved))
+        ivf = self.ivf.current()
+        for members in groups.values():
+            answers = self._answer([resolved for _, resolved in members], ivf, cancelled)
+            for (position, resolved), answer in zip(members, answers):
+                outcomes[position] = self._result(resolved, answer, ivf is not None, len(members))
+        return outcomes
+
+    def _resolve(self, query: MineQuery) -> _Resolved:
+        """The Mine's anchors as rows on the device, with its filters as slots (NotFound for strict anchors)."""
         unknown = np.zeros(0, dtype=np.uint64)
         known = None
         if query.anchor_ids is not None:
@@ -135,7 +189,7 @@ class HardPairMiner:
         search = SearchQuery(
             q_image,
             q_text,
-            k,
+            query.k,
             query.scoring,
             query.max_similarity or self.config.default_max_similarity,
             torch.from_numpy(self_slots.astype(np.int64)).to(self.device),
@@ -143,26 +197,45 @@ class HardPairMiner:
             query.positive_ratio,
             guard.positives(q_image, q_text) if query.positive_ratio else None,
         )
-        ivf = self.ivf.current()  # one index and its fresh ids for the whole Mine, however rebuilds go meanwhile
-        if search.positive_ratio:
-            found_ids, scores, found_steps, dropped = self._guarded_search(
-                search, ivf, query.exclude_ids, self_ids, cancelled
-            )
-        else:
-            labels, scores = self._search(search, ivf, cancelled)
-            found_ids, scores, found_steps = self._finish(labels, scores, query.exclude_ids, self_ids)
-            dropped = 0
+        return _Resolved(query, search, self_ids, known, unknown)
+
+    def _result(self, resolved: _Resolved, answer: _Answer, used_ivf: bool, pass_mines: int) -> MineResult:
+        query, known = resolved.query, resolved.known
+        found_ids, scores, found_steps = answer.ids, answer.scores, answer.steps
         if known is not None and not known.all():
             # Unknown anchors keep a row of padding so the reply stays aligned with the request.
-            n_anchors = len(query.anchor_ids)
+            n_anchors, k = len(query.anchor_ids), query.k
             ids_out = np.full((n_anchors, k), -1, dtype=np.int64)
             scores_out = np.full((n_anchors, k), NEG_INF, dtype=np.float32)
             steps_out = np.zeros((n_anchors, k), dtype=np.uint64)
             ids_out[known], scores_out[known], steps_out[known] = found_ids, scores, found_steps
             found_ids, scores, found_steps = ids_out, scores_out, steps_out
         return MineResult(
-            found_ids, scores, found_steps, self.store.size, unknown, ivf is not None, self._newest_step, dropped
+            found_ids,
+            scores,
+            found_steps,
+            self.store.size,
+            resolved.unknown,
+            used_ivf,
+            self._newest_step,
+            answer.dropped,
+            pass_mines,
         )
+
+    def _answer(self, members: list[_Resolved], ivf, cancelled) -> list[_Answer]:
+        """Each member's neighbours, searched in one pass (their searches share settings)."""
+        searches = [member.search for member in members]
+        merged = searches[0] if len(searches) == 1 else SearchQuery.merge(searches)
+        bounds = np.cumsum([0] + [len(search.image) for search in searches])
+        parts = [slice(bounds[i], bounds[i + 1]) for i in range(len(members))]
+        if merged.positive_ratio:
+            return self._guarded_search(merged, members, parts, ivf, cancelled)
+        labels, scores = self._search(merged, ivf, cancelled)
+        answers = []
+        for member, part in zip(members, parts):
+            ids, own_scores, steps = self._finish(labels[part], scores[part], member.query.exclude_ids, member.self_ids)
+            answers.append(_Answer(*_first_k((ids, own_scores, steps), member.query.k), 0))
+        return answers
 
     def _search(self, search: SearchQuery, ivf, cancelled) -> tuple[np.ndarray, np.ndarray]:
         """(ids [anchors, k] int64 with -1 padding, scores float32): the IVF's answer when one is ready, else the
@@ -181,24 +254,33 @@ class HardPairMiner:
                     scores, labels = topk.result()
         return labels.cpu().numpy(), scores.cpu().numpy().astype(np.float32, copy=False)
 
-    def _guarded_search(self, search: SearchQuery, ivf, exclude_ids, self_ids, cancelled):
-        """The Mine with the false-negative guard (core.guard): a longer unguarded list, the guard on its rows,
-        then a guarded search of every row for the anchors the list left short. (ids, scores, steps, dropped)."""
-        k, size = search.k, self.store.size
-        wide = search.without_guard().with_k(guard.list_length(k, size))
+    def _guarded_search(self, merged: SearchQuery, members: list[_Resolved], parts: list[slice], ivf, cancelled):
+        """The Mines with the false-negative guard (core.guard): a longer unguarded list, the guard on its rows,
+        then a guarded search of every row for the anchors the list left short."""
+        size = self.store.size
+        wide = merged.without_guard().with_k(guard.list_length(merged.k, size))
         labels, scores = self._search(wide, ivf, cancelled)
         complete = (labels < 0).any(axis=1) | (wide.k >= size)
-        ids, scores, steps = self._finish(labels, scores, exclude_ids, self_ids)
-        keep = self._guard_keeps(ids, search)
-        kept = guard.keep_first(ids, scores, steps, keep, k, complete)
-        ids, scores, steps = kept.ids, kept.scores, kept.steps
-        short = np.flatnonzero(kept.short)
+        kept_lists, short = [], []
+        for member, part in zip(members, parts):
+            ids, own_scores, steps = self._finish(labels[part], scores[part], member.query.exclude_ids, member.self_ids)
+            keep = self._guard_keeps(ids, member.search)
+            kept = guard.keep_first(ids, own_scores, steps, keep, member.query.k, complete[part])
+            kept_lists.append(kept)
+            short.append(np.flatnonzero(kept.short) + part.start)
+        short = np.concatenate(short)
         if len(short):
-            part = torch.from_numpy(short).to(self.device)
-            labels, again = self._search(search.anchors(part), ivf, cancelled)
-            own = self_ids[short] if self_ids is not None else None
-            ids[short], scores[short], steps[short] = self._finish(labels, again, exclude_ids, own)
-        return ids, scores, steps, int(kept.dropped.sum())
+            part_of_short = merged.anchors(torch.from_numpy(short).to(self.device))
+            again_labels, again_scores = self._search(part_of_short, ivf, cancelled)
+            for member, part, kept in zip(members, parts, kept_lists):
+                rows = np.flatnonzero((short >= part.start) & (short < part.stop))
+                if not len(rows):
+                    continue
+                local = short[rows] - part.start
+                own = member.self_ids[local] if member.self_ids is not None else None
+                found = self._finish(again_labels[rows], again_scores[rows], member.query.exclude_ids, own)
+                kept.ids[local], kept.scores[local], kept.steps[local] = _first_k(found, member.query.k)
+        return [_Answer(kept.ids, kept.scores, kept.steps, int(kept.dropped.sum())) for kept in kept_lists]
 
     def _guard_keeps(self, ids: np.ndarray, search: SearchQuery) -> np.ndarray:
         """[anchors, c] bool: the candidates (ids, -1 padding) the guard keeps, judged on their rows as stored now."""

@@ -37,6 +37,9 @@ class SearchQuery:
         <image_i, text_i>, the anchor's own pair ([anchors] float32). Scored in the block it costs two more
         matrix products, so a Mine applies it to a candidate list first (core.guard) and here only for the anchors
         whose list ran short.
+    exclude_owner, anchor_owner: a search that serves several Mines at once (core.batching) excludes each Mine's
+        slots for its own anchors only: excluded slot e applies to anchor a when exclude_owner[e] ==
+        anchor_owner[a] ([m] and [anchors] int64). None: every excluded slot applies to every anchor.
     """
 
     image: torch.Tensor  # [anchors, dim], same device and dtype as the rows
@@ -48,6 +51,8 @@ class SearchQuery:
     exclude_slots: torch.Tensor
     positive_ratio: float = 0.0
     positive: torch.Tensor | None = None
+    exclude_owner: torch.Tensor | None = None
+    anchor_owner: torch.Tensor | None = None
 
     def anchors(self, part) -> SearchQuery:
         """The same search for some of the anchors (a slice or an index tensor)."""
@@ -57,6 +62,7 @@ class SearchQuery:
             text=self.text[part],
             self_slots=self.self_slots[part],
             positive=None if self.positive is None else self.positive[part],
+            anchor_owner=None if self.anchor_owner is None else self.anchor_owner[part],
         )
 
     def to(self, device: torch.device) -> SearchQuery:
@@ -67,6 +73,8 @@ class SearchQuery:
             self_slots=self.self_slots.to(device),
             exclude_slots=self.exclude_slots.to(device),
             positive=None if self.positive is None else self.positive.to(device),
+            exclude_owner=None if self.exclude_owner is None else self.exclude_owner.to(device),
+            anchor_owner=None if self.anchor_owner is None else self.anchor_owner.to(device),
         )
 
     def with_k(self, k: int) -> SearchQuery:
@@ -74,6 +82,34 @@ class SearchQuery:
 
     def without_guard(self) -> SearchQuery:
         return replace(self, positive_ratio=0.0, positive=None)
+
+    @property
+    def shares_settings(self) -> tuple:
+        """What searches must share to run as one pass (merge): scoring, the near-duplicate cut, the guard."""
+        return (self.scoring, self.max_similarity, self.positive_ratio)
+
+    @staticmethod
+    def merge(queries: list[SearchQuery]) -> SearchQuery:
+        """One search for the anchors of several, each keeping its own exclusions; k is the largest k.
+
+        Every query must share `shares_settings`. Anchor rows come in the order of `queries`; query q's anchors
+        are owned by q, so its excluded slots mask only them."""
+        first = queries[0]
+        assert all(q.shares_settings == first.shares_settings for q in queries), "merged searches share settings"
+        assert all(q.exclude_owner is None for q in queries), "a merged search is not merged again"
+        device = first.image.device
+        owner = torch.arange(len(queries), device=device)
+        return replace(
+            first,
+            image=torch.cat([q.image for q in queries]),
+            text=torch.cat([q.text for q in queries]),
+            k=max(q.k for q in queries),
+            self_slots=torch.cat([q.self_slots for q in queries]),
+            exclude_slots=torch.cat([q.exclude_slots for q in queries]),
+            positive=None if first.positive is None else torch.cat([q.positive for q in queries]),
+            exclude_owner=owner.repeat_interleave(torch.tensor([len(q.exclude_slots) for q in queries], device=device)),
+            anchor_owner=owner.repeat_interleave(torch.tensor([len(q.image) for q in queries], device=device)),
+        )
 
 
 NEG_INF = float("-inf")
@@ -124,7 +160,9 @@ def mask_slots(
         else:
             _mask_range_indexed(scores, query, first_slot)
         return
-    if query.exclude_slots.numel():
+    if query.exclude_owner is not None:
+        scores.masked_fill_(_owned(query, slot_of_column.unsqueeze(0).expand_as(scores)), NEG_INF)
+    elif query.exclude_slots.numel():
         scores[:, torch.isin(slot_of_column, query.exclude_slots)] = NEG_INF
     own = slot_of_column.unsqueeze(0) == query.self_slots.unsqueeze(1)
     scores.masked_fill_(own, NEG_INF)
@@ -134,9 +172,13 @@ def _mask_range_indexed(scores: torch.Tensor, query: SearchQuery, first_slot: in
     """The CPU form: pick the excluded columns and the anchors whose own row is in range, then index them."""
     n_cols = scores.shape[1]
     excluded = query.exclude_slots - first_slot
-    excluded = excluded[(excluded >= 0) & (excluded < n_cols)]
-    if excluded.numel():
-        scores[:, excluded] = NEG_INF
+    in_range = (excluded >= 0) & (excluded < n_cols)
+    if query.exclude_owner is not None:
+        picked = torch.nonzero(in_range).flatten()
+        if picked.numel():
+            _mask_owned_columns(scores, query, excluded[picked], query.exclude_owner[picked], None)
+    elif in_range.any():
+        scores[:, excluded[in_range]] = NEG_INF
     own = query.self_slots - first_slot
     anchors = torch.nonzero((query.self_slots >= 0) & (own >= 0) & (own < n_cols)).flatten()
     if anchors.numel():
@@ -148,7 +190,11 @@ def _mask_range_sync_free(scores: torch.Tensor, query: SearchQuery, first_slot: 
     to finish everything queued so far; once per chunk that made a Mine over 10M rows on a GPU ~80 times slower
     than its matrix products (bench/gpu_check.py)."""
     n_cols = scores.shape[1]
-    if query.exclude_slots.numel():
+    if query.exclude_owner is not None and query.exclude_slots.numel():
+        excluded = query.exclude_slots - first_slot
+        in_range = (excluded >= 0) & (excluded < n_cols)
+        _mask_owned_columns(scores, query, torch.where(in_range, excluded, 0), query.exclude_owner, in_range)
+    elif query.exclude_slots.numel():
         excluded = query.exclude_slots - first_slot
         in_range = (excluded >= 0) & (excluded < n_cols)
         # One spare column takes the out-of-range entries, so the fill needs no count of them.
@@ -161,6 +207,32 @@ def _mask_range_sync_free(scores: torch.Tensor, query: SearchQuery, first_slot: 
     bound = torch.full((len(own), 1), float("inf"), dtype=scores.dtype, device=scores.device)
     bound.masked_fill_(in_range.unsqueeze(1), NEG_INF)
     scores.scatter_reduce_(1, torch.where(in_range, own, 0).unsqueeze(1), bound, reduce="amin")
+
+
+def _mask_owned_columns(
+    scores: torch.Tensor, query: SearchQuery, columns: torch.Tensor, owners: torch.Tensor, in_range
+) -> None:
+    """Set scores[a, columns[e]] to -inf where anchor a is owned by owners[e] (and in_range[e], when given).
+
+    A column excluded by two Mines appears twice with different anchors to mask, so the masks are combined by a
+    minimum (-inf masks, +inf leaves the score), never by assignment, which would let the last write win."""
+    hit = query.anchor_owner.unsqueeze(1) == owners.unsqueeze(0)  # [anchors, m]
+    if in_range is not None:
+        hit &= in_range.unsqueeze(0)
+    bound = torch.full(hit.shape, float("inf"), dtype=scores.dtype, device=scores.device)
+    bound.masked_fill_(hit, NEG_INF)
+    scores.scatter_reduce_(1, columns.unsqueeze(0).expand_as(hit), bound, reduce="amin")
+
+
+# Owner and slot combined in one key: slots stay far below 2^40 (a trillion rows).
+_OWNER_SHIFT = 40
+
+
+def _owned(query: SearchQuery, slots: torch.Tensor) -> torch.Tensor:
+    """[anchors, c] bool: slots ([anchors, c], -1 none) that their anchor's own Mine excludes."""
+    keys = (query.anchor_owner.unsqueeze(1) << _OWNER_SHIFT) + slots
+    excluded = (query.exclude_owner << _OWNER_SHIFT) + query.exclude_slots
+    return torch.isin(keys, excluded) & (slots >= 0)
 
 
 class TorchTopK:
@@ -300,6 +372,8 @@ def candidate_search(
         scores.masked_fill_(torch.bmm(image_c, query.text.unsqueeze(2)).squeeze(2).float() >= bound, NEG_INF)
     scores.masked_fill_(~valid, NEG_INF)
     scores.masked_fill_(candidate_slots == query.self_slots.unsqueeze(1), NEG_INF)
-    if query.exclude_slots.numel():
+    if query.exclude_owner is not None:
+        scores.masked_fill_(_owned(query, candidate_slots), NEG_INF)
+    elif query.exclude_slots.numel():
         scores.masked_fill_(torch.isin(candidate_slots, query.exclude_slots), NEG_INF)
     topk.add(scores, candidate_ids)

@@ -57,6 +57,9 @@ class DurableMiner:
     def mine(self, query: MineQuery, cancelled: Cancelled | None = None) -> MineResult:
         return self.core.mine(query, cancelled)
 
+    def mine_many(self, queries: list[MineQuery], cancelled: Cancelled | None = None) -> list[MineResult | Exception]:
+        return self.core.mine_many(queries, cancelled)
+
     def fetch(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         return self.core.fetch(ids)
 

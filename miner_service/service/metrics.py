@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 LATENCY_BUCKETS_S = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Per-namespace series: names are chosen by operators and capped (max_namespaces), never per request.
 NAMESPACE_LABEL = ("namespace",)
+PASS_MINES_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 STALENESS_BUCKETS_STEPS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000, 10000)
 
 
@@ -28,6 +29,7 @@ class MinerMetrics:
     neighbour_staleness: Histogram
     returned_neighbours: Counter
     guard_dropped: Counter
+    pass_mines: Histogram
     ivf_rows: Gauge
     replica_lag_seconds: Gauge
     ivf_enabled: Gauge
@@ -82,6 +84,14 @@ class MinerMetrics:
                 NAMESPACE_LABEL,
                 registry=r,
             ),
+            pass_mines=Histogram(
+                "helip_miner_mine_pass_mines",
+                "Mines answered by the pass over the rows that answered each Mine (1: alone; search.batch_mines "
+                "merges concurrent Mines), by namespace",
+                NAMESPACE_LABEL,
+                buckets=PASS_MINES_BUCKETS,
+                registry=r,
+            ),
             ivf_rows=Gauge(
                 "helip_miner_ivf_rows", "Rows covered by the IVF candidate index (0: exact only)", registry=r
             ),
@@ -101,7 +111,8 @@ class MinerMetrics:
 
     def forget_namespace(self, name: str) -> None:
         """Remove a dropped namespace's series, so that dropped names do not pile up in /metrics."""
-        for metric in (self.mine_seconds, self.upsert_seconds, self.rows, self.upserted_rows, self.guard_dropped):
+        per_namespace = (self.mine_seconds, self.upsert_seconds, self.rows, self.upserted_rows, self.guard_dropped)
+        for metric in (*per_namespace, self.pass_mines):
             try:
                 metric.remove(name)
             except KeyError:

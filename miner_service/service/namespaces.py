@@ -27,7 +27,8 @@ from pathlib import Path
 
 import redis
 
-from helip.miner_service.core.api import MinerCore
+from helip.miner_service.core.api import Cancelled, MineQuery, MinerCore, MineResult
+from helip.miner_service.core.batching import MineBatcher
 from helip.miner_service.core.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -93,11 +94,16 @@ class Namespace:
     record: NamespaceRecord
     core: HardPairMiner
     durable: DurableMiner | None = None
+    batcher: MineBatcher | None = None  # with search.batch_mines: concurrent Mines share a pass
 
     @property
     def miner(self) -> MinerCore:
         """What requests go to: the durable wrapper when there is a log, else the core."""
         return self.durable or self.core
+
+    def mine(self, query: MineQuery, cancelled: Cancelled | None = None) -> MineResult:
+        """A Mine of this namespace: through the batcher when Mines are batched, else alone."""
+        return (self.batcher or self.miner).mine(query, cancelled)
 
     @property
     def dim(self) -> int:
@@ -338,6 +344,10 @@ class NamespaceRegistry:
                 snapshot.claim_generation(Path(durability.snapshot_dir), record.generation)
             namespace.durable = DurableMiner(core, durability)
             namespace.durable.recover()
+        search = self.config.search
+        if search.batch_mines:
+            max_anchors = search.batch_max_anchors or search.max_anchors
+            namespace.batcher = MineBatcher(namespace.miner, search.batch_window_ms / 1000, max_anchors)
         return namespace
 
     def sync(self) -> None:

@@ -167,7 +167,7 @@ class MinerServicer(pb_grpc.MinerServicer):
             namespace = self._namespace(request)
             search = self.config.search
             query = validation.mine_query(request, namespace.dim, search.max_k, search.max_anchors)
-            result = namespace.miner.mine(query, cancelled=lambda: not context.is_active())
+            result = namespace.mine(query, cancelled=lambda: not context.is_active())
             lag = self._replica_lag()
             reply = pb.MineReply(
                 k=query.k,
@@ -182,6 +182,7 @@ class MinerServicer(pb_grpc.MinerServicer):
             reply.unknown_anchor_ids.extend(result.unknown_anchor_ids.tolist())
             self.metrics.mine_seconds.labels(namespace.name).observe(time.perf_counter() - started)
             self.metrics.mined_anchors.inc(query.n_anchors)
+            self.metrics.pass_mines.labels(namespace.name).observe(result.pass_mines)
             self.metrics.unknown_anchors.inc(len(result.unknown_anchor_ids))
             if query.positive_ratio:  # a series only for namespaces that use the guard
                 self.metrics.guard_dropped.labels(namespace.name).inc(result.guard_dropped)
