@@ -17,6 +17,11 @@ to back; and one client mining alone. Reported: upsert p50 / p99 alone and under
 load, and the ratio of upsert p99 under Mines to one Mine's median alone (goal <= 0.25: a write waits for a
 chunk of a Mine, not for whole Mines).
 
+Then, unless --batching-seconds 0, Mines batched across callers (search.batch_mines): --batching-callers clients
+(16) mining --anchors anchors (128) back to back, against a fresh miner without batching and one with it (the same
+--rows preloaded into each, one after the other in this run). Reported per arm: anchors/s and Mine p50 / p99, and
+batched over unbatched (anchors/s ratio; goal on the CPU: no loss, >= 1).
+
 Last, unless --memory-rows 0, the pair store's memory at --memory-rows rows of --memory-dim (in a fresh process,
 filled 4,096 rows at a time): steady (after the fill) and peak (during it) above the process's memory before the
 store existed, and their ratio (goal peak <= 1.25x steady: growth adds a block, it never copies the store).
@@ -25,6 +30,7 @@ On the CPU this is resident memory from /proc (VmRSS, VmHWM), on a GPU the torch
     python -m bench.load [--clients 16] [--seconds 60] [--rows 50000] [--address HOST:PORT --miner-pid PID]
                          [--redis-url redis://...]  # the durable path: every write goes through the Redis log
                          [--contention-seconds 20] [--contention-miners 3] [--contention-anchors 512]
+                         [--batching-seconds 20] [--batching-callers 16] [--batch-window-ms 1]
                          [--memory-rows 1000000] [--memory-dim 128]
 """
 
@@ -250,6 +256,30 @@ def contention(config: LoadConfig, miners: int, anchors: int, interval_s: float)
     }
 
 
+def batching(args, config: LoadConfig) -> dict:
+    """Mine-only callers against a miner without batching, then one with it: anchors/s and latency per arm."""
+    arms = {"unbatched": (), "batched": ("--batch-mines", "true", "--batch-window-ms", str(args.batch_window_ms))}
+    measured = {}
+    for arm, flags in arms.items():
+        server = bench_miner("--dim", str(args.dim), "--device", args.device, "--log-level", "WARNING", *flags)
+        try:
+            preload(server.address, args.rows, args.dim)
+            paced = dataclasses.replace(config, address=server.address, seconds=args.batching_seconds)
+            mines = run_paced(paced, ["miner"] * args.batching_callers, args.anchors, 0.0)["miner"]
+        finally:
+            server.stop()
+        measured[arm] = {"anchors_per_s": len(mines) * args.anchors / args.batching_seconds, **percentiles_ms(mines)}
+    unbatched, batched = measured["unbatched"], measured["batched"]
+    return {
+        "callers": args.batching_callers,
+        "anchors": args.anchors,
+        "window_ms": args.batch_window_ms,
+        **measured,
+        "anchors_per_s_batched_over_unbatched": batched["anchors_per_s"] / unbatched["anchors_per_s"],
+        "p99_batched_over_unbatched": batched["p99_ms"] / unbatched["p99_ms"],
+    }
+
+
 def store_memory_worker(rows: int, dim: int, device: str, results) -> None:
     """In a fresh process: fill a miner core with `rows` rows and report its memory, steady and peak."""
     import torch
@@ -326,6 +356,9 @@ def main() -> None:
     parser.add_argument("--contention-miners", type=int, default=3)
     parser.add_argument("--contention-anchors", type=int, default=512)
     parser.add_argument("--write-interval-ms", type=float, default=50.0)
+    parser.add_argument("--batching-seconds", type=float, default=20.0, help="per arm; 0: skip")
+    parser.add_argument("--batching-callers", type=int, default=16)
+    parser.add_argument("--batch-window-ms", type=float, default=1.0, help="the batched arm's search.batch_window_ms")
     parser.add_argument("--memory-rows", type=int, default=1_000_000, help="rows of the memory check; 0: skip")
     parser.add_argument("--memory-dim", type=int, default=128)
     parser.add_argument("--json-out")
@@ -359,13 +392,14 @@ def main() -> None:
             args.invalid_fraction,
             args.timeout_s,
         )
-        latencies, codes, seconds = run_load(config, args.clients)
+        latencies, codes, seconds = run_load(config, args.clients) if args.seconds > 0 else ({}, Counter(), 1.0)
         memory_after = memory_of(pid)
         contended = None
         if args.contention_seconds > 0:
             paced = dataclasses.replace(config, seconds=args.contention_seconds)
             contended = contention(paced, args.contention_miners, args.contention_anchors, args.write_interval_ms / 1e3)
         alive = server is None or server.process.poll() is None
+        batched = batching(args, config) if args.batching_seconds > 0 else None
     finally:
         if server is not None:
             server.stop()
@@ -397,6 +431,7 @@ def main() -> None:
         "miner_memory_after": memory_after,
         "miner_alive_after": alive,
         "contention": contended,
+        "batching": batched,
         "store_memory": store_memory(args.memory_rows, args.memory_dim, args.device) if args.memory_rows else None,
     }
     rows = []
@@ -443,6 +478,21 @@ def main() -> None:
                 f"{contended['upsert_p99_under_mines_over_mine_p50']:.3f}",
             ),
         ]
+    if batched:
+        for arm in ("unbatched", "batched"):
+            figures = batched[arm]
+            rows.append(
+                (
+                    f"{batched['callers']} callers x {batched['anchors']} anchors, {arm}: anchors/s, p50 / p99 (ms)",
+                    f"{figures['anchors_per_s']:,.0f}, {figures['p50_ms']:.1f} / {figures['p99_ms']:.1f}",
+                )
+            )
+        rows.append(
+            (
+                "batched / unbatched: anchors/s, p99",
+                f"{batched['anchors_per_s_batched_over_unbatched']:.2f}, {batched['p99_batched_over_unbatched']:.2f}",
+            )
+        )
     memory = results["store_memory"]
     if memory:
         rows += [
