@@ -24,6 +24,7 @@ class IvfConfig:
 
 
 STORAGE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+KERNELS = ("auto", "torch", "triton")
 TOPK_KINDS = ("auto", "heap", "torch")
 DEFAULT_MAX_SIMILARITY = 0.98  # the paper's code drops candidates above this similarity as near-duplicates
 
@@ -57,6 +58,10 @@ class SearchConfig:
     block_rows: int = 0  # stored rows scored at once; 0 picks by device
     store_block_rows: int = 0  # rows per storage block (growth allocates one, a writer locks one); 0: by device
     topk: str = "auto"  # running top-k: "auto" (FAISS heaps on the CPU, torch.topk on a GPU), "heap", "torch"
+    # The exact search's kernel: "torch" (matrix products, then a top-k over the scores), "triton" (core.fused: one
+    # fused kernel; a CUDA device, or TRITON_INTERPRET=1 on the CPU for tests) or "auto" (torch until the fused
+    # kernel is measured on a GPU: docs/BENCHMARKS.md, GPU check).
+    kernel: str = "auto"
     topk_segment: int = 0  # torch top-k: select per segment of this many columns first (0: one pass per row)
     max_k: int = 1024  # largest k a Mine may ask for
     max_anchors: int = 8192  # most anchors one Mine may ask about
@@ -79,6 +84,8 @@ class SearchConfig:
             raise ValueError(
                 f"search.storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.storage_dtype!r}"
             )
+        if self.kernel not in KERNELS:
+            raise ValueError(f"search.kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
         if self.topk not in TOPK_KINDS:
             raise ValueError(f"search.topk must be one of {', '.join(TOPK_KINDS)}, got {self.topk!r}")
         if self.block_rows < 0:

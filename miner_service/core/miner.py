@@ -90,6 +90,7 @@ class HardPairMiner:
         self._newest_step = 0
         self._step_lock = threading.Lock()
         self.ivf = IvfPath(self.store, config, self.device, self._bytes_per_score)
+        self.fused = _fused_kernel(config.kernel, self.device)
         log.info(
             "miner core: dim=%d devices=%s dtype=%s store blocks of %d rows, scored %d rows at a time",
             dim,
@@ -250,7 +251,10 @@ class HardPairMiner:
                     scores, labels = self.ivf.search(search, ivf, rows_at_once, cancelled)
                 else:
                     topk = make_topk(n_search, k, self.device, self.config.topk, self.config.topk_segment)
-                    exact_search(search, self.store.blocks(), rows_at_once, topk, cancelled)
+                    if self.fused is not None and self.fused.supports(search, self.device):
+                        self.fused.exact_search_fused(search, self.store.blocks(), rows_at_once, topk, cancelled)
+                    else:
+                        exact_search(search, self.store.blocks(), rows_at_once, topk, cancelled)
                     scores, labels = topk.result()
         return labels.cpu().numpy(), scores.cpu().numpy().astype(np.float32, copy=False)
 
@@ -374,6 +378,19 @@ class HardPairMiner:
             self.config.max_k,
             ivf_enabled=self.ivf.enabled,
         )
+
+
+def _fused_kernel(kernel: str, device: torch.device):
+    """core.fused when search.kernel asks for it (imported only then: it needs triton), else None."""
+    if kernel != "triton":
+        return None
+    try:
+        from helip.miner_service.core import fused
+    except ImportError as error:
+        raise ValueError(f"search.kernel 'triton' needs the triton package ({error})") from error
+    if device.type != "cuda" and not fused.interpreted():
+        raise ValueError("search.kernel 'triton' needs a CUDA device (or TRITON_INTERPRET=1 to run it on the CPU)")
+    return fused
 
 
 def _repeated_in_row(ids: np.ndarray) -> np.ndarray:
