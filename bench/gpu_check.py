@@ -1,21 +1,30 @@
 """GPU check: GPU answers equal CPU answers, then Mine latency at N = 10,000,000 on the GPU.
 
-Meant for a machine with a CUDA device, run through bench/gpu_check.sh in well under 5 minutes:
+Meant for a machine with a CUDA device, run through bench/gpu_check.sh within 8 minutes:
 
-    python -m bench.gpu_check [--rows 10000000] [--dim 256] [--anchors 512] [--k 16]
+    python -m bench.gpu_check [--rows 10000000] [--dim 256] [--anchors 512] [--k 16] [--variants]
+
+Timed on the same stored rows, against one plain product of the same shape: the Mine on the torch path and with
+the fused Triton kernel (search.kernel triton, core.fused; goal <= 2x the product), the guarded Mine, and 16
+concurrent callers of 128 anchors each, alone and batched (core.batching; goal >= 50,000 anchors/s).
+--variants adds the storage-block / segment / scratch sweep the GPU defaults were chosen from (refills the store
+three times: minutes).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
 import torch
 
 from bench.common import report, summarize, unit_pairs
+from helip.miner_service.core import fused
 from helip.miner_service.core.api import MineQuery
+from helip.miner_service.core.batching import MineBatcher
 from helip.miner_service.core.config import SearchConfig
 from helip.miner_service.core.miner import HardPairMiner
 
@@ -42,13 +51,16 @@ def compare(rows: int, dim: int, k: int) -> dict:
         "cuda_fp32": SearchConfig(device="cuda", storage_dtype="float32"),
         "cuda_fp16": SearchConfig(device="cuda", storage_dtype="float16"),
         "cuda_fp16_segmented": SearchConfig(device="cuda", storage_dtype="float16", topk_segment=1024),
+        "cuda_fp32_fused": SearchConfig(device="cuda", storage_dtype="float32", kernel="triton"),
+        "cuda_fp16_fused": SearchConfig(device="cuda", storage_dtype="float16", kernel="triton"),
+        "cuda_bf16_fused": SearchConfig(device="cuda", storage_dtype="bfloat16", kernel="triton"),
     }.items():
         miner = HardPairMiner(dim, config)
         miner.upsert(ids, image, text, 1)
         answers[name] = miner.mine(MineQuery(k, anchor_ids=anchors))
     cpu = answers["cpu"]
     out = {}
-    for name in ("cuda_fp32", "cuda_fp16", "cuda_fp16_segmented"):
+    for name in [name for name in answers if name != "cpu"]:
         got = answers[name]
         out[name] = {
             "ids_equal_fraction": float((got.neighbour_ids == cpu.neighbour_ids).mean()),
@@ -75,13 +87,19 @@ def filled(rows: int, dim: int, config: SearchConfig) -> HardPairMiner:
     return miner
 
 
-def latency(rows: int, dim: int, n_anchors: int, k: int, repeats: int) -> dict:
+def latency(rows: int, dim: int, n_anchors: int, k: int, repeats: int, sweep: bool) -> dict:
     miner = filled(rows, dim, SearchConfig(device="cuda"))
     seconds = time_mines(miner, rows, n_anchors, k, repeats)
     guarded = time_mines(miner, rows, n_anchors, k, max(5, repeats // 3), positive_ratio=0.9)
+    miner.fused = fused  # the same rows, searched by the fused kernel
+    fused_seconds = time_mines(miner, rows, n_anchors, k, repeats)
+    kernels = {"torch": summarize(seconds), "triton": summarize(fused_seconds)}
+    fastest = min(kernels, key=lambda name: kernels[name]["median_ms"])
+    miner.fused = fused if fastest == "triton" else None
+    callers = {batched: concurrent_mines(miner, rows, CALLERS, CALLER_ANCHORS, k, batched) for batched in (False, True)}
     dtype = miner.dtype
     variants = {}
-    for store_block_rows in sorted({v[0] for v in VARIANTS}):
+    for store_block_rows in sorted({v[0] for v in VARIANTS}) if sweep else ():
         del miner
         torch.cuda.empty_cache()
         miner = filled(rows, dim, SearchConfig(device="cuda", store_block_rows=store_block_rows))
@@ -109,6 +127,10 @@ def latency(rows: int, dim: int, n_anchors: int, k: int, repeats: int) -> dict:
             matmul.append(time.perf_counter() - started)
     return {
         "mine": summarize(seconds),
+        "mine_fused": kernels["triton"],
+        "fastest_kernel": fastest,
+        "callers_unbatched": callers[False],
+        "callers_batched": callers[True],
         "mine_guard_0.9": summarize(guarded),
         "variants": variants,
         "matmul_one_product": summarize(matmul),
@@ -132,6 +154,34 @@ def time_mines(
     return seconds
 
 
+CALLERS = 16
+CALLER_ANCHORS = 128
+
+
+def concurrent_mines(miner: HardPairMiner, rows: int, callers: int, anchors: int, k: int, batched: bool) -> dict:
+    """`callers` threads mining `anchors` random stored anchors back to back for a few seconds, each Mine alone or
+    through a MineBatcher: anchors answered per second and the callers' Mine latency."""
+    mine = MineBatcher(miner, window_s=0.0005, max_anchors=8192).mine if batched else miner.mine
+    stop_at = time.perf_counter() + 5.0
+    latencies: list[float] = []
+
+    def caller(index: int) -> int:
+        rng = np.random.default_rng(100 + index)
+        done = 0
+        while time.perf_counter() < stop_at:
+            picked = rng.choice(rows, anchors, replace=False).astype(np.uint64)
+            started = time.perf_counter()
+            mine(MineQuery(k, anchor_ids=picked, exclude_ids=picked))
+            latencies.append(time.perf_counter() - started)
+            done += anchors
+        return done
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(callers) as pool:
+        answered = sum(pool.map(caller, range(callers)))
+    return {"anchors_per_s": answered / (time.perf_counter() - started), **summarize(latencies)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=10_000_000)
@@ -140,12 +190,14 @@ def main() -> None:
     parser.add_argument("--anchors", type=int, default=512)
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--variants", action="store_true", help="also the storage / segment / scratch sweep")
     parser.add_argument("--json-out")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check needs a CUDA device")
     equal = compare(args.compare_rows, args.dim, args.k)
-    timing = latency(args.rows, args.dim, args.anchors, args.k, args.repeats)
+    timing = latency(args.rows, args.dim, args.anchors, args.k, args.repeats, args.variants)
+    product = timing["matmul_one_product"]["median_ms"]
     results = {"config": vars(args), "equality": equal, "latency": timing}
     rows = [
         (
@@ -158,6 +210,23 @@ def main() -> None:
         (
             f"Mine median / p99 at N={args.rows:,} (ms)",
             f"{timing['mine']['median_ms']:.2f} / {timing['mine']['p99_ms']:.2f}",
+        ),
+        (
+            "Mine with the fused kernel, median / p99 (ms; goal <= 2x the product)",
+            f"{timing['mine_fused']['median_ms']:.2f} / {timing['mine_fused']['p99_ms']:.2f}",
+        ),
+        (
+            "Mine / one product: torch path, fused kernel",
+            f"{timing['mine']['median_ms'] / product:.1f}x, {timing['mine_fused']['median_ms'] / product:.1f}x",
+        ),
+        (
+            f"{CALLERS} callers x {CALLER_ANCHORS} anchors ({timing['fastest_kernel']}): anchors/s alone, batched "
+            "(goal >= 50,000)",
+            f"{timing['callers_unbatched']['anchors_per_s']:,.0f}, {timing['callers_batched']['anchors_per_s']:,.0f}",
+        ),
+        (
+            "those callers' Mine p99, alone / batched (ms)",
+            f"{timing['callers_unbatched']['p99_ms']:.1f} / {timing['callers_batched']['p99_ms']:.1f}",
         ),
         ("Mine with the guard at 0.9, median (ms)", f"{timing['mine_guard_0.9']['median_ms']:.2f}"),
         ("one plain product of the same shape (ms)", f"{timing['matmul_one_product']['median_ms']:.2f}"),
