@@ -264,12 +264,15 @@ class HardPairMiner:
         size = self.store.size
         wide = merged.without_guard().with_k(guard.list_length(merged.k, size))
         labels, scores = self._search(wide, ivf, cancelled)
-        complete = (labels < 0).any(axis=1) | (wide.k >= size)
         kept_lists, short = [], []
         for member, part in zip(members, parts):
-            ids, own_scores, steps = self._finish(labels[part], scores[part], member.query.exclude_ids, member.self_ids)
+            # Each Mine judges the list it would have searched alone, so that its drop count is its own too.
+            length = guard.list_length(member.query.k, size)
+            own_labels, own_scores = labels[part, :length], scores[part, :length]
+            complete = (own_labels < 0).any(axis=1) | (length >= size)
+            ids, own_scores, steps = self._finish(own_labels, own_scores, member.query.exclude_ids, member.self_ids)
             keep = self._guard_keeps(ids, member.search)
-            kept = guard.keep_first(ids, own_scores, steps, keep, member.query.k, complete[part])
+            kept = guard.keep_first(ids, own_scores, steps, keep, member.query.k, complete)
             kept_lists.append(kept)
             short.append(np.flatnonzero(kept.short) + part.start)
         short = np.concatenate(short)
