@@ -10,8 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
-from helip.miner_service.service.process import MinerProcess, spawn_miner
+# Triton's interpreter runs the fused Mine kernel on CPU tensors (tests/unit/test_fused_kernel.py). It is chosen when
+# triton is imported, and deepspeed and open_clip import triton while test modules are collected, so it is set here,
+# before any of them. A machine with a CUDA device compiles the kernel instead (tests/gpu).
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from helip.miner_service.service.process import MinerProcess, spawn_miner  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
