@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -50,25 +51,67 @@ def bootstrap_index(
     started = time.perf_counter()
     ids = np.arange(rank, len(dataset), world_size)
     batches = [ids[i : i + batch_size].tolist() for i in range(0, len(ids), batch_size)]
+    on_cuda = torch.device(device).type == "cuda"
     loader = DataLoader(
         dataset,
         batch_sampler=batches,
         collate_fn=collate_pairs,
-        pin_memory=torch.device(device).type == "cuda",
+        pin_memory=on_cuda,
         **{**worker_options(num_workers), "persistent_workers": False},
     )
     was_training = model.training
     model.eval()
     pushed = 0
+    timing = BootstrapTiming()
     try:
+        mark = time.perf_counter()
         for batch in tqdm(loader, desc=f"bootstrap index (rank {rank})", unit="batch", disable=not progress):
+            timing.data_s += time.perf_counter() - mark
+            mark = time.perf_counter()
             image, text = encode_pairs(
                 model, batch.images.to(device, dtype, non_blocking=True), batch.tokens.to(device, non_blocking=True)
             )
+            if on_cuda:
+                torch.cuda.synchronize(device)  # the encode's own time, not the push's wait for it
+            timing.note_encode(time.perf_counter() - mark)
+            mark = time.perf_counter()
             if pusher.push(batch.ids, image, text, step, block=True, timeout_s=300):
                 pushed += len(batch)
+            timing.push_s += time.perf_counter() - mark
+            mark = time.perf_counter()
     finally:
         model.train(was_training)
+    mark = time.perf_counter()
     pusher.flush(300)
-    log.info("rank %d pushed %d bootstrap rows in %.1f s", rank, pushed, time.perf_counter() - started)
+    timing.flush_s = time.perf_counter() - mark
+    timing.total_s = time.perf_counter() - started
+    log.info("rank %d pushed %d bootstrap rows in %s", rank, pushed, timing)
     return pushed
+
+
+@dataclass
+class BootstrapTiming:
+    """Where a bootstrap pass's time went: waiting for the DataLoader (worker start-up included), encoding (the
+    first batch apart: it pays CUDA's and the kernels' first-use costs), handing rows to the pusher, and the final
+    flush (the miner acknowledging the last rows)."""
+
+    total_s: float = 0.0
+    data_s: float = 0.0
+    first_encode_s: float = 0.0
+    encode_s: float = 0.0
+    push_s: float = 0.0
+    flush_s: float = 0.0
+    batches: int = 0
+
+    def note_encode(self, seconds: float) -> None:
+        if not self.batches:
+            self.first_encode_s = seconds
+        self.encode_s += seconds
+        self.batches += 1
+
+    def __str__(self) -> str:
+        return (
+            f"{self.total_s:.1f} s: waiting for data {self.data_s:.1f} s, encoding {self.encode_s:.1f} s "
+            f"({self.batches} batches, the first {self.first_encode_s:.1f} s), pushing {self.push_s:.1f} s, "
+            f"final flush {self.flush_s:.1f} s"
+        )
