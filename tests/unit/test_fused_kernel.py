@@ -3,7 +3,8 @@
 Small shapes (the interpreter runs a program in numpy: seconds a Mine), chosen to cross every edge: two anchor
 groups (37 anchors, BLOCK_A 32), a dimension that is not a multiple of BLOCK_D, rows that end mid-tile, holes,
 own rows, shared and per-Mine (merged) exclusions, the near-duplicate cut, every scoring, negative similarities,
-everything filtered, k past the rows left, the largest k the kernel takes; and what it leaves to the torch path.
+everything filtered, k past the rows left, the largest k the kernel takes, clustered rows with exact ties (against
+the numpy reference); and what it leaves to the torch path.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from helip.miner_service.core.api import MineQuery
 from helip.miner_service.core.config import SearchConfig
 from helip.miner_service.core.miner import HardPairMiner
 from helip.miner_service.core.search import Scoring, SearchQuery
-from tests.reference import random_pairs
+from tests.reference import random_pairs, reference_mine
 
 fused = pytest.importorskip("helip.miner_service.core.fused")
 # tests/conftest.py turns the interpreter on where no CUDA device is visible; on a GPU machine tests/gpu runs the
@@ -162,3 +163,37 @@ def test_the_kernel_needs_a_gpu_or_the_interpreter(monkeypatch):
         HardPairMiner(8, SearchConfig(device="cpu", kernel="triton"))
     with pytest.raises(ValueError, match="search.kernel must be one of"):
         SearchConfig(kernel="cuda")
+
+
+def same_up_to_ties(got_ids, got_scores, all_ids, all_scores, where: str) -> None:
+    """The top k (got) of a ranking of every row (all): the same scores, and at each score ids tied there."""
+    k = got_ids.shape[1]
+    np.testing.assert_allclose(got_scores, all_scores[:, :k], rtol=1e-5, atol=1e-6, err_msg=where)
+    for a in range(len(got_ids)):
+        for j in np.flatnonzero(got_ids[a] >= 0):
+            tied = all_ids[a][np.isclose(all_scores[a], got_scores[a][j], atol=1e-6)]
+            assert got_ids[a][j] in tied, f"{where}, anchor {a}: {got_ids[a][j]} is not among {tied}"
+        assert len(set(got_ids[a].tolist())) == k, f"{where}, anchor {a}: an id twice"
+
+
+def test_clustered_rows_with_exact_ties_equal_the_reference():
+    # Five tight clusters (every anchor's nearest are its cluster's), each row stored twice under two ids: ties.
+    rng = np.random.default_rng(9)
+    centers = rng.standard_normal((5, DIM)).astype(np.float32)
+    image = centers[rng.integers(0, 5, 40)] + 0.05 * rng.standard_normal((40, DIM)).astype(np.float32)
+    text = image + 0.05 * rng.standard_normal((40, DIM)).astype(np.float32)
+    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    image, text = np.concatenate([image, image]), np.concatenate([text, text])
+    ids = np.arange(80, dtype=np.uint64)
+    kernel = HardPairMiner(DIM, SearchConfig(device="cpu", kernel="triton"))
+    kernel.upsert(ids, image, text, 1)
+    rows = {int(i): (image[i], text[i]) for i in ids}
+    anchors = ids[::7]
+    for scoring in (Scoring.PRODUCT, Scoring.SUM):
+        got = kernel.mine(MineQuery(9, anchor_ids=anchors, exclude_ids=ids[70:], max_similarity=2.0, scoring=scoring))
+        kept = {i: rows[i] for i in rows if i < 70}
+        all_ids, all_scores = reference_mine(
+            kept, image[anchors.astype(int)], text[anchors.astype(int)], 80, int(scoring), 2.0, anchors.astype(np.int64)
+        )
+        same_up_to_ties(got.neighbour_ids, got.scores, all_ids, all_scores, scoring.name)
