@@ -9,6 +9,12 @@ The first `--warmup` steps of each run are skipped. With `--repeats 2` the runs 
 drift in the machine's speed hits both modes alike.
 
     python -m bench.train_overhead [--steps 150] [--warmup 20] [--repeats 2] [--batch-size 64] [--json-out F]
+                                   [--model ViT-B-32 --train-csv DIR/train.csv --workers 16]
+
+By default the tiny CLIP on the generated 32-px set (configs/demo.yaml). --model and --train-csv make it a real
+model on a real-sized set (bench/gpu_check.sh: ViT-B/32 from random init on generated 224-px JPEGs, `helip-data
+synth --image-size 224 --format jpg`), with no evaluation. Where `nvidia-smi` is on the PATH, the GPU's busy
+fraction (utilization.gpu, sampled every 200 ms while each run trains) is reported per mode.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +126,44 @@ def step_times(run: TrainRun, warmup: int) -> np.ndarray:
     return np.diff(ends)[max(0, warmup - 1) :]
 
 
+def step_window(run: TrainRun, warmup: int) -> tuple[float, float]:
+    """(start, end) wall-clock time of the measured steps (after the first `warmup`)."""
+    ends = [record["time"] for record in run.steps]
+    return ends[max(0, warmup - 1)], ends[-1]
+
+
+class GpuBusy:
+    """Samples the GPU's utilization (nvidia-smi, every 200 ms) while a run trains; nothing where there is none."""
+
+    def __enter__(self) -> GpuBusy:
+        self.samples: list[tuple[float, float]] = []
+        self.process = None
+        if shutil.which("nvidia-smi"):
+            self.process = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200"],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            self.reader = threading.Thread(target=self._read, daemon=True)
+            self.reader.start()
+        return self
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            first = line.split(",")[0].strip()
+            if first.isdigit():
+                self.samples.append((time.time(), float(first)))
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.reader.join(5)
+
+    def samples_between(self, start: float, end: float) -> list[float]:
+        return [value for at, value in self.samples if start <= at <= end]
+
+
 def summarize_steps(seconds: np.ndarray) -> dict:
     return {
         "median_s": float(np.median(seconds)),
@@ -137,6 +182,9 @@ def main() -> None:
     parser.add_argument("--prefetch", type=int, default=2, help="mining.prefetch: batches mined ahead")
     parser.add_argument("--synth-dir", default=str(ROOT / "data" / "synth"))
     parser.add_argument("--work-dir", help="keep the runs here (default: a temporary directory)")
+    parser.add_argument("--model", help="model.name: an open_clip model (ViT-B-32) or a JSON config (default: tiny)")
+    parser.add_argument("--train-csv", help="data.train: train on this CSV instead of the generated set (no eval)")
+    parser.add_argument("--workers", type=int, help="data.workers: DataLoader worker processes per rank")
     parser.add_argument("--json-out")
     args = parser.parse_args()
     if args.steps - args.warmup < 2:
@@ -151,16 +199,25 @@ def main() -> None:
         "run.checkpoint_every": 0,
         "run.eval_every": 0,
     }
+    if args.model:
+        common["model.name"] = args.model
+    if args.train_csv:
+        common.update({"data.train": args.train_csv, "data.synth_dir": "", "data.eval_dir": ""})
+    if args.workers is not None:
+        common["data.workers"] = args.workers
     temporary = None if args.work_dir else tempfile.TemporaryDirectory(prefix="helip-overhead-")
     work = Path(args.work_dir or temporary.name)
     order = []
     for repeat in range(args.repeats):
         order += [("off", "on"), ("on", "off")][repeat % 2]
     runs: dict[str, list[TrainRun]] = {"off": [], "on": []}
+    busy: dict[str, list[float]] = {"off": [], "on": []}
     for index, mode in enumerate(order):
         settings = {**common, **(MINING_ON if mode == "on" else MINING_OFF)}
         print(f"run {index + 1}/{len(order)}: mining {mode}", file=sys.stderr, flush=True)
-        runs[mode].append(train(work / f"{index}-{mode}", settings))
+        with GpuBusy() as gpu:
+            runs[mode].append(train(work / f"{index}-{mode}", settings))
+        busy[mode] += gpu.samples_between(*step_window(runs[mode][-1], args.warmup))
     if temporary is not None:
         temporary.cleanup()
 
@@ -196,6 +253,7 @@ def main() -> None:
         "data_wait_median_ms": {mode: 1e3 * value for mode, value in data_wait.items()},
         "dropped_pushes": sum(m["dropped_pushes"] for m in mining),
         "run_wall_s": {mode: [run.wall_s for run in mode_runs] for mode, mode_runs in runs.items()},
+        "gpu_busy_fraction": {mode: float(np.mean(v)) / 100 if v else None for mode, v in busy.items()},
     }
     rows = [
         ("step time, mining off: median / p90 (s)", f"{off['median_s']:.3f} / {off['p90_s']:.3f}"),
@@ -214,6 +272,9 @@ def main() -> None:
         ),
         ("pushes dropped", f"{results['dropped_pushes']}"),
     ]
+    if results["gpu_busy_fraction"]["off"] is not None:
+        fractions = results["gpu_busy_fraction"]
+        rows.append(("GPU busy while stepping, off / on", f"{fractions['off']:.2f} / {fractions['on']:.2f}"))
     report("train_overhead", results, rows, args.json_out)
 
 

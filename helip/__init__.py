@@ -16,6 +16,14 @@ helip.miner_service (core / wire / service / client) and helip.trainer (pairs: t
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
+
+# Run from a source checkout without installing it (bench/gpu_env.sh on a lent GPU machine), helip/ holds only
+# this file and the generated stubs, and the sub-packages are its siblings (miner_service/, trainer/); they are
+# found there. An installed helip, wheel or editable, has them under helip/ (or mapped to it) already.
+_CHECKOUT = Path(__file__).resolve().parent.parent
+if not (Path(__file__).parent / "miner_service").is_dir() and (_CHECKOUT / "miner_service" / "__init__.py").is_file():
+    __path__.append(str(_CHECKOUT))
 
 _EXPORTS = {
     # the hard-pair library (helip.trainer.pairs)

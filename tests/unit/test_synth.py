@@ -136,9 +136,26 @@ def test_cli_generates(tmp_path, capsys):
     assert len(_rows(tmp_path / "train.csv")) == 5
 
 
+def test_jpeg_sets_hold_the_same_scenes_as_jpeg_files(tmp_path):
+    png = generate(SynthConfig(tmp_path / "png", 6, 2, image_size=64, seed=3))
+    jpg = generate(SynthConfig(tmp_path / "jpg", 6, 2, image_size=64, seed=3, image_format="jpg"))
+    png_rows, jpg_rows = _rows(png.train_csv), _rows(jpg.train_csv)
+    assert [r["title"] for r in jpg_rows] == [r["title"] for r in png_rows]  # the same captions, in order
+    for png_path, jpg_path in zip((r["filepath"] for r in png_rows), (r["filepath"] for r in jpg_rows)):
+        assert jpg_path.endswith(".jpg")
+        with Image.open(jpg.root / jpg_path) as image:
+            assert image.format == "JPEG" and image.size == (64, 64)
+            lossy = np.asarray(image.convert("RGB"), dtype=np.float32)
+        exact = np.asarray(Image.open(png.root / png_path).convert("RGB"), dtype=np.float32)
+        assert np.abs(lossy - exact).mean() < 8  # the same picture, up to JPEG's loss
+    with pytest.raises(ValueError, match="image_format"):
+        SynthConfig(tmp_path, image_format="webp")
+
+
 @pytest.mark.parametrize(
     "argv, flag",
     [
+        (["synth", "--out", "x", "--format", "gif"], "--format"),
         (["synth", "--out", "x", "--train", "0"], "--train"),
         (["synth", "--out", "x", "--test", "many"], "--test"),
         (["synth", "--out", "x", "--image-size", "8"], "--image-size"),

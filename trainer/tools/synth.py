@@ -11,7 +11,7 @@ Layout written by `generate`, the same for every family (all CSVs tab-separated,
 RELATIVE to the directory holding the CSV, i.e. the output root, so the set can be moved; pairs.data also accepts
 absolute paths):
 
-    DIR/images/{train,test}_NNNNNN.png
+    DIR/images/{train,test}_NNNNNN.png (.jpg with --format jpg)
     DIR/train.csv       filepath, title
     DIR/test.csv        filepath, title
     DIR/retrieval.csv   filepath, title          a test subset with unique captions
@@ -65,6 +65,9 @@ __all__ = [
 ]
 
 
+IMAGE_FORMATS = ("png", "jpg")
+
+
 @dataclass(frozen=True)
 class SynthConfig:
     out_dir: Path
@@ -78,8 +81,11 @@ class SynthConfig:
     hard_variant_fraction: float = 0.3
     retrieval_size: int = 500
     family: str = DEFAULT_FAMILY  # which synth_families module draws the scenes
+    image_format: str = "png"  # "png" (lossless: the benchmarks' sets) or "jpg" (quality 90: decoding as web data does)
 
     def __post_init__(self):
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(f"image_format must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}")
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
         smallest = family(self.family).min_image_size
@@ -125,8 +131,12 @@ def _write_split(name: str, scenes: list[Captioned], paths: SynthPaths, config: 
     draw = family(config.family).render
     # disable=None: a bar on a terminal only, so logs of tests and benchmarks stay clean
     for i, scene in enumerate(tqdm(scenes, desc=f"synth {name}", unit="img", leave=False, disable=None)):
-        relative = f"{paths.images_dir.name}/{name}_{i:06d}.png"
-        draw(scene, config.image_size).save(paths.root / relative, optimize=False)
+        relative = f"{paths.images_dir.name}/{name}_{i:06d}.{config.image_format}"
+        image = draw(scene, config.image_size)
+        if config.image_format == "jpg":
+            image.convert("RGB").save(paths.root / relative, quality=90)
+        else:
+            image.save(paths.root / relative, optimize=False)
         rows.append([relative, scene.caption()])
     return rows
 
@@ -287,6 +297,7 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_FAMILY,
         help="what the images show (docs/BENCHMARKS.md, Data families)",
     )
+    synth.add_argument("--format", choices=IMAGE_FORMATS, default="png", help="image files: png or jpg (quality 90)")
     wds = commands.add_parser("wds", help="convert a CSV pair set to webdataset .tar shards")
     wds.add_argument("--csv", type=Path, required=True, help="tab-separated CSV with filepath and title columns")
     wds.add_argument("--out", type=Path, required=True, help="output directory for shard-NNNNNN.tar")
@@ -304,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(
                 f"argument --image-size: must be >= {smallest} for --family {args.family}, got {args.image_size}"
             )
-        paths = generate(SynthConfig(args.out, args.train, args.test, args.image_size, args.seed, family=args.family))
+        config = SynthConfig(args.out, args.train, args.test, args.image_size, args.seed, family=args.family)
+        paths = generate(dataclasses.replace(config, image_format=args.format))
         print(json.dumps({k: str(v) for k, v in dataclasses.asdict(paths).items()}, indent=2))
     else:
         shards = write_shards(args.csv, args.out, args.shard_size)
