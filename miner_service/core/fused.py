@@ -30,10 +30,20 @@ import triton.language as tl
 
 from helip.miner_service.core.search import NEG_INF, SearchQuery
 
-BLOCK_A = 32  # anchors per program
+BLOCK_A = 32  # anchors per program (the interpreter's; a GPU picks among TUNED)
 BLOCK_N = 64  # rows per tile
 BLOCK_D = 32  # embedding columns per step of the products
-MAX_K = BLOCK_N  # a tile's top-K is taken among its BLOCK_N rows
+MAX_K = 64  # a tile's top-K is taken among its BLOCK_N rows: every config has BLOCK_N >= MAX_K
+ROW_ALIGN = 128  # a run of rows is a whole number of tiles for every BLOCK_N below
+# On a GPU the kernel is autotuned (once per dim and K) among these tile shapes: (BLOCK_A, BLOCK_N, BLOCK_D, warps,
+# stages). Not yet measured on a device; bench/gpu_check.py reports what the tuned kernel achieves.
+TUNED = [
+    (32, 64, 32, 4, 2),
+    (64, 64, 32, 4, 3),
+    (64, 128, 32, 8, 3),
+    (128, 64, 64, 8, 3),
+    (32, 128, 64, 4, 3),
+]
 MAX_MINES = 62  # bits of row_bits that can name a Mine of a merged pass (63: the sign, set for "every anchor")
 ALL_BITS = -1
 
@@ -134,6 +144,20 @@ def _mine_kernel(
     tl.store(out, best, mask=anchor_ok[:, None])
 
 
+def _tuned_kernel():
+    """_mine_kernel autotuned over TUNED on a GPU; the kernel with the fixed blocks under the interpreter."""
+    if interpreted():
+        return None
+    configs = [
+        triton.Config({"BLOCK_A": a, "BLOCK_N": n, "BLOCK_D": d}, num_warps=warps, num_stages=stages)
+        for a, n, d, warps, stages in TUNED
+    ]
+    return triton.autotune(configs=configs, key=["dim", "K", "SCORING", "CUT"])(_mine_kernel)
+
+
+_TUNED = _tuned_kernel()
+
+
 def _decode(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores float32, rows int64; -1 where the score is -inf) of int64 keys."""
     high = (keys >> 32).to(torch.int32)
@@ -188,14 +212,15 @@ def chunk_top(
     k = query.k
     K = max(1, triton.next_power_of_2(k))
     runs = _runs(n_anchors, n_rows, image_rows.device)
-    rows_per_program = triton.cdiv(triton.cdiv(n_rows, runs), BLOCK_N) * BLOCK_N
+    rows_per_program = triton.cdiv(triton.cdiv(n_rows, runs), ROW_ALIGN) * ROW_ALIGN
     runs = triton.cdiv(n_rows, rows_per_program)
     keys = torch.empty((n_anchors, runs, K), dtype=torch.int64, device=image_rows.device)
     own = query.self_slots - first_slot
     own = torch.where((query.self_slots >= 0) & (own >= 0) & (own < n_rows), own, -1)
     cut = float(query.max_similarity)
-    grid = (triton.cdiv(n_anchors, BLOCK_A), runs)
-    _mine_kernel[grid](
+    blocks = {} if _TUNED is not None else {"BLOCK_A": BLOCK_A, "BLOCK_N": BLOCK_N, "BLOCK_D": BLOCK_D}
+    kernel = _TUNED if _TUNED is not None else _mine_kernel
+    kernel[lambda meta: (triton.cdiv(n_anchors, meta["BLOCK_A"]), runs)](
         query.image.contiguous(),
         query.text.contiguous(),
         image_rows.contiguous(),
@@ -212,10 +237,8 @@ def chunk_top(
         cut,
         SCORING=int(query.scoring),
         CUT=cut < 1.0,
-        BLOCK_A=BLOCK_A,
-        BLOCK_N=BLOCK_N,
-        BLOCK_D=BLOCK_D,
         K=K,
+        **blocks,
         PRECISION="ieee" if image_rows.dtype == torch.float32 else "tf32",
     )
     top = torch.topk(keys.view(n_anchors, runs * K), min(k, runs * K, n_rows), dim=1).values
