@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 SCORINGS = {
-    # PRODUCT: the product where both similarities are >= 0, else the lower one (search.signed_product)
-    1: lambda si, st: np.maximum(si, 0) * np.maximum(st, 0) + np.minimum(np.minimum(si, st), 0),
+    1: lambda si, st: si * st,  # PRODUCT
     2: lambda si, st: si + st,  # SUM
     3: lambda si, st: si,  # IMAGE
     4: lambda si, st: st,  # TEXT

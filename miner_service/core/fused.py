@@ -122,9 +122,8 @@ def _mine_kernel(
                 qi = tl.load(q_image + anchors[:, None] * dim + cols[None, :], mask=q_mask, other=0.0)
                 ri = tl.load(r_image + rows[:, None] * dim + cols[None, :], mask=r_mask, other=0.0)
                 image_sim = tl.dot(qi, tl.trans(ri), image_sim, input_precision=PRECISION)
-        if SCORING == 1:  # search.signed_product
-            lower = tl.minimum(tl.minimum(image_sim, text_sim), 0.0)
-            score = tl.maximum(image_sim, 0.0) * tl.maximum(text_sim, 0.0) + lower
+        if SCORING == 1:
+            score = image_sim * text_sim
         elif SCORING == 2:
             score = image_sim + text_sim
         elif SCORING == 3:

@@ -17,7 +17,7 @@ import torch
 
 
 class Scoring(IntEnum):
-    """Values equal the contract's Scoring enum. PRODUCT is signed_product's, not the plain product's."""
+    """Values equal the contract's Scoring enum."""
 
     PRODUCT = 1
     SUM = 2
@@ -115,21 +115,6 @@ class SearchQuery:
 NEG_INF = float("-inf")
 
 
-def signed_product(image_sim: torch.Tensor, text_sim: torch.Tensor) -> torch.Tensor:
-    """The PRODUCT score: image_sim * text_sim where both are >= 0, else the lower of the two (in place: both
-    arguments are overwritten; the result is image_sim's memory).
-
-    A pair is hard when it is close in both spaces. The plain product ranks a pair far in both (-0.5, -0.5: 0.25)
-    with pairs close in both (0.5, 0.5), so PRODUCT is clamped: a pair negative in either space scores its lower
-    similarity, below every pair close in both, and among such pairs the less far ranks first. It is continuous
-    (both forms are 0 where a similarity is 0) and never decreases as either similarity grows. Written as
-    max(a, 0) * max(b, 0) + min(a, b, 0), which is exact in floating point for both cases, so every path (torch,
-    the fused kernel, the numpy reference) gives the same bits. It also gives the FAISS bound its premise: a score
-    tau > 0 needs a, b >= 0 and then a + b >= 2 sqrt(tau)."""
-    lower = torch.minimum(image_sim, text_sim).clamp_(max=0)
-    return image_sim.clamp_(min=0).mul_(text_sim.clamp_(min=0)).add_(lower)
-
-
 def score_block(query: SearchQuery, image_rows: torch.Tensor, text_rows: torch.Tensor) -> torch.Tensor:
     """Scores [anchors, rows] of the anchors against a block of rows, near-duplicates set to -inf (float32)."""
     cut = query.max_similarity < 1.0
@@ -142,7 +127,7 @@ def score_block(query: SearchQuery, image_rows: torch.Tensor, text_rows: torch.T
         near_duplicate = image_sim > query.max_similarity
         near_duplicate |= text_sim > query.max_similarity
     if query.scoring == Scoring.PRODUCT:
-        scores = signed_product(image_sim, text_sim)
+        scores = image_sim.mul_(text_sim)
     elif query.scoring == Scoring.SUM:
         scores = image_sim.add_(text_sim)
     elif query.scoring == Scoring.IMAGE:
@@ -374,7 +359,7 @@ def candidate_search(
     image_sim = torch.bmm(image_c, query.image.unsqueeze(2)).squeeze(2).float()
     text_sim = torch.bmm(text_c, query.text.unsqueeze(2)).squeeze(2).float()
     scores = {
-        Scoring.PRODUCT: lambda: signed_product(image_sim.clone(), text_sim.clone()),
+        Scoring.PRODUCT: lambda: image_sim * text_sim,
         Scoring.SUM: lambda: image_sim + text_sim,
         Scoring.IMAGE: lambda: image_sim.clone(),
         Scoring.TEXT: lambda: text_sim.clone(),

@@ -15,8 +15,8 @@ from helip.miner_service.core import search
 from helip.miner_service.core.api import MineQuery
 from helip.miner_service.core.config import SearchConfig
 from helip.miner_service.core.miner import HardPairMiner
-from helip.miner_service.core.search import Scoring, signed_product
-from tests.reference import SCORINGS, random_pairs, reference_mine
+from helip.miner_service.core.search import Scoring
+from tests.reference import random_pairs, reference_mine
 
 DIM = 8
 # (rows per storage block, stored rows scored at once)
@@ -144,21 +144,3 @@ def test_a_segmented_miner_answers_like_the_reference():
         got = miner.mine(MineQuery(4, anchor_ids=anchors))
         np.testing.assert_array_equal(got.neighbour_ids, want, err_msg=f"blocks of {store_block_rows}, chunks {chunk}")
 
-
-def test_product_never_ranks_a_pair_far_in_both_spaces_as_hard():
-    # (image similarity, text similarity) -> PRODUCT: the product where both are >= 0, else the lower one.
-    cases = {(0.5, 0.5): 0.25, (-0.5, -0.5): -0.5, (0.5, -0.1): -0.1, (-0.2, 0.9): -0.2, (0.0, -0.0): 0.0}
-    image = torch.tensor([a for a, _ in cases])
-    text = torch.tensor([b for _, b in cases])
-    scores = signed_product(image.clone(), text.clone())
-    np.testing.assert_allclose(scores.numpy(), list(cases.values()), rtol=0, atol=1e-7)
-    # The same bits as the numpy reference, on many random pairs of either sign.
-    rng = np.random.default_rng(0)
-    a, b = rng.uniform(-1, 1, (2, 10_000)).astype(np.float32)
-    got = signed_product(torch.from_numpy(a.copy()), torch.from_numpy(b.copy())).numpy()
-    np.testing.assert_array_equal(got, SCORINGS[1](a, b).astype(np.float32))
-    # A pair close in both spaces outranks every pair negative in either; the score never falls as one grows.
-    assert got[(a >= 0) & (b >= 0)].min() >= got[(a < 0) | (b < 0)].max()
-    grid = torch.linspace(-1, 1, 201)
-    rows = signed_product(grid[:, None].expand(201, 201).clone(), grid[None, :].expand(201, 201).clone())
-    assert (rows.diff(dim=0) >= 0).all() and (rows.diff(dim=1) >= 0).all()

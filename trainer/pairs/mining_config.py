@@ -32,9 +32,7 @@ class MiningConfig:
     breaker_failures: int = 3  # consecutive failed calls that open the circuit breaker
     breaker_cooldown_s: float = 2.0  # first pause before a probe call; doubles per failed probe
     breaker_max_cooldown_s: float = 30.0  # the longest pause between probes
-    # How two pairs are scored: PRODUCT of image and text similarity (where both are >= 0, else the lower of the
-    # two), their SUM, IMAGE or TEXT similarity alone.
-    scoring: str = "PRODUCT"
+    scoring: str = "PRODUCT"  # how two pairs are scored: PRODUCT or SUM of image and text similarity, IMAGE, TEXT
     max_similarity: float = 0.0  # 0: the miner's default near-duplicate cut
     # The false-negative guard: the miner drops a candidate whose caption fits the anchor's image (or whose image
     # fits the anchor's caption) at this fraction of the anchor's own pair or more, e.g. 0.95. 0: off.
