@@ -143,4 +143,3 @@ def test_a_segmented_miner_answers_like_the_reference():
         want, _ = reference_mine(rows, image[[0, 5, 36]], text[[0, 5, 36]], 4, 1, 0.98, anchors.astype(np.int64), [])
         got = miner.mine(MineQuery(4, anchor_ids=anchors))
         np.testing.assert_array_equal(got.neighbour_ids, want, err_msg=f"blocks of {store_block_rows}, chunks {chunk}")
-
