@@ -49,6 +49,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--save-steps", type=int, default=0, help="a checkpoint every N optimizer steps (0: none)")
     parser.add_argument("--resume", help="resume from this checkpoint directory, or 'latest' in --output-dir")
+    parser.add_argument(
+        "--max-similarity",
+        type=float,
+        default=0.0,
+        help="the miner's near-duplicate cut: candidates more similar than this are dropped (0: the miner's 0.98; "
+        "1: none, for a tiny random model whose embeddings sit close together)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not args.miner:
@@ -141,7 +148,12 @@ def main(argv=None) -> None:
     model, processor = tiny_model(args.model, tokenizer)
 
     # helip: one session per process, bound to its namespace on the miner; start() claims it and checks the miner.
-    session = helip.MiningSession(address=args.miner, namespace=args.namespace, reset_namespace=args.reset_namespace)
+    session = helip.MiningSession(
+        address=args.miner,
+        namespace=args.namespace,
+        reset_namespace=args.reset_namespace,
+        max_similarity=args.max_similarity,
+    )
     session.start(EMBED_DIM, dataset)  # helip
     trainer = helip.HardPairTrainer(  # helip: a transformers.Trainer whose batches hold anchors + their hard pairs
         session=session,

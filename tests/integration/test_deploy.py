@@ -51,6 +51,7 @@ TRAINER_METRICS = {
     "helip_trainer_follower_mines_total",
     "helip_trainer_degraded_mines_total",
     "helip_trainer_guard_dropped_total",
+    "helip_trainer_empty_mines_total",
     "helip_trainer_replica_lag_max_seconds",
     "helip_trainer_bad_samples_total",
 }

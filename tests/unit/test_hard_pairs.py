@@ -123,3 +123,29 @@ def test_epochs_and_resume_offsets():
     resumed = HardPairSampler(100, 10, None, rank=1, world_size=2, start_step=13)
     resumed.set_epoch(1)
     assert len(resumed) == 7 and list(resumed) == epoch1[3:]  # fallbacks are seeded per step: the same batches
+
+
+class EmptyMiner(ScriptedMiner):
+    """Answers every Mine with no neighbour (all candidates over the near-duplicate cut, say)."""
+
+    def mine(self, k, anchor_ids, exclude_ids, max_similarity, scoring, timeout_s, positive_ratio=0.0):
+        ids = np.full((len(anchor_ids), k), -1, dtype=np.int64)
+        return Neighbours(ids, np.zeros(ids.shape, np.float32), np.zeros(ids.shape, np.uint64), N, np.zeros(0))
+
+
+def test_answers_without_any_neighbour_are_counted_and_explained_once(caplog):
+    sampler = HardPairSampler(N, 8, _session(EmptyMiner()), steps=6)
+    with caplog.at_level("WARNING", logger="helip.trainer.pairs.mining"):
+        layouts = _drain(sampler, pause_s=0.01)
+    sampler.close()
+    assert all(lay.n_hard == 0 and lay.n_fallback == 4 for lay in layouts)
+    assert sampler.counters.mine_empty == sampler.counters.mine_calls >= 6 and sampler.counters.mine_late == 0
+    warnings = [r.getMessage() for r in caplog.records if "no neighbour" in r.getMessage()]
+    assert len(warnings) == 1 and "near-duplicate cut" in warnings[0], warnings
+
+
+def test_mines_answered_with_neighbours_are_not_counted_empty():
+    sampler = HardPairSampler(N, 8, _session(ScriptedMiner()), steps=3)
+    _drain(sampler, pause_s=0.01)
+    sampler.close()
+    assert sampler.counters.mine_empty == 0

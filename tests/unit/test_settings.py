@@ -3,6 +3,7 @@ import pytest
 from helip.miner_service.service import config as miner_config
 from helip.miner_service.service.config import MinerConfig
 from helip.trainer.app import config as train_config
+from helip.trainer.pairs.mining_config import MiningConfig
 
 
 def test_miner_config_layers_file_environment_flags(tmp_path):
@@ -79,3 +80,23 @@ def test_a_yaml_value_of_the_wrong_type_names_its_key(tmp_path):
         train_config.load(str(path), {})
     for word, expected in (("yes", True), ("No", False), ("1", True), ("off", False)):
         assert train_config.load(None, {"run.progress": word}).run.progress is expected
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"max_similarity": -0.1}, r"mining.max_similarity must be a finite value >= 0 .* got -0.1"),
+        ({"max_similarity": float("nan")}, "mining.max_similarity must be a finite value >= 0"),
+        ({"max_similarity": float("inf")}, "mining.max_similarity must be a finite value >= 0"),
+        ({"positive_ratio": 1.5}, "mining.positive_ratio must be in"),
+        ({"prefetch": -1}, "mining.prefetch must be >= 0"),
+        ({"k": 0}, "mining.k must be >= 1"),
+    ],
+)
+def test_mining_settings_out_of_range_are_refused_by_name(settings, message):
+    with pytest.raises(ValueError, match=message):
+        MiningConfig(**settings)
+
+
+def test_a_cut_of_one_or_more_is_no_cut_and_is_taken():
+    assert MiningConfig(max_similarity=1.0).max_similarity == 1.0

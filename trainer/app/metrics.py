@@ -26,6 +26,7 @@ class TrainerMetrics:
     follower_mines: Counter
     degraded_mines: Counter
     guard_dropped: Counter
+    empty_mines: Counter
     replica_lag_max_seconds: Gauge
     bad_samples: Counter  # labelled by kind; use .labels(rank, kind)
 
@@ -102,6 +103,14 @@ class TrainerMetrics:
                 Counter(
                     "helip_trainer_guard_dropped",
                     "Mined candidates the false-negative guard (mining.positive_ratio) dropped",
+                    **labels,
+                )
+            ),
+            empty_mines=one(
+                Counter(
+                    "helip_trainer_empty_mines",
+                    "Mine answers with no neighbour for any anchor (few rows, all over the near-duplicate cut, or "
+                    "all guarded): their batches fall back",
                     **labels,
                 )
             ),

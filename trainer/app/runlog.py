@@ -126,6 +126,7 @@ class RunLog:
         m.follower_mines.inc(now["mine_by_follower"] - was["mine_by_follower"])
         m.degraded_mines.inc(now["mine_degraded"] - was["mine_degraded"])
         m.guard_dropped.inc(now["guard_dropped"] - was["guard_dropped"])
+        m.empty_mines.inc(now["mine_empty"] - was["mine_empty"])
         m.replica_lag_max_seconds.set(now["max_replica_lag_ms"] / 1000)
         missing = ("mine_failures", "mine_late", "mine_skipped")
         m.mine_failures.inc(sum(now[k] - was[k] for k in missing))

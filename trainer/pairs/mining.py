@@ -47,6 +47,9 @@ class MiningCounters:
     mine_degraded: int = 0  # sharded Mine answers that lacked some shards (mining.strict_shards off)
     max_replica_lag_ms: int = 0  # the most a follower that answered was behind its leader, in milliseconds
     guard_dropped: int = 0  # mined candidates the false-negative guard (mining.positive_ratio) dropped
+    # Mine answers that held no neighbour for any anchor: an index (nearly) empty of other rows, or every candidate
+    # over the near-duplicate cut (a model whose embeddings collapsed), or all dropped by the guard.
+    mine_empty: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas) -> None:
@@ -129,6 +132,7 @@ class MinePrefetcher:
         self._lock = threading.Lock()
         self._scoring = pb.Scoring.Value(config.scoring)
         self._warn = RateLimitedLog(log)
+        self._empty_warn = RateLimitedLog(log, every_s=60.0)  # its own limit: it must not hide failures
 
     def request(self, step: int, anchor_ids: np.ndarray, owner: object = None) -> bool:
         """Start mining for the batch of `step` (idempotent); False when it was skipped. Never blocks.
@@ -179,6 +183,16 @@ class MinePrefetcher:
 
     def _count(self, neighbours: Neighbours) -> None:
         self.counters.add(guard_dropped=neighbours.guard_dropped)
+        if neighbours.ids.size and not (neighbours.ids >= 0).any():
+            self.counters.add(mine_empty=1)
+            self._empty_warn.warning(
+                "Mine answered no neighbour for any of %d anchors (%d dropped by the guard): the index may hold "
+                "too few other rows yet, or every candidate is over the near-duplicate cut (mining.max_similarity "
+                "%s; a model whose embeddings collapsed); those batches fall back to random samples",
+                len(neighbours.ids),
+                neighbours.guard_dropped,
+                self.config.max_similarity or "0: the miner's default",
+            )
         if neighbours.served_by_follower:
             self.counters.add(mine_by_follower=1)
             self.counters.raise_to(max_replica_lag_ms=round(neighbours.replica_lag_seconds * 1000))

@@ -74,6 +74,11 @@ class MiningConfig:
                 raise ValueError(f"mining.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.positive_ratio <= 1.0:
             raise ValueError(f"mining.positive_ratio must be in (0, 1], or 0 for no guard, got {self.positive_ratio}")
+        if not self.max_similarity >= 0.0 or self.max_similarity == float("inf"):  # NaN fails the first test
+            raise ValueError(
+                f"mining.max_similarity must be a finite value >= 0 (0: the miner's default cut, >= 1: none), "
+                f"got {self.max_similarity}"
+            )
         if self.prefetch < 0:
             raise ValueError(f"mining.prefetch must be >= 0, got {self.prefetch}")
         for name in ("deadline_s", "rpc_timeout_s"):
