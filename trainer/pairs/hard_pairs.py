@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import multiprocessing
 import time
 from dataclasses import dataclass
 
@@ -305,8 +306,22 @@ def worker_options(num_workers: int, prefetch_factor: int = 2) -> dict:
         "num_workers": num_workers,
         "prefetch_factor": prefetch_factor,
         "persistent_workers": True,
-        "multiprocessing_context": WORKER_START_METHOD,
+        "multiprocessing_context": worker_context(),
     }
+
+
+# What every worker imports before its first sample: preloaded once in the forkserver, so that a worker forks with
+# them in memory instead of importing them itself (a bootstrap pass of the demo set waited 9.9 s for its workers'
+# first batches without this, 4.5 to 5.2 s with it; docs/BENCHMARKS.md). A module missing here is skipped, not an error.
+WORKER_PRELOAD = ["torch", "torchvision", "open_clip", "helip.trainer.pairs.data"]
+
+
+def worker_context():
+    """The multiprocessing context of DataLoader workers: forkserver, with WORKER_PRELOAD preloaded (it takes
+    effect when the forkserver starts, i.e. for the first DataLoader with workers in this process)."""
+    context = multiprocessing.get_context(WORKER_START_METHOD)
+    context.set_forkserver_preload(WORKER_PRELOAD)
+    return context
 
 
 class LayoutCarrier(torch.utils.data.Dataset):
