@@ -244,29 +244,12 @@ def chunk_top(
     return _decode(top)
 
 
-def exact_search_fused(query: SearchQuery, blocks, chunk_rows: int, topk, cancelled=None) -> None:
-    """search.exact_search with the fused kernel per chunk: the same rows offered, the same locks, the same
-    cancellation between chunks; `topk` receives each chunk's top k (labelled by id) instead of its scores."""
-    from helip.miner_service.core.search import SearchCancelled
-
-    scanned, total = 0, sum(block.used for block in blocks)
-    on_device = {query.image.device: query}
-    for block in blocks:
-        if block.device not in on_device:
-            on_device[block.device] = query.to(block.device)
-        local = on_device[block.device]
-        bits_of_anchors = anchor_bits(local)
-        for first in range(0, block.used, chunk_rows):
-            if cancelled is not None and cancelled():
-                raise SearchCancelled(f"stopped after {scanned} of {total} rows")
-            with block.lock.read():
-                last = min(first + chunk_rows, block.used)
-                live = block.live_mask[first:last] if block.holes else None
-                skip = row_bits(local, block.first_slot + first, last - first, live)
-                scores, rows = chunk_top(
-                    local, block.image[first:last], block.text[first:last], skip, block.first_slot + first,
-                    bits_of_anchors,
-                )  # fmt: skip
-                labels = block.labels[first:last][rows.clamp(min=0)]
-                topk.add(scores, labels)
-            scanned += last - first
+def offer_chunk_top(query: SearchQuery, block, first: int, last: int, topk) -> None:
+    """search.exact_search's offer_chunk for the fused kernel: rows [first, last) of `block` reach `topk` as their
+    top k per anchor (labelled by id), never as a score matrix. Called under the block's read lock."""
+    live = block.live_mask[first:last] if block.holes else None
+    skip = row_bits(query, block.first_slot + first, last - first, live)
+    scores, rows = chunk_top(
+        query, block.image[first:last], block.text[first:last], skip, block.first_slot + first, anchor_bits(query)
+    )
+    topk.add(scores, block.labels[first:last][rows.clamp(min=0)])

@@ -21,7 +21,7 @@ from helip.miner_service.core.budget import ScratchAdmission, bytes_per_score, c
 from helip.miner_service.core.config import SearchConfig
 from helip.miner_service.core.errors import MinerError, NotFound
 from helip.miner_service.core.ivf_path import IvfPath
-from helip.miner_service.core.search import NEG_INF, SearchQuery, exact_search, make_topk
+from helip.miner_service.core.search import NEG_INF, SearchQuery, exact_search, make_topk, offer_chunk_scores
 from helip.miner_service.core.store import PairStore
 
 log = logging.getLogger(__name__)
@@ -251,10 +251,9 @@ class HardPairMiner:
                     scores, labels = self.ivf.search(search, ivf, rows_at_once, cancelled)
                 else:
                     topk = make_topk(n_search, k, self.device, self.config.topk, self.config.topk_segment)
-                    if self.fused is not None and self.fused.supports(search, self.device):
-                        self.fused.exact_search_fused(search, self.store.blocks(), rows_at_once, topk, cancelled)
-                    else:
-                        exact_search(search, self.store.blocks(), rows_at_once, topk, cancelled)
+                    fused = self.fused is not None and self.fused.supports(search, self.device)
+                    offer = self.fused.offer_chunk_top if fused else offer_chunk_scores
+                    exact_search(search, self.store.blocks(), rows_at_once, topk, cancelled, offer)
                     scores, labels = topk.result()
         return labels.cpu().numpy(), scores.cpu().numpy().astype(np.float32, copy=False)
 

@@ -317,13 +317,26 @@ class SearchCancelled(Exception):
     """The caller went away (deadline passed, client cancelled) before the search finished."""
 
 
-def exact_search(query: SearchQuery, blocks, chunk_rows: int, topk, cancelled=None) -> None:
+def offer_chunk_scores(query: SearchQuery, block, first: int, last: int, topk) -> None:
+    """Offer rows [first, last) of `block` to `topk` as a full [anchors, rows] score matrix with every filter applied
+    (the torch path; core.fused.offer_chunk_top is the fused kernel's). Called under the block's read lock."""
+    scores = score_block(query, block.image[first:last], block.text[first:last])
+    if block.holes:
+        scores.masked_fill_(~block.live_mask[first:last], NEG_INF)
+    mask_slots(scores, query, block.first_slot + first)
+    topk.add(scores, block.labels[first:last])
+
+
+def exact_search(
+    query: SearchQuery, blocks, chunk_rows: int, topk, cancelled=None, offer_chunk=offer_chunk_scores
+) -> None:
     """Offer every stored row of `blocks` (store.RowBlock) to `topk`, labelled by id, `chunk_rows` rows at a time.
 
-    Each chunk is scored under its block's read lock only, so a writer waits for at most one chunk of this search.
-    Rows past a block's `used` mark when the search reaches it were written after the search began and are left
-    out. cancelled: optional () -> bool, asked between chunks; True stops the search with SearchCancelled, so
-    that an abandoned Mine frees its CPU within one chunk instead of at the end."""
+    Each chunk is offered (offer_chunk: the torch path's scores, or the fused kernel's per-chunk top k) under its
+    block's read lock only, so a writer waits for at most one chunk of this search. Rows past a block's `used` mark
+    when the search reaches it were written after the search began and are left out. cancelled: optional () -> bool,
+    asked between chunks; True stops the search with SearchCancelled, so that an abandoned Mine frees its CPU within
+    one chunk instead of at the end."""
     scanned, total = 0, sum(block.used for block in blocks)
     on_device = {query.image.device: query}
     for block in blocks:
@@ -335,11 +348,7 @@ def exact_search(query: SearchQuery, blocks, chunk_rows: int, topk, cancelled=No
                 raise SearchCancelled(f"stopped after {scanned} of {total} rows")
             with block.lock.read():
                 last = min(first + chunk_rows, block.used)
-                scores = score_block(local, block.image[first:last], block.text[first:last])
-                if block.holes:
-                    scores.masked_fill_(~block.live_mask[first:last], NEG_INF)
-                mask_slots(scores, local, block.first_slot + first)
-                topk.add(scores, block.labels[first:last])
+                offer_chunk(local, block, first, last, topk)
             scanned += last - first
 
 
