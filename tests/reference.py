@@ -57,3 +57,16 @@ def random_pairs(rng: np.random.Generator, n: int, dim: int) -> tuple[np.ndarray
     image /= np.linalg.norm(image, axis=1, keepdims=True)
     text /= np.linalg.norm(text, axis=1, keepdims=True)
     return image, text
+
+
+def clustered_pairs(
+    rng: np.random.Generator, n: int, dim: int, clusters: int, spread: float, text_noise: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """n unit (image, text) pairs around `clusters` random centres (image = centre + spread noise, text = image +
+    text_noise noise): real embeddings cluster, which is what an IVF exploits and what makes neighbours tie."""
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    image = centres[rng.integers(0, clusters, n)] + spread * rng.standard_normal((n, dim)).astype(np.float32)
+    text = image + text_noise * rng.standard_normal((n, dim)).astype(np.float32)
+    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    return image, text

@@ -19,8 +19,13 @@ COPY protos/ protos/
 COPY miner_service/ miner_service/
 COPY trainer/ trainer/
 COPY helip/__init__.py helip/__init__.py
-# No FAISS GPU build: a GPU miner searches exactly with torch (docs/OPERATIONS.md, "Storage and memory").
-RUN pip install . && mkdir -p /snapshots && chown helip /snapshots
+# FAISS with GPU support in place of faiss-cpu, so that `--ivf-min-rows` builds its IVF on the miner's GPU
+# (docs/OPERATIONS.md, "Storage and memory"). The faiss-gpu-cu12 wheel carries its own CUDA 12 runtime and cuBLAS,
+# which this cu126 image matches; FAISS_GPU="" keeps faiss-cpu, and then every Mine of a GPU miner is exact.
+ARG FAISS_GPU=faiss-gpu-cu12
+RUN pip install . \
+    && if [ -n "$FAISS_GPU" ]; then pip uninstall -y faiss-cpu && pip install "$FAISS_GPU"; fi \
+    && mkdir -p /snapshots && chown helip /snapshots
 
 USER helip
 EXPOSE 50051 9464

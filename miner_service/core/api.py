@@ -85,7 +85,7 @@ class MinerStats:
     ivf_ready: bool
     ivf_rows: int
     max_k: int
-    ivf_enabled: bool = False  # whether this core uses the IVF candidate path at all (off on a GPU miner)
+    ivf_enabled: bool = False  # whether this core uses the IVF path at all (off on a GPU miner without faiss-gpu)
     role: str = "standalone"  # "standalone", or with a durable log "leader" / "follower"
     log_offset: str = ""  # with a durable log: the last entry applied
 

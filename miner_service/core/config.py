@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+IVF_CODECS = ("flat", "fp16", "sq8", "pq")  # the IVF copy of the rows: core.ivf.factory_string
+
 
 @dataclass(frozen=True)
 class IvfConfig:
@@ -14,11 +16,18 @@ class IvfConfig:
     candidates_per_k: int = 8  # candidates fetched per wanted neighbour, re-ranked exactly
     rebuild_fraction: float = 0.1  # rebuild once this fraction of the covered rows was rewritten or added
     max_train_points: int = 200_000  # rows sampled to train the IVF's centroids
+    # How the IVF stores its copy of the rows' [x; t] (core.ivf.IVF_CODECS): flat float32 (8 x dim bytes a row),
+    # fp16 (4 x dim), sq8 (2 x dim) or pq (at most 64 bytes). The candidates are re-ranked exactly from the store
+    # whatever the codec, so a smaller code costs recall only (bench/ivf.py --codec measures it), never exactness
+    # of the scores returned.
+    codec: str = "flat"
 
     def __post_init__(self):
         for name, low in (("min_rows", 0), ("nprobe", 1), ("candidates_per_k", 1), ("max_train_points", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"search.ivf.{name} must be >= {low}, got {getattr(self, name)}")
+        if self.codec not in IVF_CODECS:
+            raise ValueError(f"search.ivf.codec must be one of {list(IVF_CODECS)}, got {self.codec!r}")
         if not 0.0 < self.rebuild_fraction <= 1.0:
             raise ValueError(f"search.ivf.rebuild_fraction must be in (0, 1], got {self.rebuild_fraction}")
 

@@ -1,8 +1,9 @@
 """The IVF candidate path of a CPU miner: an index over a copy of the rows, rebuilt in the background, plus the
 ids written since that copy (searched exactly), and the exact re-rank of the candidates.
 
-The IVF is a CPU FAISS index; a GPU miner searches exactly and this path stays off (docs/OPERATIONS.md, "Storage
-and memory"), which the miner says at startup. Thread-safe: a small lock guards the state, never held while
+The IVF is a FAISS index on the CPU for a CPU miner and on the miner's GPU for a GPU miner whose FAISS has GPU support
+(the faiss-gpu wheel); a GPU miner with faiss-cpu searches exactly and this path stays off (docs/OPERATIONS.md,
+"Storage and memory"), which the miner says at startup. Thread-safe: a small lock guards the state, never held while
 searching or building.
 """
 
@@ -17,7 +18,7 @@ import torch
 
 from helip.miner_service.core.budget import chunk_rows
 from helip.miner_service.core.config import SearchConfig
-from helip.miner_service.core.ivf import IvfCandidates
+from helip.miner_service.core.ivf import IvfCandidates, faiss_gpus, placement
 from helip.miner_service.core.search import (
     NEG_INF,
     SearchCancelled,
@@ -46,10 +47,12 @@ class IvfPath:
         self.config = config
         self.device = device
         self.bytes_per_score = bytes_per_score
-        self.enabled = config.ivf.min_rows > 0 and device.type == "cpu"
+        self.placement = placement(device.type, faiss_gpus()) if config.ivf.min_rows > 0 else None
+        self.enabled = self.placement is not None
         if config.ivf.min_rows > 0 and not self.enabled:
             log.warning(
-                "IVF candidate path off on %s: ivf.min_rows=%d is ignored, every Mine is exact",
+                "IVF candidate path off on %s: this FAISS has no GPU support (pip install faiss-gpu), so "
+                "ivf.min_rows=%d is ignored and every Mine is exact",
                 device,
                 config.ivf.min_rows,
             )
@@ -111,7 +114,8 @@ class IvfPath:
     def _rebuild(self) -> None:
         try:
             ids, _, image, text = self.store.copy_all()  # block by block: writers keep going
-            built = IvfCandidates.build(image, text, ids, self.config.ivf)
+            gpu = (self.device.index or 0) if self.placement == "gpu" else None
+            built = IvfCandidates.build(image, text, ids, self.config.ivf, gpu=gpu)
         except Exception:
             log.exception("IVF rebuild failed; the exact search keeps serving")
             with self._lock:

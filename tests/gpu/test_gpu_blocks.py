@@ -1,4 +1,5 @@
-"""Blocks on the GPU: answers equal the CPU's across blocks and writes, growth by one block, and no silent IVF."""
+"""Blocks on the GPU: answers equal the CPU's across blocks and writes, growth by one block; the IVF on the GPU with
+faiss-gpu, and none (said so) without it."""
 
 import logging
 
@@ -7,9 +8,10 @@ import pytest
 import torch
 
 from helip.miner_service.core.api import MineQuery
-from helip.miner_service.core.config import IvfConfig, SearchConfig
+from helip.miner_service.core.config import IVF_CODECS, IvfConfig, SearchConfig
+from helip.miner_service.core.ivf import faiss_gpus
 from helip.miner_service.core.miner import HardPairMiner
-from tests.reference import random_pairs
+from tests.reference import clustered_pairs, random_pairs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 DIM = 32
@@ -67,7 +69,8 @@ def test_blocks_spread_over_two_gpus_answer_like_one():
     np.testing.assert_array_equal(one.mine(query).neighbour_ids, two.mine(query).neighbour_ids)
 
 
-def test_the_ivf_setting_is_off_on_a_gpu_miner_and_says_so(caplog):
+@pytest.mark.skipif(faiss_gpus() > 0, reason="this FAISS has GPU support: the IVF runs on the GPU (next test)")
+def test_the_ivf_setting_is_off_on_a_gpu_miner_without_faiss_gpu_and_says_so(caplog):
     with caplog.at_level(logging.WARNING, logger="helip.miner_service.core.ivf_path"):
         miner = HardPairMiner(DIM, SearchConfig(device="cuda", ivf=IvfConfig(min_rows=1000)))
     assert "IVF candidate path off" in caplog.text
@@ -77,3 +80,23 @@ def test_the_ivf_setting_is_off_on_a_gpu_miner_and_says_so(caplog):
     assert not miner.mine(MineQuery(5, anchor_ids=[1, 2])).used_ivf
     stats = miner.stats()
     assert not stats.ivf_enabled and not stats.ivf_ready
+
+
+@pytest.mark.skipif(faiss_gpus() == 0, reason="needs FAISS with GPU support (faiss-gpu in place of faiss-cpu)")
+@pytest.mark.parametrize("codec", IVF_CODECS)
+def test_the_ivf_runs_on_the_gpu_with_faiss_gpu_and_answers_like_the_cpus(codec):
+    config = IvfConfig(min_rows=3000, nprobe=16, codec=codec)
+    cpu = HardPairMiner(DIM, SearchConfig(device="cpu", ivf=config))
+    gpu = HardPairMiner(DIM, SearchConfig(device="cuda", storage_dtype="float32", ivf=config))
+    rng = np.random.default_rng(4)
+    image, text = clustered_pairs(rng, 4000, DIM, clusters=40, spread=0.3, text_noise=0.2)
+    for miner in (cpu, gpu):
+        miner.upsert(np.arange(4000, dtype=np.uint64), image, text, 1)
+        assert miner.wait_for_ivf(120)
+    assert gpu.ivf.placement == "gpu"
+    query = MineQuery(10, anchor_ids=np.arange(0, 4000, 13))
+    a, b = cpu.mine(query), gpu.mine(query)
+    assert a.used_ivf and b.used_ivf
+    # Two IVFs trained apart may find different candidates; what both return is scored exactly, so compare recall.
+    overlap = np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a.neighbour_ids, b.neighbour_ids)])
+    assert overlap > 0.9, overlap

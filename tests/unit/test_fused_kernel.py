@@ -17,7 +17,7 @@ from helip.miner_service.core.api import MineQuery
 from helip.miner_service.core.config import SearchConfig
 from helip.miner_service.core.miner import HardPairMiner
 from helip.miner_service.core.search import Scoring, SearchQuery
-from tests.reference import random_pairs, reference_mine
+from tests.reference import clustered_pairs, random_pairs, reference_mine
 
 fused = pytest.importorskip("helip.miner_service.core.fused")
 # tests/conftest.py turns the interpreter on where no CUDA device is visible; on a GPU machine tests/gpu runs the
@@ -179,11 +179,7 @@ def same_up_to_ties(got_ids, got_scores, all_ids, all_scores, where: str) -> Non
 def test_clustered_rows_with_exact_ties_equal_the_reference():
     # Five tight clusters (every anchor's nearest are its cluster's), each row stored twice under two ids: ties.
     rng = np.random.default_rng(9)
-    centers = rng.standard_normal((5, DIM)).astype(np.float32)
-    image = centers[rng.integers(0, 5, 40)] + 0.05 * rng.standard_normal((40, DIM)).astype(np.float32)
-    text = image + 0.05 * rng.standard_normal((40, DIM)).astype(np.float32)
-    image /= np.linalg.norm(image, axis=1, keepdims=True)
-    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    image, text = clustered_pairs(rng, 40, DIM, clusters=5, spread=0.05, text_noise=0.05)
     image, text = np.concatenate([image, image]), np.concatenate([text, text])
     ids = np.arange(80, dtype=np.uint64)
     kernel = HardPairMiner(DIM, SearchConfig(device="cpu", kernel="triton"))

@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 
 from helip.miner_service.core.api import MineQuery
-from helip.miner_service.core.config import IvfConfig, SearchConfig
+from helip.miner_service.core.config import IVF_CODECS, IvfConfig, SearchConfig
 from helip.miner_service.core.errors import NotFound, ResourceExhausted
 from helip.miner_service.core.miner import HardPairMiner
 from helip.miner_service.core.search import Scoring
-from tests.reference import random_pairs, reference_mine
+from tests.reference import clustered_pairs, random_pairs, reference_mine
 
 DIM = 16
 
@@ -111,17 +111,14 @@ def test_sparse_large_ids():
     assert miner.size == 2
 
 
-@pytest.mark.parametrize("topk", ["heap", "torch"])
-def test_ivf_path_recall_and_fresh_rows(topk):
+@pytest.mark.parametrize("topk, codec", [("heap", "flat"), ("torch", "flat"), *(("heap", c) for c in IVF_CODECS[1:])])
+def test_ivf_path_recall_and_fresh_rows(topk, codec):
     rng = np.random.default_rng(7)
-    config = SearchConfig(device="cpu", topk=topk, ivf=IvfConfig(min_rows=3000, nprobe=16, rebuild_fraction=0.5))
+    ivf = IvfConfig(min_rows=3000, nprobe=16, rebuild_fraction=0.5, codec=codec)
+    config = SearchConfig(device="cpu", topk=topk, ivf=ivf)
     miner = HardPairMiner(DIM, config)
     # Real embeddings cluster (that is what an IVF exploits); i.i.d. Gaussian rows would not.
-    centres = rng.standard_normal((40, DIM)).astype(np.float32)
-    image = centres[rng.integers(0, 40, 4000)] + 0.3 * rng.standard_normal((4000, DIM)).astype(np.float32)
-    text = image + 0.2 * rng.standard_normal((4000, DIM)).astype(np.float32)
-    image /= np.linalg.norm(image, axis=1, keepdims=True)
-    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    image, text = clustered_pairs(rng, 4000, DIM, clusters=40, spread=0.3, text_noise=0.2)
     miner.upsert(np.arange(4000, dtype=np.uint64), image, text, 1)
     rows = {i: (image[i], text[i]) for i in range(4000)}
     assert miner.wait_for_ivf(60)
@@ -134,8 +131,30 @@ def test_ivf_path_recall_and_fresh_rows(topk):
     q_text = np.stack([rows[int(a)][1] for a in anchors])
     ref_ids, _ = reference_mine(rows, q_image, q_text, 10, 1, 0.98, anchors.astype(np.int64))
     recall = np.mean([len(set(r) & set(g)) / 10 for r, g in zip(result.neighbour_ids, ref_ids)])
-    assert recall >= 0.8
+    assert recall >= 0.8, recall
     assert (result.neighbour_ids != anchors[:, None].astype(np.int64)).all()
+    # Whatever the codec, the scores returned are exact (re-ranked from the stored rows), best first.
+    for a, (ids, scores) in enumerate(zip(result.neighbour_ids, result.scores)):
+        exact = [(q_image[a] @ rows[int(i)][0]) * (q_text[a] @ rows[int(i)][1]) for i in ids]
+        np.testing.assert_allclose(scores, exact, rtol=1e-5, atol=1e-5)
+        assert (np.diff(scores) <= 1e-6).all()
+
+
+def test_ivf_codecs_placement_and_sizes():
+    from helip.miner_service.core import ivf
+
+    assert [ivf.pq_subvectors(w) for w in (512, 1024, 1536, 64, 200, 6)] == [64, 64, 64, 8, 25, 1]
+    assert ivf.factory_string(512, 1000, "pq") == "IVF1000,PQ64" and ivf.factory_string(32, 64, "sq8") == "IVF64,SQ8"
+    # A CPU miner keeps its IVF on the CPU; a GPU miner on the GPU if its FAISS has GPUs, else none (exact).
+    assert (ivf.placement("cpu", 0), ivf.placement("cuda", 1), ivf.placement("cuda", 0)) == ("cpu", "gpu", None)
+    assert ivf.faiss_gpus() == 0  # faiss-cpu here: the GPU placement is exercised by tests/gpu
+    rng = np.random.default_rng(3)
+    image, text = random_pairs(rng, 2000, 128)
+    ids = np.arange(2000, dtype=np.uint64)
+    sizes = {c: ivf.IvfCandidates.build(image, text, ids, IvfConfig(codec=c)).code_bytes for c in IVF_CODECS}
+    assert sizes == {"flat": 1024, "fp16": 512, "sq8": 256, "pq": 32}  # [x; t] is 256 wide
+    with pytest.raises(ValueError, match="search.ivf.codec must be one of"):
+        IvfConfig(codec="opq")
 
 
 def test_search_stops_when_the_caller_is_gone():
