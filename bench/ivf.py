@@ -18,6 +18,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the miner runs
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -111,8 +112,11 @@ def measure_codec(codec: str, args: argparse.Namespace, anchor_sets: list, truth
         ivf_s.append(time.perf_counter() - started)
         assert approx.used_ivf
         recalls.extend(len(set(a) & set(b)) / args.k for a, b in zip(approx.neighbour_ids, truth))
+    code_bytes = ivf.ivf.current().index.code_bytes
+    del ivf
+    gc.collect()  # this codec's store and index go before the next codec's are built
     return {
-        "code_bytes": ivf.ivf.current().index.code_bytes,
+        "code_bytes": code_bytes,
         "ivf_build_wait_s": build_s,
         "mine_ivf": summarize(ivf_s),
         "recall_at_k": float(np.mean(recalls)),
