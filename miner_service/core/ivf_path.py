@@ -51,8 +51,8 @@ class IvfPath:
         self.enabled = self.placement is not None
         if config.ivf.min_rows > 0 and not self.enabled:
             log.warning(
-                "IVF candidate path off on %s: this FAISS has no GPU support (pip install faiss-gpu), so "
-                "ivf.min_rows=%d is ignored and every Mine is exact",
+                "IVF candidate path off on %s: this FAISS has no GPU support (faiss-gpu-cu12 in place of faiss-cpu "
+                "has), so ivf.min_rows=%d is ignored and every Mine is exact",
                 device,
                 config.ivf.min_rows,
             )
