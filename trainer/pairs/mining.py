@@ -48,7 +48,8 @@ class MiningCounters:
     max_replica_lag_ms: int = 0  # the most a follower that answered was behind its leader, in milliseconds
     guard_dropped: int = 0  # mined candidates the false-negative guard (mining.positive_ratio) dropped
     # Mine answers that held no neighbour for any anchor: an index (nearly) empty of other rows, or every candidate
-    # over the near-duplicate cut (a model whose embeddings collapsed), or all dropped by the guard.
+    # over the near-duplicate cut (a model whose embeddings collapsed), or all dropped by the guard. Logged (once a
+    # minute) only when the index held more rows than the anchors asked.
     mine_empty: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -185,14 +186,16 @@ class MinePrefetcher:
         self.counters.add(guard_dropped=neighbours.guard_dropped)
         if neighbours.ids.size and not (neighbours.ids >= 0).any():
             self.counters.add(mine_empty=1)
-            self._empty_warn.warning(
-                "Mine answered no neighbour for any of %d anchors (%d dropped by the guard): the index may hold "
-                "too few other rows yet, or every candidate is over the near-duplicate cut (mining.max_similarity "
-                "%s; a model whose embeddings collapsed); those batches fall back to random samples",
-                len(neighbours.ids),
-                neighbours.guard_dropped,
-                self.config.max_similarity or "0: the miner's default",
-            )
+            if neighbours.size > len(neighbours.ids):  # there were other rows: not just an index still filling up
+                self._empty_warn.warning(
+                    "Mine answered no neighbour for any of %d anchors among %d rows (%d dropped by the guard): "
+                    "every candidate is over the near-duplicate cut (mining.max_similarity %s; a model whose "
+                    "embeddings collapsed) or excluded; those batches fall back to random samples",
+                    len(neighbours.ids),
+                    neighbours.size,
+                    neighbours.guard_dropped,
+                    self.config.max_similarity or "0: the miner's default",
+                )
         if neighbours.served_by_follower:
             self.counters.add(mine_by_follower=1)
             self.counters.raise_to(max_replica_lag_ms=round(neighbours.replica_lag_seconds * 1000))
