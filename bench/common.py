@@ -88,12 +88,32 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--synth-train", type=int, default=4000)
     parser.add_argument("--synth-test", type=int, default=600)
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        choices=sorted(TINY_MODELS),
+        default=32,
+        help="pixels a side of the generated images, and the tiny CLIP made for them (64: glyphs and objects drawn "
+        "twice as large, a patch-8 ViT of 64 patches; about 2.5x the compute of a step)",
+    )
+
+
+# The tiny CLIP for each image size (configs/models/); 32 is the demo's.
+TINY_MODELS = {32: "configs/models/helip-tiny.json", 64: "configs/models/helip-tiny-64.json"}
+
+
+def model_settings(args: argparse.Namespace) -> dict[str, object]:
+    """model.name where --image-size is not the demo's 32 (so that 32-px runs keep their digests)."""
+    return {} if args.image_size == 32 else {"model.name": str(ROOT / TINY_MODELS[args.image_size])}
 
 
 def synth_dir(args: argparse.Namespace) -> str:
     """--synth-dir, or the family's own directory: sets of two families never share one. Shapes keeps its historic
     name, so the run digests (bench.train_overhead.train_once) of earlier work dirs still match."""
-    return args.synth_dir or str(ROOT / "data" / ("synth" if args.data == "shapes" else f"synth-{args.data}"))
+    if args.synth_dir:
+        return args.synth_dir
+    name = "synth" if args.data == "shapes" else f"synth-{args.data}"
+    return str(ROOT / "data" / (name if args.image_size == 32 else f"{name}-{args.image_size}px"))
 
 
 def ensure_synth(args: argparse.Namespace) -> Path:
@@ -101,5 +121,7 @@ def ensure_synth(args: argparse.Namespace) -> Path:
     the same directory at the same time (with its own seed). A directory holding another family's set is refused."""
     from helip.trainer.tools.synth import SynthConfig, ensure_generated
 
-    config = SynthConfig(Path(synth_dir(args)), args.synth_train, args.synth_test, seed=0, family=args.data)
+    config = SynthConfig(
+        Path(synth_dir(args)), args.synth_train, args.synth_test, args.image_size, seed=0, family=args.data
+    )
     return ensure_generated(config).root

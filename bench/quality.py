@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import add_data_flags, ensure_synth, report, synth_dir
+from bench.common import add_data_flags, ensure_synth, model_settings, report, synth_dir
 from bench.train_overhead import TrainRun, train, train_once
 
 METRICS = {
@@ -145,6 +145,7 @@ def run_settings(args: argparse.Namespace) -> dict[str, object]:
     return {
         **loss,
         **family,
+        **model_settings(args),
         "data.synth_dir": synth_dir(args),
         "data.synth_train": args.synth_train,
         "data.synth_test": args.synth_test,

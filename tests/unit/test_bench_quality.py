@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import pytest
 
@@ -39,14 +41,21 @@ def test_each_data_family_has_its_own_set_and_only_new_ones_change_the_run_diges
     from bench.quality import run_settings
 
     args = argparse.Namespace(
-        data=data, synth_dir=None, synth_train=64, synth_test=32, batch_size=16, steps=3, loss="clip"
+        data=data, synth_dir=None, synth_train=64, synth_test=32, batch_size=16, steps=3, loss="clip", image_size=32
     )
     settings = run_settings(args)
     assert settings["data.synth_dir"] == str(ROOT / "data" / folder)
-    # shapes runs carry no data.synth_family: the digests of runs already in a work dir still match
+    # shapes runs carry no data.synth_family, 32-px runs no model.name: the digests of runs already in a work dir
+    # still match
     assert settings.get("data.synth_family") == (None if data == "shapes" else data)
+    assert "model.name" not in settings
     given = argparse.Namespace(**{**vars(args), "synth_dir": "/elsewhere"})
     assert run_settings(given)["data.synth_dir"] == "/elsewhere"
+    # 64 px: a set of its own beside the 32-px one, and the tiny CLIP made for it
+    larger = run_settings(argparse.Namespace(**{**vars(args), "image_size": 64}))
+    assert larger["data.synth_dir"] == str(ROOT / "data" / f"{folder}-64px")
+    assert larger["model.name"].endswith("configs/models/helip-tiny-64.json")
+    assert json.loads(Path(larger["model.name"]).read_text())["vision_cfg"]["image_size"] == 64
 
 
 def test_guarded_arms_carry_the_ratio_and_are_compared_with_plain_and_with_the_guard_off():
