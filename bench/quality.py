@@ -28,6 +28,7 @@ mean ± std over the seeds, and deltas against plain paired by seed (same start,
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -226,7 +227,12 @@ def main() -> None:
         help="seeds trained in parallel, each with cpus/jobs torch threads (for a shared machine)",
     )
     parser.add_argument("--json-out")
+    parser.add_argument("--summarize", metavar="JSON", help="print the table of an earlier run's --json-out, and stop")
     args = parser.parse_args()
+    if args.summarize:
+        results = json.loads(Path(args.summarize).read_text())
+        report("quality", results, table_rows(results), None)
+        return
     if "plain" not in args.variants:
         parser.error("--variants must include plain: it is the baseline of the deltas")
     args.variants += guard_arms(parser, args, "online")
@@ -315,6 +321,24 @@ def main() -> None:
         "total_wall_s": time.perf_counter() - started,
     }
 
+    report("quality", results, table_rows(results), args.json_out)
+
+
+def r1_per_seed(delta: dict) -> list[float]:
+    """A paired delta's R@1 per seed, the mean of both directions (points)."""
+    r1 = [key for key in METRICS if "R@1" in key]
+    return [100 * float(np.mean([delta[key]["values"][i] for key in r1])) for i in range(len(delta[r1[0]]["values"]))]
+
+
+def table_rows(results: dict) -> list[tuple[str, str]]:
+    """The report's table, from the results alone (so that `--summarize F.json` prints it again)."""
+    config, summary, deltas, diag_means = (
+        results["config"],
+        results["metrics"],
+        results["delta_vs_plain"],
+        results["diagnostics"],
+    )
+
     def cell(stats: dict) -> str:
         return f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}"
 
@@ -334,6 +358,9 @@ def main() -> None:
                 " / ".join(f"{100 * by_key[key]['mean']:+.1f} ± {100 * by_key[key]['std']:.1f}" for key in METRICS),
             )
         )
+        per_seed = r1_per_seed(by_key)
+        rows.append((f"{name}: R@1 per seed (mean of both ways)", " ".join(f"{d:+.1f}" for d in per_seed)))
+        rows.append((f"{name}: seeds ahead on R@1", f"{sum(d > 0 for d in per_seed)} of {len(per_seed)}"))
     for variant, d in diag_means.items():
         if variant != "plain":
             rows.append(
@@ -344,6 +371,7 @@ def main() -> None:
             )
         if split_guard(variant)[1]:
             rows.append((f"{variant}: candidates dropped per hard pair", f"{d['guard_dropped_per_hard_pair']:.2f}"))
+    compute = results["sample_passes"]
     rows.append(
         (
             "sample-passes per continuation: " + " / ".join(compute),
@@ -353,11 +381,11 @@ def main() -> None:
     rows.append(
         (
             "seeds x steps (S) / continuation lr / loss / jobs",
-            f"{len(args.seeds)} x {args.steps} / {args.lr:g} / {args.loss} / {args.jobs}",
+            f"{len(config['seeds'])} x {config['steps']} / {config['lr']:g} / {config['loss']} / {config['jobs']}",
         )
     )
     rows.append(("total wall time (min)", f"{results['total_wall_s'] / 60:.1f}"))
-    report("quality", results, rows, args.json_out)
+    return rows
 
 
 if __name__ == "__main__":

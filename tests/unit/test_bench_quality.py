@@ -82,3 +82,24 @@ def test_guarded_arms_carry_the_ratio_and_are_compared_with_plain_and_with_the_g
     assert deltas["online guard 0.9 - guard off"]["zero_shot/top1"].tolist() == [2.0, 3.0]
     with pytest.raises(SystemExit):
         guard_arms(parser, parser.parse_args(["--positive-ratio", "1.5"]), "online")
+
+
+def test_the_table_is_rebuilt_from_the_results_alone_with_seeds_ahead():
+    from bench.quality import METRICS, table_rows
+
+    def stats(values):
+        return {"mean": sum(values) / len(values), "std": 0.0, "values": values}
+
+    r1 = {key: stats([0.02, -0.03, 0.01]) for key in METRICS if "R@1" in key}
+    results = {
+        "config": {"seeds": [0, 1, 2], "steps": 200, "lr": 2e-4, "loss": "clip", "jobs": 2},
+        "metrics": {"plain": {key: stats([0.5, 0.5, 0.5]) for key in METRICS}},
+        "delta_vs_plain": {"online - plain": {"zero_shot/top1": stats([0.0, 0.0, 0.0]), **r1}},
+        "diagnostics": {"plain": {"guard_dropped_per_hard_pair": 0.0}},
+        "sample_passes": {"plain": 100},
+        "total_wall_s": 60.0,
+    }
+    rows = dict(table_rows(results))
+    assert rows["online - plain: R@1 per seed (mean of both ways)"] == "+2.0 -3.0 +1.0"
+    assert rows["online - plain: seeds ahead on R@1"] == "2 of 3"
+    assert rows["seeds x steps (S) / continuation lr / loss / jobs"] == "3 x 200 / 0.0002 / clip / 2"
