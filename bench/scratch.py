@@ -66,6 +66,18 @@ def variant_settings(variant: str, args: argparse.Namespace) -> dict[str, object
     }
 
 
+def run_of(args: argparse.Namespace, seed: int, variant: str) -> dict[str, object]:
+    """Every setting of one run of the cell: shared by the arms, then the seed's, then the arm's own. Another
+    benchmark that builds its runs here (bench.defaults) gets the same digests, so the two share their runs."""
+    common = {**run_settings(args), "optim.lr": args.lr, "optim.warmup_steps": args.warmup}
+    return {**common, "optim.seed": seed, **variant_settings(variant, args)}
+
+
+def threads_per_run(jobs: int) -> int | None:
+    """Torch threads of each of `jobs` runs in parallel (None: one run alone takes torch's default)."""
+    return max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+
+
 def sample_passes(run: TrainRun, batch_size: int) -> int:
     """Forward + backward sample-passes of a run: 2 per sample per step (no pre-pass in either arm)."""
     return 2 * batch_size * len(run.steps)
@@ -76,7 +88,8 @@ def hard_share(run: TrainRun) -> float:
     return sum(r["n_hard"] for r in run.steps) / slots if slots else 0.0
 
 
-def main() -> None:
+def scratch_parser() -> argparse.ArgumentParser:
+    """The cell's flags (bench.defaults parses its base cell with them too)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -107,6 +120,11 @@ def main() -> None:
     )
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, each with cpus/jobs torch threads")
     parser.add_argument("--json-out")
+    return parser
+
+
+def main() -> None:
+    parser = scratch_parser()
     args = parser.parse_args()
     if "plain" not in args.variants:
         parser.error("--variants must include plain: it is the baseline of the deltas")
@@ -115,15 +133,13 @@ def main() -> None:
     started = time.perf_counter()
     temporary = None if args.work_dir else tempfile.TemporaryDirectory(prefix="helip-scratch-")
     work = Path(args.work_dir or temporary.name)
-    common = {**run_settings(args), "optim.lr": args.lr, "optim.warmup_steps": args.warmup}
-    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    threads = threads_per_run(args.jobs)
     ensure_synth(args)
     jobs = [(seed, variant) for seed in args.seeds for variant in args.variants]
 
     def one(job: tuple[int, str]) -> TrainRun:
         seed, variant = job
-        settings = {**common, "optim.seed": seed, **variant_settings(variant, args)}
-        return train_once(work, f"seed{seed}-{variant}", settings, threads=threads)
+        return train_once(work, f"seed{seed}-{variant}", run_of(args, seed, variant), threads=threads)
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         runs = dict(zip(jobs, pool.map(one, jobs)))

@@ -56,10 +56,13 @@ class TrainRun:
     wall_s: float
 
 
+DEMO_CONFIG = ROOT / "configs" / "demo.yaml"  # the base config of every benchmark run (their settings on top)
+
+
 def train(
     output_dir: Path,
     settings: dict[str, object],
-    config: Path = ROOT / "configs" / "demo.yaml",
+    config: Path = DEMO_CONFIG,
     threads: int | None = None,
 ) -> TrainRun:
     """Run `helip-train` in a fresh process (the trainer sets up torch.distributed) and read what it wrote.
