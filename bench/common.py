@@ -98,6 +98,76 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_own_data_flags(parser: argparse.ArgumentParser) -> None:
+    """A set of the user's own instead of a generated family (read by run_settings and ensure_synth)."""
+    group = parser.add_argument_group(
+        "your own data (instead of a generated family: --data, --synth-* and --image-size are then unused)"
+    )
+    group.add_argument(
+        "--train-data", help="CSV/TSV of image-caption pairs (open_clip's format) or webdataset shards (data.train)"
+    )
+    group.add_argument("--eval-dir", help="evaluation data in the synth layout: zeroshot.json, retrieval.csv")
+    group.add_argument("--retrieval-data", help="CSV/TSV of held-out pairs for retrieval R@1 (data.retrieval_data)")
+    group.add_argument(
+        "--zeroshot-dir",
+        help="ImageFolder (a folder per class) for zero-shot top-1 (data.zeroshot_dir; class names and templates: "
+        "--set data.zeroshot_classnames=F, --set data.zeroshot_templates=F)",
+    )
+    group.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any helip-train setting of every run (repeatable), e.g. --set data.caption_key=caption, "
+        "--set model.name=ViT-B-32, --set data.augment=true; an arm's own settings (hard ratio, k, ...) win",
+    )
+
+
+def check_own_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Own-data flags that make sense together: R@1 is what every benchmark compares, so it needs a retrieval set."""
+    for item in args.set:
+        if "=" not in item:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
+    evaluation = args.eval_dir or args.retrieval_data or args.zeroshot_dir
+    if evaluation and not args.train_data:
+        parser.error("--eval-dir, --retrieval-data and --zeroshot-dir evaluate your own --train-data: give it too")
+    if args.train_data and not (args.eval_dir or args.retrieval_data):
+        parser.error("--train-data: give --retrieval-data (or --eval-dir): R@1 is what the benchmark compares")
+
+
+def own_data(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "train_data", None))
+
+
+def data_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The data settings of every run: the generated family's (the keys earlier work dirs' digests hold), or the
+    user's own set."""
+    if own_data(args):
+        given = {
+            "data.train": args.train_data,
+            "data.eval_dir": args.eval_dir,
+            "data.retrieval_data": args.retrieval_data,
+            "data.zeroshot_dir": args.zeroshot_dir,
+        }
+        # data.synth_dir emptied: the demo config's set is not what these runs train on (their config.json says so)
+        settings = {"data.synth_dir": "", **{key: value for key, value in given.items() if value}}
+    else:
+        family = {} if args.data == "shapes" else {"data.synth_family": args.data}  # shapes' digests stay as they were
+        settings = {
+            **family,
+            **model_settings(args),
+            "data.synth_dir": synth_dir(args),
+            "data.synth_train": args.synth_train,
+            "data.synth_test": args.synth_test,
+        }
+    return settings
+
+
+def given_settings(args: argparse.Namespace) -> dict[str, str]:
+    """--set KEY=VALUE, as a dict (empty where the benchmark has no --set)."""
+    return dict(item.partition("=")[::2] for item in getattr(args, "set", []))
+
+
 # The tiny CLIP for each image size (configs/models/); 32 is the demo's.
 TINY_MODELS = {32: "configs/models/helip-tiny.json", 64: "configs/models/helip-tiny-64.json"}
 
@@ -116,10 +186,14 @@ def synth_dir(args: argparse.Namespace) -> str:
     return str(ROOT / "data" / (name if args.image_size == 32 else f"{name}-{args.image_size}px"))
 
 
-def ensure_synth(args: argparse.Namespace) -> Path:
+def ensure_synth(args: argparse.Namespace) -> Path | None:
     """Generate the synthetic set once, before runs start in parallel: each run would otherwise generate it into
-    the same directory at the same time (with its own seed). A directory holding another family's set is refused."""
+    the same directory at the same time (with its own seed). A directory holding another family's set is refused.
+    Nothing to generate for a user's own set (None)."""
     from helip.trainer.tools.synth import SynthConfig, ensure_generated
+
+    if own_data(args):
+        return None
 
     config = SynthConfig(
         Path(synth_dir(args)), args.synth_train, args.synth_test, args.image_size, seed=0, family=args.data

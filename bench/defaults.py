@@ -15,8 +15,12 @@ defaults on R@1 (the mean of both directions). Then, per arm, where the default 
 the arm is ahead of it on the mean R@1 delta *and* on most seeds.
 
     python -m bench.defaults [--data counts textures] [--seeds 0 1 2 3 4] [--jobs 2]
-                             [--arms k=50 start_step=0 ramp_steps=0 hard_ratio=0.25 positive_ratio=0.9]
+                             [--arms k=50 start_step=0 ramp_steps=0 hard_ratio=0.75 positive_ratio=0.9]
                              [--work-dir DIR] [--json-out F] [bench.scratch's flags for the base cell]
+    python -m bench.defaults --summarize F.json
+
+On a set of your own (bench.scratch's --train-data, --retrieval-data, ...: see its --help), the sweep has one cell,
+labelled "own", in DIR/own: does each default hold on *your* data?
 """
 
 from __future__ import annotations
@@ -32,10 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import ensure_synth, report
+from bench.common import check_own_data, ensure_synth, own_data, report
 from bench.quality import GUARD, METRICS, mean_std
 from bench.scratch import run_of, scratch_parser, threads_per_run
-from bench.train_overhead import DEMO_CONFIG, train_once
+from bench.train_overhead import check_run, train_once
+from helip.trainer.tools.synth_families import FAMILIES
 
 # The settings an arm may change: bench.scratch's flag (as an attribute) and its type. positive_ratio is the guard,
 # which bench.scratch runs as a guarded streaming arm rather than through a flag of the cell.
@@ -47,7 +52,8 @@ KNOBS: dict[str, type] = {
     "hard_ratio": float,
     "positive_ratio": float,
 }
-DEFAULT_ARMS = ("k=50", "start_step=0", "ramp_steps=0", "hard_ratio=0.25", "positive_ratio=0.9")
+DEFAULT_FAMILIES = ("counts", "textures")  # shapes' cells are in docs/BENCHMARKS.md already
+DEFAULT_ARMS = ("k=50", "start_step=0", "ramp_steps=0", "hard_ratio=0.75", "positive_ratio=0.9")
 # Flags of bench.scratch that this sweep sets itself, per family and arm.
 OWN_FLAGS = ("--data", "--seeds", "--jobs", "--variants", "--positive-ratio", "--work-dir", "--json-out")
 R1 = [key for key in METRICS if "R@1" in key]
@@ -102,7 +108,13 @@ def verdict(deltas: dict[str, np.ndarray]) -> str:
 
 def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", nargs="+", default=["counts", "textures"], help="the families to sweep")
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        choices=FAMILIES,
+        help=f"the generated families to sweep (default: {' '.join(DEFAULT_FAMILIES)}); with --train-data, the "
+        "user's own set is the one cell (labelled 'own')",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), help="KNOB=VALUE, one setting changed")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, each with cpus/jobs torch threads")
@@ -119,9 +131,19 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
     for flag in cell_flags:
         if flag.split("=")[0] in OWN_FLAGS:
             parser.error(f"{flag}: bench.defaults sets it itself (see --help)")
-    args.cells = {}
-    for family in args.data:  # the base cell per family, checked by bench.scratch's own parser (exits 2 on a bad flag)
-        args.cells[family] = scratch_parser().parse_args([*cell_flags, "--data", family, "--jobs", str(args.jobs)])
+    # The base cell per family, checked by bench.scratch's own parser (exits 2 on a bad flag).
+    base = scratch_parser().parse_args([*cell_flags, "--jobs", str(args.jobs)])
+    if own_data(base):
+        if args.data:
+            parser.error("--data: a sweep of your own --train-data has one cell, no families")
+        check_own_data(parser, base)
+        args.data, args.cells = ["own"], {"own": base}
+    else:
+        args.data = args.data or list(DEFAULT_FAMILIES)
+        args.cells = {
+            family: scratch_parser().parse_args([*cell_flags, "--data", family, "--jobs", str(args.jobs)])
+            for family in args.data
+        }
     try:
         check_arms(args.arms, args.cells)
     except ValueError as error:
@@ -132,14 +154,12 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
 def check_arms(arms: list[Arm], cells: dict[str, argparse.Namespace]) -> None:
     """Every arm's runs pass the trainer's own config checks, and differ from the defaults' and from each other's:
     a bad value fails here, before an hour of training, and no two jobs of the pool train into one directory."""
-    from helip.trainer.app import config as train_config
-
     for family, cell in cells.items():
         seen = {json_key(Arm("defaults").run(cell, 0)): "the defaults"}
         for arm in arms:
             settings = arm.run(cell, 0)
             try:
-                train_config.load(str(DEMO_CONFIG), {key: str(value) for key, value in settings.items()})
+                check_run(settings)
             except ValueError as error:
                 raise ValueError(f"{arm.label} on {family}: {error}") from None
             key = json_key(settings)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import add_data_flags, ensure_synth, model_settings, report, synth_dir
+from bench.common import add_data_flags, data_settings, ensure_synth, given_settings, report
 from bench.train_overhead import TrainRun, train, train_once
 
 METRICS = {
@@ -142,18 +142,14 @@ def run_settings(args: argparse.Namespace) -> dict[str, object]:
     """The settings every run of a quality benchmark shares: the synthetic set, batch, steps, loss, no mid-run saves."""
     # Only SigLIP runs carry loss.kind, so the CLIP runs' digests (train_once) stay as they were.
     loss = {} if args.loss == "clip" else {"loss.kind": args.loss}
-    family = {} if args.data == "shapes" else {"data.synth_family": args.data}  # shapes' digests stay too
     return {
         **loss,
-        **family,
-        **model_settings(args),
-        "data.synth_dir": synth_dir(args),
-        "data.synth_train": args.synth_train,
-        "data.synth_test": args.synth_test,
+        **data_settings(args),
         "optim.batch_size": args.batch_size,
         "optim.steps": args.steps,
         "run.checkpoint_every": 0,
         "run.eval_every": 0,
+        **given_settings(args),  # --set wins over the benchmark's own settings; an arm's come later and win over it
     }
 
 

@@ -16,6 +16,13 @@ seeds are ahead.
 
 --positive-ratio adds one streaming arm per ratio with the false-negative guard on (mining.positive_ratio),
 reported against plain and against streaming with the guard off (paired by seed), with the candidates it dropped.
+
+On a set of your own instead of a generated family: --train-data (CSV/TSV in open_clip's format, or webdataset
+shards) and --retrieval-data (held-out pairs: R@1 both ways), optionally --zeroshot-dir (an ImageFolder; without
+one, zero-shot is reported as nan) or --eval-dir (the synth layout), and --set KEY=VALUE for any other helip-train
+setting of every run (column names, the model, augmentation):
+
+    python -m bench.scratch --train-data train.csv --retrieval-data val.csv --set data.caption_key=caption
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import add_data_flags, ensure_synth, report
+from bench.common import add_data_flags, add_own_data_flags, check_own_data, ensure_synth, report
 from bench.quality import (
     METRICS,
     add_guard_flag,
@@ -41,7 +48,7 @@ from bench.quality import (
     run_settings,
     split_guard,
 )
-from bench.train_overhead import TrainRun, train_once
+from bench.train_overhead import TrainRun, check_run, train_once
 
 VARIANTS = ("plain", "streaming")
 
@@ -113,6 +120,7 @@ def scratch_parser() -> argparse.ArgumentParser:
     add_loss_flag(parser)  # every arm trains with this loss (loss.kind)
     add_guard_flag(parser, "streaming")
     add_data_flags(parser)
+    add_own_data_flags(parser)
     parser.add_argument(
         "--work-dir",
         help="keep the runs here (default: a temporary directory); a run already there with the same settings is "
@@ -128,7 +136,13 @@ def main() -> None:
     args = parser.parse_args()
     if "plain" not in args.variants:
         parser.error("--variants must include plain: it is the baseline of the deltas")
+    check_own_data(parser, args)
     args.variants += guard_arms(parser, args, "streaming")
+    try:  # every arm's settings pass the trainer's own checks before the first run starts
+        for variant in args.variants:
+            check_run(run_of(args, args.seeds[0], variant))
+    except ValueError as error:
+        parser.error(str(error))
 
     started = time.perf_counter()
     temporary = None if args.work_dir else tempfile.TemporaryDirectory(prefix="helip-scratch-")

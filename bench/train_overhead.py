@@ -99,6 +99,13 @@ def train(
     return read_run(output_dir)
 
 
+def check_run(settings: dict[str, object]) -> None:
+    """ValueError naming the setting when `train` with these settings would fail helip-train's config checks."""
+    from helip.trainer.app import config as train_config
+
+    train_config.load(str(DEMO_CONFIG), {key: str(value) for key, value in settings.items()})
+
+
 def train_once(work: Path, name: str, settings: dict[str, object], threads: int | None = None) -> TrainRun:
     """`train` into work/<name>-<digest of the settings>, or read the run already finished there: benchmarks that
     share a work dir (the cells of a sweep) share their identical runs, and a digest never mixes settings."""
@@ -113,11 +120,28 @@ def train_once(work: Path, name: str, settings: dict[str, object], threads: int 
     return train(output_dir, settings, threads=threads)
 
 
+# The evaluation names each metric by its source (helip.trainer.tools.eval): the synth layout's "zero_shot/…" and
+# "retrieval/…", which the benchmarks compare, or a user's own ImageFolder and retrieval CSV.
+OWN_SOURCES = {"zero_shot_folder/": "zero_shot/", "retrieval_csv/": "retrieval/"}
+CANONICAL = ("zero_shot/top1", "retrieval/image_to_text_R@1", "retrieval/text_to_image_R@1")
+
+
+def canonical_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """A run's metrics with the synth layout's keys filled from the user's own sources where the layout was not
+    evaluated, and NaN for a benchmark metric nothing measured (zero-shot, where no zero-shot set was given)."""
+    filled = dict(metrics)
+    for source, canonical in OWN_SOURCES.items():
+        for key, value in metrics.items():
+            if key.startswith(source):
+                filled.setdefault(canonical + key[len(source) :], value)
+    return {**{key: float("nan") for key in CANONICAL}, **filled}
+
+
 def read_run(output_dir: Path) -> TrainRun:
     """The TrainRun of a finished `train` in output_dir (its summary.json is written last)."""
     steps = [json.loads(line) for line in (output_dir / "losses.jsonl").read_text().splitlines() if line]
     eval_json = output_dir / "eval" / "final.json"
-    metrics = json.loads(eval_json.read_text()) if eval_json.exists() else {}
+    metrics = canonical_metrics(json.loads(eval_json.read_text())) if eval_json.exists() else {}
     summary = json.loads((output_dir / "summary.json").read_text())
     wall = output_dir / "wall_s"
     return TrainRun(output_dir, steps, metrics, summary, float(wall.read_text()) if wall.exists() else float("nan"))

@@ -103,3 +103,34 @@ def test_the_table_is_rebuilt_from_the_results_alone_with_seeds_ahead():
     assert rows["online - plain: R@1 per seed (mean of both ways)"] == "+2.0 -3.0 +1.0"
     assert rows["online - plain: seeds ahead on R@1"] == "2 of 3"
     assert rows["seeds x steps (S) / continuation lr / loss / jobs"] == "3 x 200 / 0.0002 / clip / 2"
+
+
+def test_a_users_own_set_replaces_the_generated_one_and_set_comes_last():
+    from bench.quality import run_settings
+
+    args = argparse.Namespace(
+        data="counts", synth_dir=None, synth_train=64, synth_test=32, batch_size=16, steps=3, loss="clip",
+        image_size=32, train_data="/d/train.csv", eval_dir=None, retrieval_data="/d/val.csv", zeroshot_dir=None,
+        set=["data.caption_key=caption", "optim.steps=7"],
+    )  # fmt: skip
+    settings = run_settings(args)
+    assert settings["data.train"] == "/d/train.csv" and settings["data.retrieval_data"] == "/d/val.csv"
+    generated = [key for key in settings if key.startswith("data.synth_") or key == "model.name"]
+    assert generated == ["data.synth_dir"] and settings["data.synth_dir"] == ""  # emptied: not the runs' data
+    assert "data.eval_dir" not in settings and "data.zeroshot_dir" not in settings
+    assert settings["data.caption_key"] == "caption" and settings["optim.steps"] == "7"  # --set wins
+
+
+def test_metrics_of_a_users_own_sources_fill_the_compared_keys_and_missing_ones_are_nan():
+    import math
+
+    from bench.train_overhead import canonical_metrics
+
+    own = canonical_metrics({"retrieval_csv/image_to_text_R@1": 0.5, "retrieval_csv/text_to_image_R@1": 0.25})
+    assert own["retrieval/image_to_text_R@1"] == 0.5 and own["retrieval/text_to_image_R@1"] == 0.25
+    assert math.isnan(own["zero_shot/top1"])
+    folder = canonical_metrics({"zero_shot_folder/top1": 0.75, "retrieval_csv/image_to_text_R@1": 0.5})
+    assert folder["zero_shot/top1"] == 0.75
+    # The synth layout's own figures are never overwritten by another source's
+    both = canonical_metrics({"zero_shot/top1": 0.1, "zero_shot_folder/top1": 0.9})
+    assert both["zero_shot/top1"] == 0.1 and both["zero_shot_folder/top1"] == 0.9
