@@ -144,6 +144,12 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
             family: scratch_parser().parse_args([*cell_flags, "--data", family, "--jobs", str(args.jobs)])
             for family in args.data
         }
+    for family, cell in args.cells.items():
+        try:  # plain and the defaults: what the base cell's flags (--set among them) make of them
+            for arm in (Arm("plain"), Arm("defaults")):
+                check_run(arm.run(cell, 0))
+        except ValueError as error:
+            parser.error(f"the base cell on {family}: {error}")
     try:
         check_arms(args.arms, args.cells)
     except ValueError as error:

@@ -52,6 +52,7 @@ def test_a_malformed_arm_is_named(text, message):
         (["--arms", "k=20", "k=20"], "k 20 is the same run as k 20"),
         (["--arms", "k=20", "--variants", "plain"], "--variants: bench.defaults sets it itself"),
         (["--arms", "k=20", "--lr", "fast"], "--lr"),  # bench.scratch's parser checks the base cell's flags
+        (["--arms", "k=20", "--set", "optim.batch_size=0"], "the base cell on counts: optim.batch_size"),
     ],
 )
 def test_bad_arms_and_flags_exit_2_before_any_training(argv, message, capsys):
