@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import check_own_data, ensure_synth, own_data, report
-from bench.quality import GUARD, METRICS, mean_std
-from bench.scratch import run_of, scratch_parser, threads_per_run
+from bench.quality import GUARD, METRICS, guard_drops, mean_std
+from bench.scratch import hard_share, run_of, scratch_parser, threads_per_run
 from bench.train_overhead import check_run, train_once
 from helip.trainer.tools.synth_families import FAMILIES
 
@@ -211,6 +211,13 @@ def main(argv: list[str] | None = None) -> None:
 
     values = {family: {arm.label: per_seed(arm, family) for arm in arms} for family in args.data}
     results = {family: compare(by_arm) for family, by_arm in values.items()}
+    for family, by_arm in results.items():  # what the batches held: an arm is only what it says if its slots filled
+        for arm in arms:
+            family_runs = [runs[(arm, family, seed)] for seed in args.seeds]
+            by_arm[arm.label]["batches"] = {
+                "hard_slots_filled": float(np.mean([hard_share(run) for run in family_runs])),
+                "guard_dropped_per_hard_pair": float(np.mean([guard_drops(run) for run in family_runs])),
+            }
     cell = next(iter(args.cells.values()))
     wall = time.perf_counter() - started
     config = {
@@ -265,8 +272,8 @@ def table(payload: dict) -> list[str]:
     lines = [
         "| family | arm | zero-shot | R@1 i→t | R@1 t→i | − plain: zero-shot / R@1 i→t / R@1 t→i "
         "| − defaults: zero-shot / R@1 i→t / R@1 t→i | seeds ahead of the defaults | R@1 − defaults per seed "
-        "| the default |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| the default | hard slots filled / guard drops per hard pair |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for family, arms in payload["families"].items():
         for label, entry in arms.items():
@@ -283,7 +290,11 @@ def table(payload: dict) -> list[str]:
                 if against
                 else ""
             )
-            cells += [per_seed, entry.get("verdict", "")]
+            batches = entry.get("batches") if label != "plain" else None  # absent from sweeps saved before it was
+            filled = (
+                f"{batches['hard_slots_filled']:.2f} / {batches['guard_dropped_per_hard_pair']:.1f}" if batches else ""
+            )
+            cells += [per_seed, entry.get("verdict", ""), filled]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
 

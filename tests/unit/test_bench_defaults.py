@@ -104,5 +104,7 @@ def test_a_sweeps_tables_come_from_its_results_alone():
     assert len(lines) == 2 + 6
     assert lines[-4] == (
         "| counts | k 50 | 30.0 ± 0.0 | 60.7 ± 5.1 | 60.7 ± 5.1 | +0.0 / +10.7 / +10.7 | +0.0 / +0.7 / +0.7 | 2 of 3 "
-        "| +5.0 +2.0 -5.0 | arm ahead |"
+        "| +5.0 +2.0 -5.0 | arm ahead |  |"
     )
+    per_family["counts"]["k 50"]["batches"] = {"hard_slots_filled": 0.987, "guard_dropped_per_hard_pair": 0.0}
+    assert table(payload)[-4].endswith("| arm ahead | 0.99 / 0.0 |")
